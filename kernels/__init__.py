@@ -1,0 +1,1 @@
+"""Kernel families that implement `slimc::` ops on accelerators (loaded by lowering passes)."""

@@ -1,0 +1,1 @@
+"""Transformation passes; one pass per module, registered in `slimc.registry.PASSES`."""

@@ -1,0 +1,238 @@
+"""linear-quant: quantize chosen linears to a scheme (QDQ form) with MinMax / Histogram observers."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import fx
+
+import slimc.ops  # noqa: F401  (registers slimc:: ops)
+from slimc.analysis import AnalysisManager
+from slimc.errors import UserError
+from slimc.ir.builder import call, getitems, is_constant, tensor_val
+from slimc.pass_base import Pass, PassResult, option
+from slimc.program import Program, node_loc
+from slimc.quant.observers import HistogramObserver, MinMaxObserver
+from slimc.quant.qparams import quantize_weight
+from slimc.quant.scheme import SCHEMES, LinearQuantScheme, TensorQuantSpec, make_scheme
+from slimc.runner import LayerwiseRunner, Segment
+from slimc.stage import Stage
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+slimc_ops = torch.ops.slimc
+
+SCHEME_KEY = "slimc_scheme"
+"""`node.meta` key on a quantized `aten.linear` (and the fused op) holding its LinearQuantScheme."""
+
+
+def matches(path: str | None, patterns: tuple[str, ...]) -> bool:
+    """True when a module path matches one of the globs, whole or as a dotted suffix."""
+    if not path:
+        return False
+    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, "*." + p) for p in patterns)
+
+
+def float_linears(program: Program) -> list[fx.Node]:
+    """`aten.linear` nodes whose weight is still a float constant."""
+    out = []
+    for node in program.graph.find_nodes(op="call_function", target=aten.linear.default):
+        w = node.args[1]
+        if is_constant(w) and tensor_val(w).is_floating_point() and tensor_val(w).dim() == 2:
+            out.append(node)
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearQuant(Pass):
+    """Quantize linears to a scheme: MinMax weights, MinMax/Histogram static activations.
+
+    Weights are quantized per output channel (or per group along K) with the MinMax range of
+    msModelSlim (section 2.6); static activations get a per-tensor range observed layer by layer
+    on calibration data, each layer seeing the already-quantized outputs of the layers before it;
+    dynamic activations are quantized per token at run time. The result is the QDQ form:
+    `dequantize_affine(int weight) -> aten.linear` and, for activations,
+    `quantize_affine -> dequantize_affine` on the linear's input. Lossy.
+    """
+
+    name = "linear-quant"
+    accepts = frozenset({Stage.ATEN, Stage.QDQ})
+    produces = Stage.QDQ
+    exact = False
+
+    scheme: Literal["w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8"] = option(
+        "w8a8-dynamic", f"Quantization scheme: {', '.join(SCHEMES)}."
+    )
+    group_size: int = option(-1, "Weight group size along K; -1 = per output channel.")
+    symmetric: bool | None = option(None, "Symmetric weights (default: the scheme's own).")
+    observer: Literal["minmax", "histogram"] = option(
+        "minmax", "Observer for static activation ranges."
+    )
+    ignore: tuple[str, ...] = option(("lm_head",), "Module-path globs left in float.")
+    only: tuple[str, ...] = option((), "If set, quantize only module paths matching these globs.")
+    on_bad_group: Literal["fallback", "error"] = option(
+        "fallback", "When group-size does not divide a layer's K: per-channel for it, or refuse."
+    )
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.quant_scheme().activation is not None and not self.quant_scheme().activation.dynamic
+
+    def quant_scheme(self) -> LinearQuantScheme:
+        try:
+            return make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
+        except ValueError as exc:
+            raise UserError(f"linear-quant: {exc}") from None
+
+    def targets(self, program: Program) -> list[fx.Node]:
+        chosen = []
+        for node in float_linears(program):
+            path = node_loc(node)
+            if self.only and not matches(path, self.only):
+                continue
+            if matches(path, self.ignore):
+                continue
+            chosen.append(node)
+        return chosen
+
+    def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        scheme = self.quant_scheme()
+        targets = self.targets(program)
+        if not targets:
+            log.warning("linear-quant: no linear matched (only=%s ignore=%s)", self.only, self.ignore)
+            return PassResult(changed=False)
+        act = scheme.activation
+        if act is None or act.dynamic:
+            for node in targets:
+                self._rewrite(program, node, scheme, None)
+        else:
+            self._calibrate_and_rewrite(program, targets, scheme)
+        program.recompile()
+        return PassResult(changed=True)
+
+    # -- static activations: layer by layer ------------------------------------------------
+    def _calibrate_and_rewrite(
+        self, program: Program, targets: list[fx.Node], scheme: LinearQuantScheme
+    ) -> None:
+        samples = program.require_calibration(self.name)
+        wanted = set(targets)
+        act = scheme.activation
+        assert act is not None
+
+        def visit(seg: Segment, runner: LayerwiseRunner) -> None:
+            here = [n for n in seg.nodes if n in wanted]
+            if not here:
+                return
+            observers: dict[fx.Node, Any] = {}
+            for node in here:
+                x = node.args[0]
+                if x not in observers:
+                    observers[x] = self._make_observer(act)
+
+            def hook(node: fx.Node, args: tuple[Any, ...]) -> None:
+                try:
+                    observers[node.args[0]].update(args[0])
+                except ValueError as exc:
+                    raise UserError(f"linear-quant: input of {node_loc(node)}: {exc}") from None
+
+            runner.forward(seg.nodes, {n: hook for n in here})
+            for node in here:
+                scale, zp = observers[node.args[0]].calculate_qparams()
+                self._rewrite(program, node, scheme, (scale, zp))
+
+        LayerwiseRunner(program, samples, progress=program.metadata.get("progress", True)).run(visit)
+
+    def _make_observer(self, act: TensorQuantSpec) -> Any:
+        if self.observer == "histogram":
+            return HistogramObserver(act)
+        return MinMaxObserver(act)
+
+    # -- graph rewrite ---------------------------------------------------------------------
+    def _weight_scheme(
+        self, program: Program, scheme: LinearQuantScheme, k: int, path: str
+    ) -> LinearQuantScheme:
+        spec = scheme.weight
+        if spec.granularity == "group" and k % spec.group_size:
+            msg = f"group size {spec.group_size} does not divide K={k} of {path}"
+            if self.on_bad_group == "error":
+                raise UserError(f"linear-quant: {msg} (on-bad-group=error)")
+            log.info("linear-quant: %s; quantizing it per channel", msg)
+            self.stat(program, "group-size fallbacks to per-channel")
+            return scheme.with_weight(granularity="channel", group_size=-1)
+        return scheme
+
+    def _rewrite(
+        self,
+        program: Program,
+        node: fx.Node,
+        scheme: LinearQuantScheme,
+        static_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        x, w_node = node.args[0], node.args[1]
+        assert isinstance(x, fx.Node) and isinstance(w_node, fx.Node)
+        path = node_loc(node) or node.name
+        weight = program.weights.get(str(w_node.target))
+        if not bool(torch.isfinite(weight).all()):
+            raise UserError(f"linear-quant: weight {w_node.target} holds NaN or inf")
+        scheme = self._weight_scheme(program, scheme, weight.shape[1], path)
+        spec = scheme.weight
+        qw = quantize_weight(weight, spec)
+        origin = str(self)
+        consts = {
+            "q": program.constant_node(program.unique_target(f"{path}.weight_q"), qw.qdata, node),
+            "s": program.constant_node(program.unique_target(f"{path}.weight_scale"), qw.scale, node),
+        }
+        zp = None
+        if qw.zero_point is not None:
+            zp = program.constant_node(
+                program.unique_target(f"{path}.weight_zero_point"), qw.zero_point, node
+            )
+        w_dq = call(
+            program, slimc_ops.dequantize_affine.default,
+            (consts["q"], spec.block_size(weight.shape), consts["s"], zp, spec.qmin, spec.qmax,
+             weight.dtype),
+            before=node, origin=origin,
+        )
+        new_x = x
+        act = scheme.activation
+        if act is not None:
+            new_x = self._quantize_input(program, node, x, act, static_qparams, path, origin)
+        node.args = (new_x, w_dq, *node.args[2:])
+        node.meta[SCHEME_KEY] = scheme
+        self.stat(program, f"quantized linears ({scheme.name})")
+
+    def _quantize_input(
+        self,
+        program: Program,
+        node: fx.Node,
+        x: fx.Node,
+        act: TensorQuantSpec,
+        static_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+        path: str,
+        origin: str,
+    ) -> fx.Node:
+        xval = tensor_val(x)
+        block = act.block_size(xval.shape)
+        if act.dynamic:
+            qp = call(program, slimc_ops.choose_qparams_affine.default,
+                      (x, block, act.qmin, act.qmax, act.symmetric), before=node, origin=origin)
+            scale, zp = getitems(program, qp, 2, before=node)
+        else:
+            assert static_qparams is not None
+            shape = [1] * xval.dim()
+            s, z = static_qparams
+            scale = program.constant_node(
+                program.unique_target(f"{path}.input_scale"), s.reshape(shape).float(), node
+            )
+            zp = program.constant_node(
+                program.unique_target(f"{path}.input_zero_point"), z.reshape(shape).to(torch.int32),
+                node,
+            )
+        q = call(program, slimc_ops.quantize_affine.default,
+                 (x, block, scale, zp, act.qmin, act.qmax, torch.int8), before=node, origin=origin)
+        return call(program, slimc_ops.dequantize_affine.default,
+                    (q, block, scale, zp, act.qmin, act.qmax, xval.dtype), before=node, origin=origin)

@@ -1,0 +1,149 @@
+"""Capture a PyTorch model as a slimc Program with torch.export (non-strict), then canonicalize."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from slimc.errors import UserError
+from slimc.program import LOC_KEY, Program
+
+log = logging.getLogger(__name__)
+
+WRAPPER_ATTR = "lm"
+
+
+class CausalLMLogits(nn.Module):
+    """Wraps a Hugging Face causal LM so the exported graph maps input ids to logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        setattr(self, WRAPPER_ATTR, model)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = getattr(self, WRAPPER_ATTR)(input_ids=input_ids, use_cache=False)
+        return out.logits
+
+
+def is_hf_causal_lm(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel) and hasattr(model, "get_output_embeddings")
+
+
+def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
+    """Token ids [2, 16] (batch 2 so the batch dimension stays dynamic)."""
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randint(0, vocab, (2, 16), generator=gen),)
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    canonicalize: bool = True,
+) -> Program:
+    """Export `model` to one GraphModule with weights as constants and wrap it in a Program.
+
+    Hugging Face causal LMs are captured as `input_ids -> logits` with dynamic batch and sequence
+    length and the SDPA attention implementation. Other modules need `example_inputs`.
+
+    Raises:
+        UserError: the model cannot be exported (the message gives torch.export's reason).
+    """
+    hf = is_hf_causal_lm(model)
+    prefix = ""
+    if hf:
+        _use_sdpa(model)
+        if example_inputs is None:
+            example_inputs = default_example_inputs(model)
+        if dynamic_shapes is None:
+            dynamic_shapes = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)
+        target: nn.Module = CausalLMLogits(model)
+        prefix = WRAPPER_ATTR + "."
+    else:
+        if example_inputs is None:
+            raise UserError(f"{type(model).__name__} is not a Hugging Face causal LM: pass example_inputs")
+        target = model
+    args = tuple(example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(target, args, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot export {type(model).__name__} with torch.export: {reason}") from exc
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    _strip_prefix(gm, prefix)
+    _set_locations(gm.graph, prefix)
+    program = Program(gm, example_inputs=args)
+    program.metadata.update(model_class=type(model).__name__, hf_causal_lm=hf)
+    if canonicalize:
+        from slimc.pass_manager import PassManager
+
+        PassManager.parse("canonicalize").run(program)
+    return program
+
+
+def program_from_graph_module(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program:
+    """Wrap an already unlifted graph module (e.g. loaded from `.pt2`) and canonicalize it."""
+    from slimc.pass_manager import PassManager
+
+    _set_locations(gm.graph, "")
+    program = Program(gm, example_inputs=tuple(example_inputs))
+    PassManager.parse("canonicalize").run(program)
+    return program
+
+
+def _use_sdpa(model: nn.Module) -> None:
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "sdpa" and hasattr(model, "set_attn_implementation"):
+        log.info("switching attention implementation %s -> sdpa for capture", impl)
+        model.set_attn_implementation("sdpa")
+
+
+def _strip_prefix(gm: fx.GraphModule, prefix: str) -> None:
+    """Move constants `lm.model.x.weight` to `model.x.weight` so names match the user's model."""
+    if not prefix:
+        return
+    inner = getattr(gm, prefix.rstrip("."))
+    for name, child in list(inner.named_children()):
+        gm.add_module(name, child)
+    for name, tensor in list(inner.named_parameters(recurse=False)) + list(
+        inner.named_buffers(recurse=False)
+    ):
+        gm.register_buffer(name, tensor)
+    delattr(gm, prefix.rstrip("."))
+    name_prefix = prefix.replace(".", "_")
+    for node in gm.graph.find_nodes(op="get_attr"):
+        node.target = str(node.target).removeprefix(prefix)
+        if node.name.startswith(name_prefix):
+            node._rename(node.name.removeprefix(name_prefix))
+    gm.recompile()
+
+
+def _set_locations(graph: fx.Graph, prefix: str) -> None:
+    for node in graph.nodes:
+        if LOC_KEY in node.meta:
+            continue
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        path = list(stack.values())[-1][0]
+        if not isinstance(path, str) or path.startswith("_"):
+            continue
+        path = path.removeprefix(prefix.rstrip(".")).lstrip(".") if prefix else path
+        if path:
+            node.meta[LOC_KEY] = path

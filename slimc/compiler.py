@@ -1,0 +1,185 @@
+"""`slimc.compile` (compile_model): capture a model, run a pipeline on it, and return a runnable model."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from slimc.capture import capture, is_hf_causal_lm
+from slimc.errors import UserError
+from slimc.instrumentation import Instrumentation
+from slimc.nn import QuantizedLinear
+from slimc.pass_base import Pass
+from slimc.pass_manager import PassManager
+from slimc.program import Program, node_loc
+
+log = logging.getLogger(__name__)
+
+FUSED_LINEARS = ("linear_w8a8", "linear_w8a16", "linear_w4a16", "linear_w4a8")
+
+
+def normalize_calibration(calib: Any) -> list[tuple[Any, ...]] | None:
+    """Accept token-id tensors ([L] or [1, L]), tuples of inputs, or a list of them.
+
+    Raises:
+        UserError: an empty calibration set or an item of an unsupported type.
+    """
+    if calib is None:
+        return None
+    if isinstance(calib, torch.Tensor):
+        calib = [calib] if calib.dim() < 2 else list(calib.split(1))
+    items = list(calib)
+    if not items:
+        raise UserError("the calibration set is empty")
+    out: list[tuple[Any, ...]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, torch.Tensor):
+            out.append((item.unsqueeze(0) if item.dim() == 1 else item,))
+        elif isinstance(item, (tuple, list)):
+            out.append(tuple(item))
+        elif isinstance(item, dict) and "input_ids" in item:
+            ids = item["input_ids"]
+            out.append((ids.unsqueeze(0) if ids.dim() == 1 else ids,))
+        else:
+            raise UserError(f"calibration item {i} is a {type(item).__name__}; expected a tensor or tuple")
+    return out
+
+
+def default_calibration(model: nn.Module) -> list[tuple[Any, ...]]:
+    """The default calibration set (data.md protocol) for a causal LM with a local tokenizer."""
+    from transformers import AutoTokenizer
+
+    from slimc.data import calibration_samples
+
+    source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise UserError(
+            f"this pipeline needs calibration data and no tokenizer was found for {source!r}: "
+            "pass calib=[token id tensors]"
+        ) from exc
+    return [(ids,) for ids in calibration_samples(tokenizer)]
+
+
+def compile_model(
+    model: nn.Module,
+    passes: str | Sequence[str | Pass] = "",
+    *,
+    calib: Any = None,
+    example_inputs: Sequence[Any] | None = None,
+    inplace: bool = False,
+    instrumentations: Sequence[Instrumentation] = (),
+    progress: bool = True,
+) -> nn.Module:
+    """Capture `model`, run the pipeline `passes` on it, and return a runnable model.
+
+    The returned model keeps the input's class and API (for a Hugging Face model: `generate`,
+    `save_pretrained`, `config`): transformed weights are written back and each quantized linear
+    becomes a `slimc.nn.QuantizedLinear` calling the `slimc::` ops. The transformed program is
+    available as `result.slimc_program`.
+
+    Args:
+        model: an `nn.Module` (a Hugging Face causal LM, or any module with `example_inputs`).
+        passes: a pipeline string (`"w8a8-dynamic"`, `"linear-quant{scheme=w4a16},..."`) or a
+            list of pass objects / pipeline strings.
+        calib: calibration samples (token-id tensors or input tuples). Optional when no pass needs
+            data; for a causal LM with a local tokenizer the default set is used otherwise.
+        example_inputs: inputs to capture with (default for causal LMs: random token ids).
+        inplace: modify and return `model` itself instead of a copy.
+
+    Raises:
+        slimc.errors.UserError: bad pipeline, missing calibration data, model not exportable.
+        slimc.pass_base.PassFailure: a pass failed; the message names its pipeline position.
+    """
+    pm = PassManager.parse(passes, instrumentations=instrumentations)
+    samples = normalize_calibration(calib)
+    if samples is None and pm.needs_calibration:
+        if not is_hf_causal_lm(model):
+            raise UserError("this pipeline needs calibration data: pass calib=...")
+        samples = default_calibration(model)
+    target = model if inplace else copy.deepcopy(model)
+    program = capture(target, example_inputs)
+    program.calibration = samples
+    program.metadata["progress"] = progress
+    pm.run(program)
+    write_back(target, program)
+    target.slimc_program = program  # type: ignore[assignment]
+    return target
+
+
+def _fused_name(node: fx.Node) -> str | None:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload) and t.namespace == "slimc":
+        name = t._schema.name.split("::")[-1]
+        return name if name in FUSED_LINEARS else None
+    return None
+
+
+def _const(program: Program, node: Any) -> torch.Tensor | None:
+    if node is None:
+        return None
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        raise ValueError(f"expected a constant, got {node}")
+    return program.weights.get(str(node.target))
+
+
+def quantized_linear_from_node(program: Program, node: fx.Node) -> QuantizedLinear:
+    """Build the runtime module equivalent to one fused linear node."""
+    from slimc.passes.linear_quant import SCHEME_KEY
+
+    scheme = node.meta[SCHEME_KEY]
+    name = _fused_name(node)
+    a = node.args
+    out_features = node.meta["val"].shape[-1]
+    if name in ("linear_w8a16", "linear_w4a16"):
+        qweight, scale, zp, bias = (_const(program, a[i]) for i in (1, 2, 3, 5))
+        input_scale = input_zp = None
+    elif name == "linear_w4a8":
+        qweight, scale, bias = (_const(program, a[i]) for i in (2, 3, 4))
+        zp = input_scale = input_zp = None
+    else:
+        qweight, scale, bias = (_const(program, a[i]) for i in (3, 4, 5))
+        zp = input_scale = input_zp = None
+        if scheme.activation is not None and not scheme.activation.dynamic:
+            input_scale, input_zp = _const(program, a[1]), _const(program, a[2])
+    assert qweight is not None and scale is not None
+    in_features = qweight.shape[1] * (2 if scheme.weight.bits == 4 else 1)
+    return QuantizedLinear(
+        scheme, in_features, out_features, qweight, scale, zp, bias,
+        None if input_scale is None else input_scale.reshape(-1),
+        None if input_zp is None else input_zp.reshape(-1),
+    )
+
+
+def write_back(model: nn.Module, program: Program) -> None:
+    """Copy transformed weights into `model` and swap quantized linears for QuantizedLinear.
+
+    Raises:
+        UserError: a fused linear whose module path is not an `nn.Linear` of `model`.
+    """
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    for target, tensor in program.weights.items():
+        if target in params and params[target] is not tensor:
+            with torch.no_grad():
+                if params[target].shape == tensor.shape and not params[target].data_ptr() == tensor.data_ptr():
+                    params[target].copy_(tensor)
+    for node in program.graph.nodes:
+        if _fused_name(node) is None:
+            continue
+        path = node_loc(node)
+        try:
+            parent_path, _, leaf = (path or "").rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            old = getattr(parent, leaf)
+        except AttributeError:
+            old = None
+        if not isinstance(old, (nn.Linear, QuantizedLinear)):
+            raise UserError(f"cannot write back quantized linear {path!r}: not an nn.Linear in the model")
+        setattr(parent, leaf, quantized_linear_from_node(program, node))

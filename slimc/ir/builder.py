@@ -1,0 +1,73 @@
+"""Helpers for passes that insert nodes: typed (`meta["val"]`), located and with provenance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from slimc.program import LOC_KEY, Program
+
+
+def infer_val(program: Program, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run `target` on the fake values of its arguments to get the new node's `meta["val"]`."""
+
+    def val(a: Any) -> Any:
+        return a.meta["val"] if isinstance(a, fx.Node) else a
+
+    fargs = fx.node.map_aggregate(args, val)
+    fkwargs = fx.node.map_aggregate(kwargs, val)
+    with program.fake_mode:
+        return target(*fargs, **fkwargs)
+
+
+def call(
+    program: Program,
+    target: Any,
+    args: tuple[Any, ...],
+    *,
+    kwargs: dict[str, Any] | None = None,
+    before: fx.Node,
+    loc: str | None = None,
+    origin: str | None = None,
+) -> fx.Node:
+    """Insert `target(*args)` before `before`, with its type, location and creating pass."""
+    kwargs = kwargs or {}
+    with program.graph.inserting_before(before):
+        node = program.graph.call_function(target, args, kwargs)
+    node.meta["val"] = infer_val(program, target, args, kwargs)
+    where = loc if loc is not None else before.meta.get(LOC_KEY)
+    if where is not None:
+        node.meta[LOC_KEY] = where
+    if "nn_module_stack" in before.meta:
+        node.meta["nn_module_stack"] = before.meta["nn_module_stack"]
+    if origin:
+        node.meta["slimc_from"] = origin
+    return node
+
+
+def getitems(program: Program, node: fx.Node, count: int, before: fx.Node) -> list[fx.Node]:
+    """`getitem` nodes for the first `count` results of a multi-output node."""
+    import operator
+
+    out = []
+    for i in range(count):
+        with program.graph.inserting_before(before):
+            item = program.graph.call_function(operator.getitem, (node, i))
+        item.meta["val"] = node.meta["val"][i]
+        if LOC_KEY in node.meta:
+            item.meta[LOC_KEY] = node.meta[LOC_KEY]
+        out.append(item)
+    return out
+
+
+def is_constant(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def tensor_val(node: fx.Node) -> torch.Tensor:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise TypeError(f"node {node.name} has no tensor type")
+    return val

@@ -1,0 +1,83 @@
+"""Runtime modules that replace float layers in a user's model after compilation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimc.quant.scheme import LinearQuantScheme
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight (and optionally input) is quantized; calls `slimc::` ops.
+
+    Buffers:
+        qweight: int8 [N, K] for 8-bit weights, packed uint8 [N, K // 2] for 4-bit weights.
+        weight_scale: float32 [N, G] (G = 1 per channel, K // group_size per group).
+        weight_zero_point: int8 [N, G] or absent for symmetric weights.
+        input_scale / input_zero_point: float32 [1] / int32 [1] for static activations.
+        bias: optional float bias.
+    """
+
+    def __init__(
+        self,
+        scheme: LinearQuantScheme,
+        in_features: int,
+        out_features: int,
+        qweight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        weight_zero_point: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+        input_zero_point: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("weight_zero_point", weight_zero_point)
+        self.register_buffer("bias", bias)
+        self.register_buffer("input_scale", input_scale)
+        self.register_buffer("input_zero_point", input_zero_point)
+
+    @property
+    def group_size(self) -> int:
+        return self.scheme.weight.group_size
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"scheme={self.scheme.name}, group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.slimc
+        act = self.scheme.activation
+        if act is None:
+            op = ops.linear_w4a16 if self.scheme.weight.bits == 4 else ops.linear_w8a16
+            return op(x, self.qweight, self.weight_scale, self.weight_zero_point, self.group_size, self.bias)
+        if act.dynamic:
+            xq, x_scale = ops.quantize_per_token(x, act.qmin, act.qmax)
+            if self.scheme.weight.bits == 4:
+                return ops.linear_w4a8(xq, x_scale, self.qweight, self.weight_scale, self.bias, x.dtype)
+            return ops.linear_w8a8(xq, x_scale, None, self.qweight, self.weight_scale, self.bias, x.dtype)
+        block = act.block_size(x.shape)
+        xq = ops.quantize_affine(
+            x, block, self.input_scale, self.input_zero_point, act.qmin, act.qmax, torch.int8
+        )
+        return ops.linear_w8a8(
+            xq, self.input_scale, self.input_zero_point, self.qweight, self.weight_scale, self.bias, x.dtype
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight [N, K] this layer computes with."""
+        from slimc.ops.packing import unpack_int4
+
+        q = unpack_int4(self.qweight) if self.scheme.weight.bits == 4 else self.qweight
+        spec = self.scheme.weight
+        return torch.ops.slimc.dequantize_affine(
+            q, spec.block_size(q.shape), self.weight_scale, self.weight_zero_point,
+            spec.qmin, spec.qmax, torch.float32,
+        )

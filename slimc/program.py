@@ -1,0 +1,175 @@
+"""Program: the unit passes transform (graph module, stage, weights, calibration data)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from slimc.stage import Stage
+
+LOC_KEY = "slimc_loc"
+"""`node.meta` key holding the module path a node came from (set by capture/canonicalize)."""
+
+
+def node_loc(node: fx.Node) -> str | None:
+    """The module path (`model.layers.0.self_attn.q_proj`) a node was traced from, if any."""
+    return node.meta.get(LOC_KEY)
+
+
+_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def layer_of(loc: str | None) -> str | None:
+    """The repeated block (`model.layers.3`) a module path lies in: its first `.N` component."""
+    if not loc:
+        return None
+    m = _LAYER.match(loc)
+    return m.group(1) if m else None
+
+
+class WeightStore:
+    """Named constant tensors of a program (weights, scales, packed data), one at a time.
+
+    Backed by the graph module's attributes today; the interface is what lets it stream from
+    disk later.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self._gm = gm
+
+    def __contains__(self, target: str) -> bool:
+        try:
+            self.get(target)
+        except AttributeError:
+            return False
+        return True
+
+    def get(self, target: str) -> torch.Tensor:
+        obj: Any = self._gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        if not isinstance(obj, torch.Tensor):
+            raise AttributeError(f"{target!r} is not a tensor")
+        return obj
+
+    def set(self, target: str, value: torch.Tensor) -> None:
+        """Create or replace the constant `target` (a dotted path) with a plain tensor."""
+        *parents, leaf = target.split(".")
+        mod: torch.nn.Module = self._gm
+        for part in parents:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        if leaf in mod._parameters:
+            del mod._parameters[leaf]
+        if hasattr(mod, leaf) and leaf not in mod._buffers:
+            delattr(mod, leaf)
+        mod.register_buffer(leaf, value.detach())
+
+    def delete(self, target: str) -> None:
+        *parents, leaf = target.split(".")
+        mod: Any = self._gm
+        for part in parents:
+            mod = getattr(mod, part)
+        delattr(mod, leaf)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for node in self._gm.graph.find_nodes(op="get_attr"):
+            yield str(node.target), self.get(str(node.target))
+
+
+@dataclass
+class Program:
+    """A captured model: graph module, current stage, weights and calibration samples.
+
+    Attributes:
+        graph_module: one GraphModule, weights as `get_attr` constants.
+        stage: where the program is in ATEN -> QDQ -> FUSED -> KERNEL.
+        example_inputs: positional inputs the graph was captured with.
+        calibration: positional input tuples for calibration, or None when not given.
+        statistics: per-pass counters (`--pass-statistics`).
+        metadata: free-form facts (source model, capture options).
+    """
+
+    graph_module: fx.GraphModule
+    stage: Stage = Stage.ATEN
+    example_inputs: tuple[Any, ...] = ()
+    calibration: Sequence[tuple[Any, ...]] | None = None
+    statistics: dict[str, dict[str, float]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    @property
+    def weights(self) -> WeightStore:
+        return WeightStore(self.graph_module)
+
+    def constant_node(self, target: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+        """Store `value` as constant `target` and return a `get_attr` node placed before `before`."""
+        self.weights.set(target, value)
+        with self.graph.inserting_before(before):
+            node = self.graph.get_attr(target)
+        node.meta["val"] = self.fake(value)
+        loc = node_loc(before)
+        if loc is not None:
+            node.meta[LOC_KEY] = loc
+        return node
+
+    @property
+    def fake_mode(self) -> FakeTensorMode:
+        """The fake-tensor mode of the graph's `meta["val"]`s (shared, so symbolic dims agree)."""
+        vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
+        mode = detect_fake_mode(vals)
+        if mode is None:
+            mode = self.metadata.setdefault("_fake_mode", FakeTensorMode(allow_non_fake_inputs=True))
+        return mode
+
+    def fake(self, value: torch.Tensor) -> torch.Tensor:
+        """A fake tensor standing for the constant `value` in this graph's fake mode."""
+        return self.fake_mode.from_tensor(value, static_shapes=True)
+
+    def unique_target(self, base: str) -> str:
+        """A constant name not used yet, derived from `base`."""
+        target, i = base, 1
+        while target in self.weights:
+            target = f"{base}_{i}"
+            i += 1
+        return target
+
+    def require_calibration(self, pass_name: str) -> Sequence[tuple[Any, ...]]:
+        from slimc.errors import UserError
+
+        if not self.calibration:
+            raise UserError(
+                f"pass {pass_name!r} needs calibration data: pass calib=... to slimc.compile "
+                "(or use a model with a default calibration set)"
+            )
+        return self.calibration
+
+    def recompile(self) -> None:
+        self.graph.eliminate_dead_code()
+        self.graph.lint()
+        self.graph_module.recompile()
+        self.drop_unused_constants()
+
+    def drop_unused_constants(self) -> None:
+        used = {str(n.target) for n in self.graph.find_nodes(op="get_attr")}
+        for name, _ in list(self.graph_module.named_buffers()) + list(
+            self.graph_module.named_parameters()
+        ):
+            if name not in used:
+                self.weights.delete(name)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.graph_module(*args)
+
+

@@ -1,0 +1,118 @@
+"""The one registry of passes, named pipelines and analyses, loaded lazily by name."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+from slimc.pipeline_spec import OptionValue, PassSpec
+
+if TYPE_CHECKING:
+    from slimc.pass_base import Pass
+
+log = logging.getLogger(__name__)
+
+PASSES: dict[str, str] = {
+    "canonicalize": "slimc.passes.canonicalize:Canonicalize",
+    "linear-quant": "slimc.passes.linear_quant:LinearQuant",
+    "fuse-quantized-linear": "slimc.passes.fuse_quantized_linear:FuseQuantizedLinear",
+}
+"""Pass name -> `module:Class`. The single source of truth for in-tree passes."""
+
+ANALYSES: dict[str, str] = {}
+"""Analysis name -> `module:Class`, for `require<name>` in pipelines."""
+
+ENTRY_POINT_GROUP = "slimc.passes"
+
+
+@dataclass(frozen=True)
+class NamedPipeline:
+    """A pipeline registered under a name; its options are forwarded to its first pass."""
+
+    name: str
+    summary: str
+    passes: tuple[PassSpec, ...]
+
+    def expand(self, options: dict[str, OptionValue]) -> list[PassSpec]:
+        first, *rest = self.passes
+        merged = {**first.options, **options}
+        return [PassSpec(first.name, merged), *rest]
+
+
+def _plain(scheme: str, summary: str) -> NamedPipeline:
+    return NamedPipeline(
+        scheme,
+        summary,
+        (PassSpec("linear-quant", {"scheme": (scheme,)}), PassSpec("fuse-quantized-linear")),
+    )
+
+
+PIPELINES: dict[str, NamedPipeline] = {
+    p.name: p
+    for p in (
+        _plain("w8a8", "int8 weights per channel x static per-tensor asymmetric int8 activations"),
+        _plain("w8a8-dynamic", "int8 weights per channel x dynamic per-token int8 activations"),
+        _plain("w8a16", "int8 weights (per channel or group), float activations"),
+        _plain("w4a16", "int4 weights, asymmetric integer zero point, per channel or group"),
+        _plain("w4a8", "int4 weights per channel x dynamic per-token int8 activations"),
+    )
+}
+
+
+class UnknownPassError(KeyError):
+    """A pipeline names a pass or pipeline that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _plugin_passes() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in PASSES or ep.name in PIPELINES:
+            raise RuntimeError(f"plugin pass {ep.name!r} ({ep.value}) clashes with a built-in name")
+        found[ep.name] = ep.value
+    return found
+
+
+def all_pass_names() -> list[str]:
+    return sorted({*PASSES, *_plugin_passes()})
+
+
+def _load(ref: str) -> type:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as `name`.
+
+    Raises:
+        UnknownPassError: no pass of that name.
+    """
+    ref = PASSES.get(name) or _plugin_passes().get(name)
+    if ref is None:
+        hint = _close(name, [*all_pass_names(), *PIPELINES])
+        raise UnknownPassError(f"unknown pass {name!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+    cls = _load(ref)
+    if getattr(cls, "name", None) != name:
+        raise RuntimeError(f"{ref} declares name {getattr(cls, 'name', None)!r}, registered as {name!r}")
+    return cls
+
+
+def get_analysis(name: str) -> type:
+    ref = ANALYSES.get(name)
+    if ref is None:
+        known = ", ".join(sorted(ANALYSES)) or "none"
+        raise UnknownPassError(f"unknown analysis {name!r} (known: {known})")
+    return _load(ref)
+
+
+def _close(name: str, candidates: list[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(name, candidates, n=1)
+    return match[0] if match else None

@@ -1,0 +1,152 @@
+"""Layer-wise calibration runner: samples flow through the graph one decoder layer at a time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from slimc.program import Program, layer_of, node_loc
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[[fx.Node, tuple[Any, ...]], None]
+"""Called with a node and its materialized positional arguments, before the node runs."""
+
+
+@dataclass
+class Segment:
+    """A contiguous run of graph nodes that belong to one repeated block (or to none)."""
+
+    key: str | None
+    index: int
+    nodes: list[fx.Node]
+
+    @property
+    def label(self) -> str:
+        return self.key or ("prologue" if self.index == 0 else "epilogue")
+
+
+def split_segments(graph: fx.Graph) -> list[Segment]:
+    """Cut the graph into maximal runs of nodes with the same decoder-layer key.
+
+    A node without a location inherits the key of the node before it, so helper nodes (shape
+    arithmetic, getitems) stay with their block. Placeholders, constants and the output are not
+    part of any segment.
+    """
+    segments: list[Segment] = []
+    key: str | None = None
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        loc = node_loc(node)
+        if loc is not None:
+            key = layer_of(loc)
+        if not segments or segments[-1].key != key:
+            segments.append(Segment(key, len(segments), []))
+        segments[-1].nodes.append(node)
+    return segments
+
+
+class LayerwiseRunner:
+    """Runs calibration samples segment by segment, keeping only values still needed later.
+
+    A pass visits each segment in order: it may run the segment with hooks (to observe
+    activations), rewrite its nodes (to quantize them), and the runner then runs the rewritten
+    segment so the next layer sees the already-quantized outputs. Peak memory is the model plus
+    the values live across one segment boundary for every sample.
+    """
+
+    def __init__(self, program: Program, samples: Sequence[tuple[Any, ...]], progress: bool = True):
+        self.program = program
+        self.samples = list(samples)
+        self.progress = progress
+        placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+        self._envs: list[dict[fx.Node, Any]] = []
+        for sample in self.samples:
+            if len(sample) != len(placeholders):
+                raise ValueError(f"calibration sample has {len(sample)} inputs, graph takes {len(placeholders)}")
+            self._envs.append(dict(zip(placeholders, sample, strict=True)))
+
+    def _lookup(self, env: dict[fx.Node, Any]) -> Callable[[fx.Node], Any]:
+        weights = self.program.weights
+
+        def get(n: fx.Node) -> Any:
+            if n.op == "get_attr":
+                return weights.get(str(n.target))
+            return env[n]
+
+        return get
+
+    def forward(self, nodes: Sequence[fx.Node], hooks: dict[fx.Node, Hook] | None = None,
+                keep: bool = False) -> None:
+        """Run `nodes` for every sample; call hooks; store results in the envs when `keep`."""
+        hooks = hooks or {}
+        with torch.inference_mode():
+            for env in self._envs:
+                get = self._lookup(env)
+                local: dict[fx.Node, Any] = {}
+
+                def lookup(n: fx.Node, local: dict[fx.Node, Any] = local, get: Any = get) -> Any:
+                    return local[n] if n in local else get(n)
+
+                for node in nodes:
+                    args = fx.node.map_arg(node.args, lookup)
+                    kwargs = fx.node.map_arg(node.kwargs, lookup)
+                    if node in hooks:
+                        hooks[node](node, args)
+                    local[node] = node.target(*args, **kwargs)
+                if keep:
+                    env.update(local)
+
+    def _release(self, done: set[fx.Node]) -> None:
+        """Drop values whose every user has run."""
+        for env in self._envs:
+            for n in [n for n in env if n.users and all(u in done for u in n.users)]:
+                del env[n]
+
+    def run(self, visit: Callable[[Segment, LayerwiseRunner], None]) -> None:
+        """Visit every segment in order, then advance the samples through it.
+
+        `visit` may call `forward(segment.nodes, hooks)` and rewrite the segment's nodes (without
+        erasing the segment's last node). The segment is re-collected before advancing.
+        """
+        segments = split_segments(self.program.graph)
+        bar = _progress(len(segments), "calibrating", self.progress)
+        done: set[fx.Node] = set()
+        prev_last: fx.Node | None = None
+        try:
+            for seg in segments:
+                last = seg.nodes[-1]
+                visit(seg, self)
+                if last.graph is not self.program.graph or last._erased:
+                    raise RuntimeError(f"pass erased the last node of segment {seg.label}")
+                seg.nodes = _nodes_between(self.program.graph, prev_last, last)
+                self.forward(seg.nodes, keep=True)
+                done.update(seg.nodes)
+                self._release(done)
+                prev_last = last
+                bar.update(1)
+        finally:
+            bar.close()
+
+
+def _nodes_between(graph: fx.Graph, after: fx.Node | None, last: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    node = after.next if after is not None else next(iter(graph.nodes))
+    while True:
+        if node.op not in ("placeholder", "get_attr", "output"):
+            out.append(node)
+        if node is last:
+            return out
+        node = node.next
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, leave=False)

@@ -1,0 +1,1 @@
+"""Command-line tools (`slimc`, `slimc-opt`) and benchmark scripts."""
