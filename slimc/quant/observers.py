@@ -1,0 +1,230 @@
+"""Calibration observers: running MinMax and histogram (L2 clip search) range estimators."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from slimc.quant.qparams import calculate_qparams
+from slimc.quant.scheme import TensorQuantSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HistogramObserver", "MinMaxObserver"]
+
+
+def _checked(x: Tensor, who: str) -> Tensor:
+    """Detached float32 copy of x; ValueError when it holds NaN or inf."""
+    xf = x.detach().to(torch.float32)
+    if not bool(torch.isfinite(xf).all()):
+        raise ValueError(f"{who}: input contains NaN or inf")
+    return xf
+
+
+class MinMaxObserver:
+    """Running min/max of activations, per tensor or per last-dim channel.
+
+    Granularity "tensor" tracks scalars (0-d tensors); "channel" tracks one min/max per entry of
+    the last dim (shape [K], reducing over all leading dims). aggregation="max" keeps the running
+    extreme over batches; "mean" averages the per-batch min and max.
+    """
+
+    def __init__(self, spec: TensorQuantSpec, aggregation: Literal["max", "mean"] = "max") -> None:
+        if spec.granularity not in ("tensor", "channel"):
+            raise ValueError(
+                "MinMaxObserver supports 'tensor' or 'channel' granularity, "
+                f"not {spec.granularity!r}"
+            )
+        if aggregation not in ("max", "mean"):
+            raise ValueError(f"aggregation must be 'max' or 'mean', got {aggregation!r}")
+        self.spec = spec
+        self.aggregation = aggregation
+        self.num_batches = 0
+        self._min: Tensor | None = None
+        self._max: Tensor | None = None
+
+    @property
+    def min_val(self) -> Tensor | None:
+        """Aggregated minimum (None before the first update)."""
+        if self._min is None or self.aggregation == "max":
+            return self._min
+        return self._min / self.num_batches
+
+    @property
+    def max_val(self) -> Tensor | None:
+        """Aggregated maximum (None before the first update)."""
+        if self._max is None or self.aggregation == "max":
+            return self._max
+        return self._max / self.num_batches
+
+    def update(self, x: Tensor) -> None:
+        """Fold one batch into the running statistics (empty tensors are ignored)."""
+        xf = _checked(x, "MinMaxObserver.update")
+        if xf.numel() == 0:
+            return
+        if self.spec.granularity == "tensor":
+            cur_min, cur_max = torch.aminmax(xf)
+        else:
+            if xf.dim() == 0:
+                raise ValueError("per-channel MinMaxObserver needs at least a 1-D input")
+            cur_min, cur_max = torch.aminmax(xf.reshape(-1, xf.shape[-1]), dim=0)
+            if self._min is not None and self._min.shape != cur_min.shape:
+                raise ValueError(
+                    "channel count changed between updates: "
+                    f"{self._min.shape[0]} -> {cur_min.shape[0]}"
+                )
+        self.num_batches += 1
+        if self._min is None or self._max is None:
+            self._min, self._max = cur_min, cur_max
+        elif self.aggregation == "max":
+            self._min = torch.minimum(self._min, cur_min)
+            self._max = torch.maximum(self._max, cur_max)
+        else:  # running sums; divided by num_batches on read
+            self._min = self._min + cur_min
+            self._max = self._max + cur_max
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:
+        """(scale float32, zero_point int32) of the min/max shape ([] or [K])."""
+        if self.min_val is None or self.max_val is None:
+            raise ValueError(
+                "MinMaxObserver.calculate_qparams: no data observed; call update() first"
+            )
+        return calculate_qparams(self.min_val, self.max_val, self.spec)
+
+
+class HistogramObserver:
+    """Per-tensor running histogram plus an L2-error clip search (after torch.ao / msModelSlim).
+
+    The histogram covers [min_val, max_val] with `bins` equal bins. When a batch widens the range,
+    the old histogram is re-binned by splitting each bin into `upsample_rate` uniform sub-bins and
+    dropping their mass into the new bins. `calculate_qparams` searches a clip range [lo, hi] that
+    minimises the histogram-estimated quantization noise (rounding inside + clipping outside).
+    """
+
+    STEP = 1e-5  # probability mass moved per search step
+
+    def __init__(self, spec: TensorQuantSpec, bins: int = 2048, upsample_rate: int = 16) -> None:
+        if spec.granularity != "tensor":
+            raise ValueError(
+                f"HistogramObserver is per tensor only, got granularity {spec.granularity!r}"
+            )
+        if bins < 1 or upsample_rate < 1:
+            raise ValueError(
+                f"bins and upsample_rate must be positive, got {bins}, {upsample_rate}"
+            )
+        self.spec = spec
+        self.bins = bins
+        self.upsample_rate = upsample_rate
+        self.histogram = torch.zeros(bins, dtype=torch.float64)
+        self._edge_index = torch.arange(bins + 1, dtype=torch.float64)
+        self.min_val: Tensor | None = None
+        self.max_val: Tensor | None = None
+
+    # ------------------------------------------------------------------ accumulation
+
+    def _histc(self, x: Tensor, lo: float, hi: float) -> Tensor:
+        if hi <= lo:  # degenerate (constant) range: all mass in bin 0
+            hist = torch.zeros(self.bins, dtype=torch.float64)
+            hist[0] = x.numel()
+            return hist
+        return torch.histc(x, self.bins, min=lo, max=hi).to(torch.float64)
+
+    def _rebin(self, lo: float, hi: float) -> Tensor:
+        """The current histogram, re-expressed over the wider range [lo, hi]."""
+        old_lo, old_hi = float(self.min_val), float(self.max_val)  # type: ignore[arg-type]
+        new_width = (hi - lo) / self.bins
+        if old_hi <= old_lo:
+            idx = min(int((old_lo - lo) / new_width), self.bins - 1)
+            out = torch.zeros(self.bins, dtype=torch.float64)
+            out[idx] = self.histogram.sum()
+            return out
+        rate = self.upsample_rate
+        fine = self.histogram.repeat_interleave(rate) / rate
+        fine_width = (old_hi - old_lo) / (self.bins * rate)
+        mids = old_lo + (torch.arange(self.bins * rate, dtype=torch.float64) + 0.5) * fine_width
+        idx = torch.clamp(torch.floor((mids - lo) / new_width), 0, self.bins - 1).to(torch.long)
+        return torch.bincount(idx, weights=fine, minlength=self.bins)
+
+    def update(self, x: Tensor) -> None:
+        """Add one batch to the histogram, widening (and re-binning) the range if needed."""
+        xf = _checked(x, "HistogramObserver.update").flatten()
+        if xf.numel() == 0:
+            return
+        x_min, x_max = (float(v) for v in torch.aminmax(xf))
+        if self.min_val is None or self.max_val is None:
+            self.min_val, self.max_val = torch.tensor(x_min), torch.tensor(x_max)
+            self.histogram = self._histc(xf, x_min, x_max)
+            return
+        old_lo, old_hi = float(self.min_val), float(self.max_val)
+        lo, hi = min(old_lo, x_min), max(old_hi, x_max)
+        if (lo, hi) != (old_lo, old_hi):
+            self.histogram = self._rebin(lo, hi)
+            self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
+        self.histogram = self.histogram + self._histc(xf, lo, hi)
+
+    # ------------------------------------------------------------------ clip search
+
+    def _quantization_error(self, start_bin: int, end_bin: int) -> float:
+        """L2 noise of quantizing the histogram with the range [start_bin, end_bin] (inclusive).
+
+        With dst_nbins uniform quantization bins of width d spanning the clip range, let F(t) be
+        the integral from the clip start to t of the squared distance to the nearest level (the
+        outermost level beyond the range). Per source bin, assuming uniform density,
+        error = density * (F(end) - F(begin)); F has a closed form per level.
+        """
+        lo, hi = float(self.min_val), float(self.max_val)  # type: ignore[arg-type]
+        width = (hi - lo) / self.bins
+        nlevels = self.spec.qmax - self.spec.qmin + 1
+        d = width * (end_bin - start_bin + 1) / nlevels
+        if d == 0.0:
+            return 0.0
+        edges = (self._edge_index - start_bin) * width
+        k = torch.clamp(torch.floor(edges / d), 0, nlevels - 1)
+        u = edges - k * d - d / 2
+        f = k * (d**3 / 12) + (u**3 + (d / 2) ** 3) / 3
+        density = self.histogram / width
+        return float((density * (f[1:] - f[:-1])).sum())
+
+    def clip_range(self) -> tuple[float, float]:
+        """(clip_min, clip_max) minimising the estimated L2 quantization error."""
+        if self.min_val is None or self.max_val is None:
+            raise ValueError("HistogramObserver: no data observed; call update() first")
+        lo, hi = float(self.min_val), float(self.max_val)
+        if hi <= lo:
+            return lo, hi
+        width = (hi - lo) / self.bins
+        csum = torch.cumsum(self.histogram, 0).tolist()
+        total = csum[-1]
+        alpha, beta = 0.0, 1.0
+        start, end = 0, self.bins - 1
+        best = float("inf")
+        evals = 0
+        while alpha < beta:
+            next_alpha, next_beta = alpha + self.STEP, beta - self.STEP
+            # first bin whose cumulative mass reaches next_alpha (bounded by end)
+            left = bisect.bisect_left(csum, next_alpha * total, start, end)
+            # last bin whose cumulative mass stays within next_beta (bounded by start)
+            right = bisect.bisect_right(csum, next_beta * total, start + 1, end + 1) - 1
+            new_start, new_end = start, end
+            if left - start > end - right:  # lower tail is sparser: its bound moves farther
+                new_start, alpha = left, next_alpha
+            else:
+                new_end, beta = right, next_beta
+            if (new_start, new_end) == (start, end):
+                continue
+            err = self._quantization_error(new_start, new_end)
+            evals += 1
+            if err > best:
+                break
+            best, start, end = err, new_start, new_end
+        logger.debug("histogram clip search: %d evaluations, bins [%d, %d]", evals, start, end)
+        return lo + width * start, lo + width * (end + 1)
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:
+        """(scale float32, zero_point int32) as 0-d tensors from the searched clip range."""
+        clip_min, clip_max = self.clip_range()
+        return calculate_qparams(torch.tensor(clip_min), torch.tensor(clip_max), self.spec)
