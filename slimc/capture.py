@@ -12,6 +12,7 @@ from torch.export import Dim
 
 from slimc.errors import UserError
 from slimc.program import LOC_KEY, Program
+from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,15 @@ def capture(
     return program
 
 
-def program_from_graph_module(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program:
+def program_from_graph_module(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], stage: Stage = Stage.ATEN
+) -> Program:
     """Wrap an already unlifted graph module (e.g. loaded from `.pt2`) and canonicalize it."""
     from slimc.pass_manager import PassManager
 
     _set_locations(gm.graph, "")
-    program = Program(gm, example_inputs=tuple(example_inputs))
-    PassManager.parse("canonicalize").run(program)
+    program = Program(gm, stage=stage, example_inputs=tuple(example_inputs))
+    PassManager.parse("canonicalize", start_stage=stage).run(program)
     return program
 
 

@@ -157,6 +157,36 @@ def quantized_linear_from_node(program: Program, node: fx.Node) -> QuantizedLine
     )
 
 
+def quantized_linear_from_qdq(program: Program, node: fx.Node) -> QuantizedLinear | None:
+    """Build the runtime module for a QDQ-form quantized linear (pipelines that stop at QDQ)."""
+    from slimc.ops.packing import pack_int4
+    from slimc.passes.fuse_quantized_linear import match_qdq_linear
+
+    m = match_qdq_linear(node)
+    if m is None:
+        return None
+    qweight = _const(program, m.qweight)
+    assert qweight is not None
+    n, k = qweight.shape
+    static = m.scheme.activation is not None and not m.scheme.activation.dynamic
+    x_scale = _const(program, m.x_scale) if static else None
+    x_zp = _const(program, m.x_zero_point) if static else None
+    return QuantizedLinear(
+        m.scheme, k, n, pack_int4(qweight) if m.scheme.weight.bits == 4 else qweight,
+        _const(program, m.w_scale), _const(program, m.w_zero_point), _const(program, m.bias),
+        None if x_scale is None else x_scale.reshape(-1),
+        None if x_zp is None else x_zp.reshape(-1),
+    )
+
+
+def _replacement(program: Program, node: fx.Node) -> QuantizedLinear | None:
+    if _fused_name(node) is not None:
+        return quantized_linear_from_node(program, node)
+    if node.target is torch.ops.aten.linear.default:
+        return quantized_linear_from_qdq(program, node)
+    return None
+
+
 def write_back(model: nn.Module, program: Program) -> None:
     """Copy transformed weights into `model` and swap quantized linears for QuantizedLinear.
 
@@ -171,7 +201,8 @@ def write_back(model: nn.Module, program: Program) -> None:
                 if params[target].shape == tensor.shape and not params[target].data_ptr() == tensor.data_ptr():
                     params[target].copy_(tensor)
     for node in program.graph.nodes:
-        if _fused_name(node) is None:
+        new = _replacement(program, node)
+        if new is None:
             continue
         path = node_loc(node)
         try:
@@ -182,4 +213,4 @@ def write_back(model: nn.Module, program: Program) -> None:
             old = None
         if not isinstance(old, (nn.Linear, QuantizedLinear)):
             raise UserError(f"cannot write back quantized linear {path!r}: not an nn.Linear in the model")
-        setattr(parent, leaf, quantized_linear_from_node(program, node))
+        setattr(parent, leaf, new)

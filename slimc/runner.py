@@ -103,6 +103,14 @@ class LayerwiseRunner:
                 if keep:
                     env.update(local)
 
+    def outputs(self) -> list[Any]:
+        """The graph outputs per sample, once `run` has visited every segment."""
+        out_node = next(n for n in self.program.graph.nodes if n.op == "output")
+        results = []
+        for env in self._envs:
+            results.append(fx.node.map_arg(out_node.args[0], self._lookup(env)))
+        return results
+
     def _release(self, done: set[fx.Node]) -> None:
         """Drop values whose every user has run."""
         for env in self._envs:

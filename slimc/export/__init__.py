@@ -1,0 +1,125 @@
+"""Saving compiled models (compressed-tensors HF directories, torch.export `.pt2`) and loading them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from slimc.errors import UserError
+from slimc.export.atomic import atomic_directory, check_target
+
+__all__ = ["FORMATS", "load", "save"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("compressed-tensors", "pt2")
+
+
+def save(
+    model: Any,
+    path: str | os.PathLike[str],
+    format: str = "compressed-tensors",  # noqa: A002 - the user-facing option name
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Save a compiled model as a complete output directory, atomically.
+
+    Formats:
+        ``compressed-tensors``: a Hugging Face model directory (config.json with
+        ``quantization_config``, safetensors weights, generation_config.json, tokenizer files)
+        that ``AutoModelForCausalLM.from_pretrained`` loads (with the ``compressed-tensors``
+        package) and vLLM serves. ``model`` is the result of ``slimc.compile`` on an HF model.
+        ``pt2``: ``DIR/model.pt2``, the compiled program (``model.slimc_program``, or a
+        ``slimc.Program``) exported with ``torch.export`` (dynamic batch / sequence dims;
+        calls ``slimc::`` custom ops), plus the config and tokenizer files.
+
+    The directory is written under a temporary name next to `path` and renamed at the end: a
+    failed save leaves nothing at `path`. A missing or empty directory is written; a non-empty
+    one only with ``overwrite=True`` (it is replaced only once the new one is complete).
+
+    Args:
+        model: the model returned by ``slimc.compile`` (or a Program, for ``pt2``).
+        path: the output directory.
+        format: ``"compressed-tensors"`` or ``"pt2"``.
+        tokenizer: a tokenizer to save alongside (compressed-tensors falls back to the one in
+            the model's local source directory).
+        overwrite: replace an existing non-empty directory.
+
+    Returns:
+        The output directory (absolute).
+
+    Raises:
+        UserError: unknown format, unwritable or occupied path, a model/scheme the format
+            cannot hold.
+    """
+    if format not in FORMATS:
+        raise UserError(f"unknown save format {format!r}; expected one of {', '.join(FORMATS)}")
+    target = check_target(path, overwrite=overwrite)
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        if format == "pt2":
+            from slimc.export.pt2 import save_pt2
+
+            save_pt2(model, tmp, tokenizer)
+        else:
+            from slimc.export.compressed_tensors import save_compressed_tensors
+
+            save_compressed_tensors(model, tmp, tokenizer)
+    log.info("saved %s model to %s", format, target)
+    return target
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """``"pt2"``, ``"compressed-tensors"`` or ``"hf"`` for a saved output path.
+
+    Raises:
+        UserError: the path does not exist or holds neither format.
+    """
+    from slimc.export.pt2 import PT2_NAME
+
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".pt2":
+        return "pt2"
+    if not p.is_dir():
+        raise UserError(f"{p} does not exist" if not p.exists() else f"{p} is not a directory or .pt2 file")
+    if (p / PT2_NAME).is_file():
+        return "pt2"
+    config = p / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {config}: {exc}") from exc
+        qc = data.get("quantization_config") or {}
+        return "compressed-tensors" if qc.get("quant_method") == "compressed-tensors" else "hf"
+    raise UserError(f"{p} holds neither {PT2_NAME} nor a Hugging Face config.json")
+
+
+def load(path: str | os.PathLike[str]) -> Any:
+    """Load a directory written by `save` and return something runnable.
+
+    compressed-tensors (or any HF) directory: the transformers model from
+    ``AutoModelForCausalLM.from_pretrained`` in eval mode. pt2 directory or ``.pt2`` file: the
+    unlifted module ``ep.module()`` (``slimc.ops`` is imported first so the custom ops exist),
+    mapping input ids to logits for causal LMs.
+
+    Raises:
+        UserError: the path is missing or holds no loadable model.
+    """
+    fmt = detect_format(path)
+    p = Path(path).expanduser()
+    if fmt == "pt2":
+        from slimc.export.pt2 import load_pt2
+
+        return load_pt2(p)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input here
+        text = str(exc).strip().splitlines()
+        raise UserError(f"cannot load {p}: {type(exc).__name__}: {text[0] if text else ''}") from exc
+    return model.eval()

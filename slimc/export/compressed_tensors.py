@@ -1,0 +1,285 @@
+"""Save a slimc-quantized Hugging Face model as a compressed-tensors checkpoint directory."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimc.errors import UserError
+from slimc.nn import QuantizedLinear
+from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
+
+__all__ = ["quantization_scheme", "save_compressed_tensors"]
+
+log = logging.getLogger(__name__)
+
+PT2_HINT = "use format='pt2' (--format pt2) instead"
+
+
+def _args(spec: TensorQuantSpec) -> Any:
+    """compressed-tensors `QuantizationArgs` for one slimc tensor spec."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(
+        num_bits=spec.bits,
+        type="int",
+        symmetric=spec.symmetric,
+        strategy=spec.granularity,
+        group_size=spec.group_size if spec.granularity == "group" else None,
+        dynamic=spec.dynamic,
+    )
+
+
+def quantization_scheme(scheme: LinearQuantScheme, targets: list[str]) -> Any:
+    """The compressed-tensors `QuantizationScheme` equivalent to a slimc linear scheme.
+
+    The compression format is the one compressed-tensors itself infers for an `nn.Linear`:
+    `int-quantized` when activations are quantized (int8 storage, also for int4 weights, which is
+    what vLLM's W4A8 int scheme reads), `pack-quantized` for weight-only schemes (int32 words).
+
+    Raises:
+        UserError: compressed-tensors cannot express the scheme.
+    """
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationScheme
+
+    try:
+        ct = QuantizationScheme(
+            targets=targets,
+            weights=_args(scheme.weight),
+            input_activations=None if scheme.activation is None else _args(scheme.activation),
+        )
+        ct.format = infer_module_format(nn.Linear, ct)
+    except (ValueError, NotImplementedError, StopIteration) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"scheme {scheme.name!r} cannot be expressed in compressed-tensors ({reason}); {PT2_HINT}"
+        ) from exc
+    return ct
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _unpacked_int(q: QuantizedLinear) -> torch.Tensor:
+    from slimc.ops.packing import unpack_int4
+
+    return unpack_int4(q.qweight) if q.scheme.weight.bits == 4 else q.qweight
+
+
+def _compressed_linear(q: QuantizedLinear, ct_scheme: Any, dtype: torch.dtype) -> nn.Linear:
+    """An `nn.Linear` holding `q` in compressed-tensors' compressed layout (weight_packed, ...).
+
+    The library's compressor quantizes the float weight it is given with the scale / zero point
+    on the module; it is given slimc's dequantized weight and slimc's qparams, so it recovers
+    slimc's integers (checked exactly afterwards).
+    """
+    from compressed_tensors.compressors.base import compress_module
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.initialize import (
+        initialize_module_for_quantization,
+    )
+
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+    lin.weight = nn.Parameter(q.dequantized_weight().to(torch.float32), requires_grad=False)
+    if q.bias is not None:
+        lin.bias = nn.Parameter(q.bias.detach().to(dtype), requires_grad=False)
+    initialize_module_for_quantization(lin, copy.deepcopy(ct_scheme), force_zero_point=False)
+    with torch.no_grad():
+        _load_qparam(lin, "weight_scale", q.weight_scale)
+        if q.weight_zero_point is not None:
+            _load_qparam(lin, "weight_zero_point", q.weight_zero_point)
+        if q.input_scale is not None:
+            _load_qparam(lin, "input_scale", q.input_scale)
+            if hasattr(lin, "input_zero_point") and q.input_zero_point is not None:
+                _load_qparam(lin, "input_zero_point", q.input_zero_point)
+    lin.quantization_status = QuantizationStatus.FROZEN
+    compress_module(lin)
+    _check_integers(lin, q)
+    for name in ("weight_scale", "input_scale"):
+        p = getattr(lin, name, None)
+        if p is not None and p.dtype != dtype:
+            setattr(lin, name, nn.Parameter(p.data.to(dtype), requires_grad=False))
+    return lin
+
+
+def _load_qparam(lin: nn.Module, name: str, value: torch.Tensor) -> None:
+    param = getattr(lin, name)
+    if param.numel() != value.numel():
+        raise ValueError(
+            f"{name}: compressed-tensors expects shape {tuple(param.shape)}, slimc has "
+            f"{tuple(value.shape)}"
+        )
+    param.data = value.detach().reshape(param.shape).to(param.dtype).clone()
+
+
+def _check_integers(lin: nn.Module, q: QuantizedLinear) -> None:
+    """Raise if the compressed integers differ from slimc's (they must be bit-identical)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    bits = q.scheme.weight.bits
+    ours = _unpacked_int(q)
+    if hasattr(lin, "weight_packed"):
+        saved = unpack_from_int32(lin.weight_packed.data, bits, ours.shape)
+    else:
+        saved = lin.weight.data
+    ok = torch.equal(saved.to(torch.int8), ours.to(torch.int8))
+    zp = getattr(lin, "weight_zero_point", None)
+    if ok and q.weight_zero_point is not None and zp is not None:
+        if zp.dtype == torch.int32:  # packed along the output dim
+            zp = unpack_from_int32(zp.data, bits, q.weight_zero_point.shape, packed_dim=0)
+        ok = torch.equal(zp.to(torch.int8).reshape(q.weight_zero_point.shape),
+                         q.weight_zero_point.to(torch.int8))
+    if not ok:
+        raise RuntimeError("compressed-tensors produced integers that differ from slimc's")
+
+
+def _output_embedding_name(model: nn.Module) -> str | None:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, mod in model.named_modules():
+        if out is not None and mod is out:
+            return name
+    return None
+
+
+def _group_schemes(quantized: dict[str, QuantizedLinear]) -> dict[LinearQuantScheme, list[str]]:
+    groups: dict[LinearQuantScheme, list[str]] = {}
+    for name, q in quantized.items():
+        groups.setdefault(q.scheme, []).append(name)
+    return groups
+
+
+def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[str, Any]:
+    """Write `model` (with `QuantizedLinear` layers) as a compressed-tensors HF directory in `out`.
+
+    `out` must be an existing empty directory (the caller makes the write atomic). Weights are
+    compressed by compressed-tensors' own compressors (`ModelCompressor` builds the
+    `quantization_config`); float linears go to its `ignore` list.
+
+    Returns:
+        The `quantization_config` written to config.json.
+
+    Raises:
+        UserError: not a Hugging Face model, no quantized layers, or a scheme compressed-tensors
+            cannot express.
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise UserError(
+            f"the compressed-tensors format needs a Hugging Face model, got {type(model).__name__}; "
+            f"{PT2_HINT}"
+        )
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not quantized:
+        raise UserError("the model has no quantized linear layers (compile it with slimc.compile first)")
+    groups = _group_schemes(quantized)
+    single = len(groups) == 1
+    ct_schemes = {s: quantization_scheme(s, ["Linear"] if single else names)
+                  for s, names in groups.items()}
+    dtype = _float_dtype(model)
+    if dtype != torch.float32:
+        log.warning("model dtype is %s: scales are stored in %s (rounded from float32)", dtype, dtype)
+
+    memo: dict[int, Any] = {id(m): m for m in quantized.values()}  # shared, replaced below
+    program = getattr(model, "slimc_program", None)
+    if program is not None:
+        memo[id(program)] = None
+    work = copy.deepcopy(model, memo)
+    if "slimc_program" in vars(work):
+        delattr(work, "slimc_program")
+    if getattr(work.config, "quantization_config", None) is not None:
+        del work.config.quantization_config
+    _untie_if_quantized(work, quantized)
+    for name, q in quantized.items():
+        parent_name, _, leaf = name.rpartition(".")
+        parent = work.get_submodule(parent_name) if parent_name else work
+        setattr(parent, leaf, _compressed_linear(q, ct_schemes[q.scheme], dtype))
+
+    compressor = ModelCompressor.from_pretrained_model(work)
+    qconfig = compressor.quantization_config
+    work.save_pretrained(out)
+    if not (out / "generation_config.json").exists():
+        _generation_config(work).save_pretrained(out)
+    compressor.update_config(str(out))
+    quant_cfg = _finish_config(out, qconfig)
+    _save_tokenizer(model, tokenizer, out)
+    log.info("compressed-tensors: %d quantized linears, format %s, ignore %s",
+             len(quantized), quant_cfg.get("format"), quant_cfg.get("ignore"))
+    return quant_cfg
+
+
+def _untie_if_quantized(work: nn.Module, quantized: dict[str, QuantizedLinear]) -> None:
+    """A quantized output projection cannot stay tied to the float input embedding."""
+    name = _output_embedding_name(work)
+    if name in quantized and getattr(work.config, "tie_word_embeddings", False):
+        log.info("%s is quantized: saving with tie_word_embeddings=false", name)
+        work.config.tie_word_embeddings = False
+        text_config = getattr(work.config, "get_text_config", lambda: None)()
+        if text_config is not None and text_config is not work.config:
+            text_config.tie_word_embeddings = False
+
+
+def _finish_config(out: Path, qconfig: Any) -> dict[str, Any]:
+    """Post-process config.json's quantization_config; return it.
+
+    transformers 5 with compressed-tensors 0.20 cannot load an asymmetric `pack-quantized`
+    checkpoint in compressed mode: on the meta device the compressor does not pack the zero
+    point, so the checkpoint's packed `weight_zero_point` no longer matches the parameter
+    (vllm-project/llm-compressor#1618). Such checkpoints get `"dequantize": true`, which makes
+    transformers decompress them with the library's own decompressor while loading (exact for
+    weight-only schemes); engines that run compressed-tensors natively (vLLM) ignore the key.
+    """
+    import json
+
+    path = out / "config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    qc = data["quantization_config"]
+    asym_packed = [
+        g for g in qconfig.config_groups.values()
+        if str(getattr(g.format, "value", g.format)) == "pack-quantized"
+        and g.weights is not None and not g.weights.symmetric
+    ]
+    if asym_packed:
+        if any(g.input_activations is not None for g in asym_packed):
+            raise UserError(
+                "asymmetric int4/int8 weights with quantized activations cannot be loaded by "
+                f"transformers from compressed-tensors; {PT2_HINT}"
+            )
+        qc["dequantize"] = True
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return qc
+
+
+def _generation_config(model: nn.Module) -> Any:
+    from transformers import GenerationConfig
+
+    gen = getattr(model, "generation_config", None)
+    return gen if gen is not None else GenerationConfig.from_model_config(model.config)
+
+
+def _save_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None:
+    """Save `tokenizer`, or the one next to the model's local checkpoint when none is given."""
+    if tokenizer is None:
+        source = str(getattr(model, "name_or_path", "") or "")
+        if source and Path(source).is_dir():
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            except Exception:  # noqa: BLE001 - no usable tokenizer there
+                tokenizer = None
+    if tokenizer is None:
+        log.warning("no tokenizer given and none next to the model: the output has no tokenizer files")
+        return
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,162 @@
+"""slimc: quantize a model in one command (slimc quant) and measure perplexity (slimc eval)."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from slimc.quant.scheme import SCHEMES
+from slimc.tools._cli_common import run_guarded, setup_logging
+
+FORMATS = ("compressed-tensors", "pt2")
+
+
+def build_pipeline(args: argparse.Namespace) -> str:
+    """The pipeline string `slimc quant` runs for its flags (a plain named scheme)."""
+    opts = []
+    if args.group_size is not None:
+        opts.append(f"group-size={args.group_size}")
+    if args.symmetric:
+        opts.append("symmetric=true")
+    if args.observer != "minmax":
+        opts.append(f"observer={args.observer}")
+    if args.ignore is not None:
+        opts.append("ignore=" + ",".join(f'"{g}"' for g in args.ignore))
+    return args.quant_type + ("{" + " ".join(opts) + "}" if opts else "")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_quant(args: argparse.Namespace) -> int:
+    import slimc
+    from slimc.data import calibration_samples, eval_token_ids, load_model
+    from slimc.errors import UserError
+    from slimc.evaluate import perplexity
+    from slimc.export import save
+    from slimc.pass_manager import PassManager
+
+    pipeline = build_pipeline(args)
+    pm = PassManager.parse(pipeline)  # checked before anything is loaded
+    if args.save is None and not args.eval:
+        raise UserError("nothing to do: give --save DIR and/or --eval N")
+    print(f"pipeline: {pm.pipeline_spec(include_defaults=True)}", file=sys.stderr)
+    model, tokenizer = load_model(args.model)
+    rows: list[tuple[str, ...]] = [("model", "PPL", "delta", "quant time s", "peak RSS MB")]
+    ids = eval_token_ids(tokenizer) if args.eval else None
+    fp32_ppl = None
+    if ids is not None:
+        fp32 = perplexity(model, ids, windows=args.eval)
+        fp32_ppl = fp32.ppl
+        rows.append(("fp32", f"{fp32.ppl:.3f}", "", "", f"{_peak_rss_mb():.0f}"))
+    calib = None
+    if pm.needs_calibration:
+        calib = calibration_samples(tokenizer, n=args.calib_samples)
+    start = time.perf_counter()
+    quantized = slimc.compile(model, pm.steps, calib=calib)
+    seconds = time.perf_counter() - start
+    peak = _peak_rss_mb()
+    qppl = ""
+    delta = ""
+    if ids is not None:
+        q = perplexity(quantized, ids, windows=args.eval)
+        qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
+    rows.append((args.quant_type, qppl, delta, f"{seconds:.1f}", f"{peak:.0f}"))
+    if args.save is not None:
+        out = save(quantized, args.save, format=args.format, tokenizer=tokenizer)
+        print(f"saved {args.format} model to {out}", file=sys.stderr)
+    if ids is not None:
+        print(f"\nPPL on {args.eval} windows of 512 tokens (wiki):")
+    print(_table(rows))
+    return 0
+
+
+def _load_for_eval(path: str | None) -> tuple[Any, Any]:
+    """An HF / compressed-tensors directory via transformers, or a slimc pt2 directory."""
+    from slimc.data import load_model
+
+    if path is not None and (Path(path) / "model.pt2").is_file():
+        from transformers import AutoTokenizer
+
+        from slimc.export import load
+
+        return load(path), AutoTokenizer.from_pretrained(path)
+    return load_model(path)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slimc.data import eval_token_ids
+    from slimc.evaluate import perplexity
+    model, tokenizer = _load_for_eval(args.model)
+    ids = eval_token_ids(tokenizer, args.text)
+    bos = tokenizer.bos_token_id if args.bos_per_window else None
+    if args.bos_per_window and bos is None:
+        from slimc.errors import UserError
+
+        raise UserError(f"--bos-per-window: the tokenizer of {args.model} has no BOS token")
+    result = perplexity(model, ids, windows=args.windows, bos_token_id=bos)
+    print(f"PPL {result.ppl:.3f}  (nll {result.nll:.4f}, {result.n_tokens} tokens, "
+          f"{result.windows} windows, {result.seconds:.1f} s)")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimc", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quant", help="quantize a model with a plain scheme and save it",
+                       description="Quantize a Hugging Face causal LM (default: the packaged "
+                       "SmolLM2-135M-Instruct) and save it.")
+    q.add_argument("--model", default=None, help="HF model directory (default: packaged SmolLM2)")
+    q.add_argument("--quant-type", required=True, choices=SCHEMES,
+                   help="w8a8 = static per-tensor int8 activations; w8a8-dynamic = per-token; "
+                   "w4a16 defaults to asymmetric with an integer zero point")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="weight group size along K (default: per output channel)")
+    q.add_argument("--symmetric", action="store_true", help="symmetric weights (w4a16/w8a16)")
+    q.add_argument("--observer", choices=("minmax", "histogram"), default="minmax",
+                   help="static activation range observer (w8a8)")
+    q.add_argument("--ignore", nargs="*", default=None, metavar="GLOB",
+                   help="module-path globs left in float (default: lm_head)")
+    q.add_argument("--calib-samples", type=int, default=128,
+                   help="calibration documents for static activations (default 128)")
+    q.add_argument("--format", choices=FORMATS, default="compressed-tensors",
+                   help="output format (default compressed-tensors, loadable by transformers)")
+    q.add_argument("--save", type=Path, default=None, metavar="DIR", help="output directory")
+    q.add_argument("--eval", type=int, default=0, metavar="N",
+                   help="also measure fp32 and quantized PPL on N windows (protocol of data.md)")
+    q.set_defaults(func=cmd_quant)
+
+    e = sub.add_parser("eval", help="perplexity of a model on wiki text or a text file")
+    e.add_argument("--model", default=None, help="model directory (HF, compressed-tensors or pt2)")
+    e.add_argument("--text", default="wiki", help="'wiki' (default) or a UTF-8 text file")
+    e.add_argument("--windows", type=int, default=40, help="number of 512-token windows")
+    e.add_argument("--bos-per-window", action="store_true",
+                   help="prepend BOS to every window (for models trained with BOS)")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run_guarded("slimc", lambda: args.func(args), args.debug)
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

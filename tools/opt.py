@@ -1,0 +1,422 @@
+"""slimc-opt: run a pass pipeline on a model, a case file or a .pt2 program and print the IR."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from slimc import registry
+from slimc.errors import UserError
+from slimc.pass_base import PassFailure, format_option_value
+from slimc.pipeline_spec import PipelineSyntaxError
+from slimc.stage import Stage
+
+if typing.TYPE_CHECKING:
+    from torch import nn
+
+    from slimc.pass_manager import PassManager, Step
+    from slimc.program import Program
+
+PROG = "slimc-opt"
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+INPUT is an HF model directory, a Python file case.py[:builder] whose builder (default build)
+returns (nn.Module, example_inputs[, calib]), or a .pt2 file (slimc-opt -o output or a crash
+reproducer; without -p the pipeline stored in it runs). The final IR and --print-ir-* dumps go
+to stdout; reports (--time-passes, --pass-statistics, --track-error) and errors go to stderr.
+"""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", nargs="?", metavar="INPUT", help="model dir, case.py[:builder] or .pt2")
+    p.add_argument("-p", "--passes", metavar="PIPELINE", default=None,
+                   help="pass pipeline, e.g. 'linear-quant{scheme=w4a16 group-size=128}' or 'w8a8'")
+    p.add_argument("-o", "--output", metavar="OUT.pt2", help="write the final program as .pt2")
+    p.add_argument("--list-passes", action="store_true", help="list passes and named pipelines")
+    p.add_argument("--format", choices=("text", "md"), default="text", help="--list-passes format")
+    p.add_argument("--print-pipeline", action="store_true",
+                   help="print the expanded pipeline with every default (exits if no INPUT)")
+    p.add_argument("--calib-samples", type=int, default=128, metavar="N",
+                   help="calibration samples for HF model directories (default 128)")
+    p.add_argument("--raw-capture", action="store_true",
+                   help="keep the exported graph as is (skip the canonicalize capture runs)")
+    g = p.add_argument_group("IR printing")
+    g.add_argument("--print-ir-before", metavar="P[,P]", default="", help="dump IR before passes")
+    g.add_argument("--print-ir-after", metavar="P[,P]", default="", help="dump IR after passes")
+    g.add_argument("--print-ir-before-all", action="store_true", help="dump IR before every pass")
+    g.add_argument("--print-ir-after-all", action="store_true", help="dump IR after every pass")
+    g.add_argument("--print-ir-after-change", action="store_true",
+                   help="dump IR after passes that changed it (all, or those of --print-ir-after)")
+    g.add_argument("--print-ir-after-failure", action="store_true",
+                   help="dump IR after a pass that failed")
+    g.add_argument("--print-changed", nargs="?", const="full", choices=("full", "diff"),
+                   help="after each changing pass, print the IR (or =diff: a unified diff)")
+    g.add_argument("--no-loc", action="store_true", help="omit loc(...) annotations")
+    d = p.add_argument_group("debugging")
+    d.add_argument("--time-passes", action="store_true", help="report wall time per pass")
+    d.add_argument("--pass-statistics", action="store_true", help="report pass counters")
+    d.add_argument("--track-error", action="store_true",
+                   help="report SQNR / max error vs the float program after each pass")
+    d.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N passes")
+    d.add_argument("--no-verify", action="store_true", help="do not verify the IR after each pass")
+    d.add_argument("--crash-reproducer", metavar="PATH",
+                   help="on a pass failure, write the IR before it with the rest of the pipeline")
+    d.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    d.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    return p
+
+
+# -- --list-passes ------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "|".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return f"{_type_name(inner[0])}|none"
+    if origin is tuple:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    words = format_option_value(value)
+    return ",".join(w if re.fullmatch(r"[^\s,{}\"<>=]+", w) else json.dumps(w) for w in words)
+
+
+def _stages(cls: Any) -> str:
+    accepts = "|".join(s.label for s in sorted(cls.accepts))
+    return f"{accepts} -> {cls.produces.label if cls.produces is not None else 'unchanged'}"
+
+
+def _options(cls: Any) -> Iterator[tuple[str, str, str, str]]:
+    hints = cls.option_types()
+    for f in cls.option_fields():
+        yield f.name.replace("_", "-"), _type_name(hints[f.name]), _show(f.default), f.metadata.get(
+            "help", "")
+
+
+def _pipeline_text(named: registry.NamedPipeline) -> str:
+    return ",".join(str(s) for s in named.passes)
+
+
+def list_passes(fmt: str = "text") -> str:
+    """Every registered pass (summary, stages, options) and named pipeline, as text or markdown."""
+    classes = [registry.get_pass(n) for n in registry.all_pass_names()]
+    pipelines = [registry.PIPELINES[n] for n in sorted(registry.PIPELINES)]
+    return _list_md(classes, pipelines) if fmt == "md" else _list_text(classes, pipelines)
+
+
+def _list_text(classes: list[Any], pipelines: list[registry.NamedPipeline]) -> str:
+    out = ["Passes (options: pass{key=value key2=v1,v2}):"]
+    for cls in classes:
+        out += [f"  {cls.name} - {cls.summary()}", f"    stages: {_stages(cls)}"]
+        for key, tp, default, help_ in _options(cls):
+            out += [f"    {key}: {tp} = {default}", f"        {help_}"]
+    out += ["", "Named pipelines (options go to the first pass):"]
+    for named in pipelines:
+        out += [f"  {named.name} - {named.summary}", f"    = {_pipeline_text(named)}"]
+    if registry.ANALYSES:
+        out += ["", "Analyses (require<name>, invalidate<name>):"]
+        out += [f"  {name}" for name in sorted(registry.ANALYSES)]
+    return "\n".join(out)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _list_md(classes: list[Any], pipelines: list[registry.NamedPipeline]) -> str:
+    out = ["# Passes", "",
+           "<!-- Generated by `slimc-opt --list-passes --format=md`; do not edit by hand. -->", "",
+           "Options are written `pass{key=value key2=v1,v2}`; `slimc-opt --print-pipeline -p P`",
+           "shows a pipeline with every default filled in.", "",
+           "| pass | summary |", "| --- | --- |"]
+    out += [f"| [`{c.name}`](#{c.name}) | {_cell(c.summary())} |" for c in classes]
+    for cls in classes:
+        out += ["", f"## `{cls.name}`", "", inspect.cleandoc(cls.__doc__ or ""), "",
+                f"- stages: `{_stages(cls)}`", f"- exact: {'yes' if cls.exact else 'no'}"]
+        opts = list(_options(cls))
+        if opts:
+            out += ["", "| option | type | default | description |", "| --- | --- | --- | --- |"]
+            out += [f"| `{k}` | `{_cell(t)}` | `{_cell(d)}` | {_cell(h)} |" for k, t, d, h in opts]
+    out += ["", "# Named pipelines", "", "Options given to a named pipeline go to its first pass.",
+            "", "| pipeline | expands to | description |", "| --- | --- | --- |"]
+    out += [f"| `{n.name}` | `{_pipeline_text(n)}` | {_cell(n.summary)} |" for n in pipelines]
+    return "\n".join(out) + "\n"
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def capture_model(model: nn.Module, example_inputs: Any, canonicalize: bool = True) -> Program:
+    """Capture a model as a Program (a module-level seam: tests memoize it)."""
+    from slimc.capture import capture
+
+    return capture(model, example_inputs, canonicalize=canonicalize)
+
+
+def _split_input(text: str) -> tuple[str, Path, str]:
+    path, sep, builder = text.partition(":")
+    if sep and path.endswith(".py"):
+        return "case", Path(path), builder or "build"
+    p = Path(text)
+    if text.endswith(".py"):
+        return "case", p, "build"
+    if text.endswith(".pt2"):
+        return "pt2", p, ""
+    if p.is_dir():
+        return "hf", p, ""
+    if not p.exists():
+        raise UserError(f"input {text} does not exist")
+    raise UserError(f"cannot tell what {text} is: expected an HF model directory, "
+                    "case.py[:builder] or a .pt2 file")
+
+
+@contextlib.contextmanager
+def _extra_sys_path(paths: Sequence[str]) -> Iterator[None]:
+    added = [p for p in paths if p not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for p in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(p)
+
+
+def _load_case(path: Path, builder: str) -> tuple[Any, Any, Any]:
+    from torch import nn
+
+    if not path.is_file():
+        raise UserError(f"input {path} does not exist")
+    name = "_slimc_case_" + re.sub(r"\W", "_", str(path.resolve()))
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with _extra_sys_path([str(path.resolve().parent), os.getcwd()]):
+        try:
+            spec.loader.exec_module(module)
+            fn = getattr(module, builder, None)
+            if not callable(fn):
+                raise UserError(f"{path} has no function {builder}()")
+            result = fn()
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"{path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    if isinstance(result, nn.Module):
+        return result, None, None
+    if isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], nn.Module):
+        inputs = result[1]
+        if inputs is not None and not isinstance(inputs, (tuple, list)):
+            inputs = (inputs,)
+        return result[0], inputs, result[2] if len(result) == 3 else None
+    raise UserError(f"{path}:{builder}() must return (nn.Module, example_inputs[, calib]), "
+                    f"got {type(result).__name__}")
+
+
+def load_input(args: argparse.Namespace, needs_calibration: bool) -> tuple[Program, str]:
+    """The program named by INPUT (and a pipeline stored in it, for .pt2 files)."""
+    kind, path, builder = _split_input(args.input)
+    stored = ""
+    if kind == "pt2":
+        from slimc.reproducer import load_program
+
+        program, stored = load_program(path)
+        if needs_calibration:
+            log.warning("%s holds no calibration data; calibrating on its example inputs", path)
+            program.calibration = [tuple(program.example_inputs)]
+    elif kind == "case":
+        from slimc.compiler import normalize_calibration
+
+        model, inputs, calib = _load_case(path, builder)
+        program = capture_model(model, inputs, canonicalize=not args.raw_capture)
+        program.calibration = normalize_calibration(calib)
+        if needs_calibration and program.calibration is None:
+            raise UserError(f"the pipeline needs calibration data: make {path}:{builder}() "
+                            "return (model, example_inputs, calib)")
+    else:
+        from slimc.data import calibration_samples, load_model
+
+        model, tokenizer = load_model(path)
+        program = capture_model(model, None, canonicalize=not args.raw_capture)
+        if needs_calibration:
+            samples = calibration_samples(tokenizer, n=args.calib_samples)
+            program.calibration = [(ids,) for ids in samples]
+    program.statistics.clear()
+    program.metadata["progress"] = sys.stderr.isatty()
+    return program, stored
+
+
+# -- pipeline and instrumentation -----------------------------------------------------------------
+def _check_pass_names(flag: str, text: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    known = registry.all_pass_names()
+    for name in sorted(names - {"all", *known}):
+        hint = difflib.get_close_matches(name, known, n=1)
+        raise UserError(f"{flag}: unknown pass {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    return names
+
+
+def parse_steps(text: str, stage: Stage) -> list[Step]:
+    """Parse and check a pipeline (names, options, stages) without touching any input."""
+    from slimc.pass_manager import PassManager
+
+    return PassManager.parse(text, start_stage=stage, verify_each=False).steps
+
+
+def _instrumentations(args: argparse.Namespace, steps: list[Step], program: Program) -> dict[str, Any]:
+    from slimc.instrumentation import IRPrinter, NumericsTracker, Timer
+
+    insts: dict[str, Any] = {}
+    if args.time_passes:
+        insts["timer"] = Timer()
+    before = set(args.before) | ({"all"} if args.print_ir_before_all else set())
+    after = set(args.after) | ({"all"} if args.print_ir_after_all else set())
+    if args.print_changed == "full":
+        after.add("all")
+    if before or after or args.print_ir_after_change or args.print_changed or args.print_ir_after_failure:
+        insts["printer"] = IRPrinter(
+            write=lambda text: print(text, file=sys.stdout), total=len(steps),
+            before=frozenset(before), after=frozenset(after),
+            only_changed=bool(args.print_ir_after_change or args.print_changed == "full"),
+            diff=args.print_changed == "diff", print_loc=not args.no_loc,
+        )
+    if args.track_error:
+        insts["tracker"] = NumericsTracker(inputs=tuple(program.example_inputs))
+    return insts
+
+
+def _run(args: argparse.Namespace) -> int:
+    from slimc.ir.printer import print_program
+    from slimc.pass_manager import PassManager
+
+    if args.list_passes:
+        print(list_passes(args.format), end="" if args.format == "md" else "\n")
+        return 0
+    if args.input is None and not args.print_pipeline:
+        raise UserError("no INPUT given (see --help)")
+    args.before = _check_pass_names("--print-ir-before", args.print_ir_before)
+    args.after = _check_pass_names("--print-ir-after", args.print_ir_after)
+    stage, pipeline = Stage.ATEN, args.passes or ""
+    if args.input and args.input.endswith(".pt2") and Path(args.input).is_file():
+        from slimc.reproducer import PIPELINE_FILE, read_metadata, stage_of
+
+        meta = read_metadata(args.input)
+        stage = stage_of(meta)
+        if args.passes is None:
+            pipeline = meta[PIPELINE_FILE]
+    steps = parse_steps(pipeline, stage)  # before the input is loaded: fail fast
+    if args.print_pipeline:
+        print(PassManager(steps, start_stage=stage, verify_each=False).pipeline_spec(True))
+        if args.input is None:
+            return 0
+    needs_calibration = PassManager(steps, start_stage=stage, verify_each=False).needs_calibration
+    program, _ = load_input(args, needs_calibration)
+    insts = _instrumentations(args, steps, program)
+    pm = PassManager(steps, start_stage=program.stage, instrumentations=list(insts.values()),
+                     verify_each=not args.no_verify, bisect_limit=args.bisect_limit,
+                     crash_reproducer=args.crash_reproducer)
+    try:
+        pm.run(program)
+    finally:
+        _reports(args, insts, program)
+    print(print_program(program, loc=not args.no_loc))
+    if args.output:
+        from slimc.reproducer import save_program
+
+        save_program(program, args.output)
+    return 0
+
+
+def _reports(args: argparse.Namespace, insts: dict[str, Any], program: Program) -> None:
+    from slimc.instrumentation import format_statistics
+
+    if "timer" in insts:
+        print(insts["timer"].report(), file=sys.stderr)
+    if args.pass_statistics:
+        print(format_statistics(program), file=sys.stderr)
+    if "tracker" in insts:
+        print(insts["tracker"].report(), file=sys.stderr)
+
+
+# -- errors and logging -------------------------------------------------------------------------
+def error_lines(exc: BaseException) -> list[str]:
+    """`exc` as one error line, plus a note with the reproduce command for pass failures."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    first = lines[0].rstrip(":") if lines else type(exc).__name__
+    ctx = exc.__context__
+    if isinstance(ctx, PipelineSyntaxError):
+        near = ctx.text[ctx.pos:ctx.pos + 16]
+        first += f" (near {near!r})" if near else " (at end of input)"
+    out = [f"{PROG}: error: {first}"]
+    if isinstance(exc, PassFailure) and exc.reproducer:
+        out.append(f"{PROG}: note: reproduce with: {PROG} {exc.reproducer}")
+    return out
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at the time (so redirection in tests works)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _logging(args: argparse.Namespace) -> Iterator[None]:
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    root, pm_log = logging.getLogger("slimc"), logging.getLogger("slimc.pass_manager")
+    saved = root.level, pm_log.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING)
+    if args.bisect_limit is not None and not args.debug:
+        pm_log.setLevel(logging.INFO)  # "BISECT: NOT running pass (n) ..."
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        pm_log.setLevel(saved[1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `slimc-opt`; returns the exit code (1 for user errors)."""
+    args = make_parser().parse_args(list(argv) if argv is not None else None)
+    with _logging(args):
+        try:
+            return _run(args)
+        except (UserError, PassFailure) as exc:
+            if args.debug:
+                traceback.print_exc(file=sys.stderr)
+            for line in error_lines(exc):
+                print(line, file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
