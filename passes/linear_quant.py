@@ -14,7 +14,7 @@ import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
 from slimc.ir.builder import call, getitems, is_constant, tensor_val
-from slimc.pass_base import Pass, PassResult, option
+from slimc.pass_base import OptionError, Pass, PassResult, option
 from slimc.program import Program, node_loc
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
 from slimc.quant.qparams import quantize_weight
@@ -77,6 +77,12 @@ class LinearQuant(Pass):
     on_bad_group: Literal["fallback", "error"] = option(
         "fallback", "When group-size does not divide a layer's K: per-channel for it, or refuse."
     )
+
+    def __post_init__(self) -> None:
+        try:
+            make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
+        except ValueError as exc:
+            raise OptionError(f"pass 'linear-quant': {exc}") from None
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
