@@ -77,7 +77,9 @@ class IRPrinter(Instrumentation):
             self.write(_banner("Before", p, index, self.total) + "\n" + self._text(program))
 
     def after_pass(self, p: Pass, index: int, program: Program, result: PassResult) -> None:
-        if not self._wants(self.after, p) and not self.diff and not self.only_changed:
+        # `after` filters which passes print; without it, diff/only_changed print every pass
+        wanted = self._wants(self.after, p) if self.after else (self.diff or self.only_changed)
+        if not wanted:
             return
         if (self.only_changed or self.diff) and not result.changed:
             return

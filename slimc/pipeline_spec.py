@@ -88,7 +88,7 @@ class _Parser:
         self.skip_ws()
         m = _NAME.match(self.text, self.pos)
         if not m:
-            raise self.error(f"expected a {what}")
+            raise self.error(f"expected {'an' if what[0] in 'aeiou' else 'a'} {what}")
         self.pos = m.end()
         return m.group(0)
 

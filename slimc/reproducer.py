@@ -1,4 +1,4 @@
-"""Save programs as `.pt2` files (crash reproducers, `slimc-opt -o`) and load them back unchanged."""
+"""Save programs as `.pt2` files (crash reproducers, `slimc-opt -o`) and load them back as is."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import logging
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,9 @@ def save_program(program: Program, path: str | Path, pipeline: str = "") -> str:
 
     if not program.example_inputs:
         raise UserError("cannot save a program without example inputs")
-    gm = copy.deepcopy(program.graph_module)
+    with warnings.catch_warnings():  # torch's pytree specs warn when deep-copied
+        warnings.filterwarnings("ignore", "`isinstance.treespec, LeafSpec.`", FutureWarning)
+        gm = copy.deepcopy(program.graph_module)
     table = _annotate(gm)
     gm.recompile()
     try:
@@ -107,7 +110,8 @@ def save_program(program: Program, path: str | Path, pipeline: str = "") -> str:
             )
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot export the {program.stage.label} program to {path}: {reason}") from exc
+        where = f"the {program.stage.label} program to {path}"
+        raise UserError(f"cannot export {where}: {reason}") from exc
     extra = {
         PIPELINE_FILE: pipeline,
         STAGE_FILE: program.stage.label,
@@ -217,8 +221,9 @@ def _restore(gm: fx.GraphModule, table: dict[str, Any]) -> None:
         if _SCHEME in custom:
             raw = custom[_SCHEME]
             act = raw["activation"]
+            activation = TensorQuantSpec(**act) if act else None
             node.meta[scheme_key] = LinearQuantScheme(
-                raw["name"], TensorQuantSpec(**raw["weight"]), TensorQuantSpec(**act) if act else None
+                raw["name"], TensorQuantSpec(**raw["weight"]), activation
             )
         rest = {k: v for k, v in custom.items() if not k.startswith("slimc_")}
         if rest:
@@ -265,7 +270,7 @@ def _rebuild(gm: fx.GraphModule, info: dict[fx.Node, list[Any]]) -> None:
         else:
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            new = graph.create_node(node.op, node.target, args, kwargs, name=name, type_expr=node.type)
+            new = graph.create_node(node.op, node.target, args, kwargs, name, node.type)
             if name != want:
                 later.append((new, want))
         new.meta = copy.copy(node.meta)

@@ -84,8 +84,14 @@ class LayerwiseRunner:
 
     def forward(self, nodes: Sequence[fx.Node], hooks: dict[fx.Node, Hook] | None = None,
                 keep: bool = False) -> None:
-        """Run `nodes` for every sample; call hooks; store results in the envs when `keep`."""
+        """Run `nodes` for every sample and call hooks.
+
+        With `keep`, the values used after these nodes are stored for the next segment; values
+        used only inside are dropped as soon as the sample is done.
+        """
         hooks = hooks or {}
+        inside = set(nodes)
+        escaping = [n for n in nodes if any(u not in inside for u in n.users)]
         with torch.inference_mode():
             for env in self._envs:
                 get = self._lookup(env)
@@ -101,7 +107,7 @@ class LayerwiseRunner:
                         hooks[node](node, args)
                     local[node] = node.target(*args, **kwargs)
                 if keep:
-                    env.update(local)
+                    env.update((n, local[n]) for n in escaping)
 
     def outputs(self) -> list[Any]:
         """The graph outputs per sample, once `run` has visited every segment."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -15,12 +16,14 @@ import sys
 import traceback
 import types
 import typing
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from slimc import registry
 from slimc.errors import UserError
+from slimc.instrumentation import IRPrinter
 from slimc.pass_base import PassFailure, format_option_value
 from slimc.pipeline_spec import PipelineSyntaxError
 from slimc.stage import Stage
@@ -28,7 +31,7 @@ from slimc.stage import Stage
 if typing.TYPE_CHECKING:
     from torch import nn
 
-    from slimc.pass_manager import PassManager, Step
+    from slimc.pass_manager import Step
     from slimc.program import Program
 
 PROG = "slimc-opt"
@@ -67,7 +70,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--print-ir-after-failure", action="store_true",
                    help="dump IR after a pass that failed")
     g.add_argument("--print-changed", nargs="?", const="full", choices=("full", "diff"),
-                   help="after each changing pass, print the IR (or =diff: a unified diff)")
+                   help="print the IR after each pass that changed it; --print-changed=diff "
+                        "prints a unified diff against the IR before the pass")
     g.add_argument("--no-loc", action="store_true", help="omit loc(...) annotations")
     d = p.add_argument_group("debugging")
     d.add_argument("--time-passes", action="store_true", help="report wall time per pass")
@@ -109,8 +113,8 @@ def _stages(cls: Any) -> str:
 def _options(cls: Any) -> Iterator[tuple[str, str, str, str]]:
     hints = cls.option_types()
     for f in cls.option_fields():
-        yield f.name.replace("_", "-"), _type_name(hints[f.name]), _show(f.default), f.metadata.get(
-            "help", "")
+        key, help_ = f.name.replace("_", "-"), f.metadata.get("help", "")
+        yield key, _type_name(hints[f.name]), _show(f.default), help_
 
 
 def _pipeline_text(named: registry.NamedPipeline) -> str:
@@ -231,14 +235,13 @@ def _load_case(path: Path, builder: str) -> tuple[Any, Any, Any]:
                     f"got {type(result).__name__}")
 
 
-def load_input(args: argparse.Namespace, needs_calibration: bool) -> tuple[Program, str]:
-    """The program named by INPUT (and a pipeline stored in it, for .pt2 files)."""
+def load_input(args: argparse.Namespace, needs_calibration: bool) -> Program:
+    """The program named by INPUT, captured (or loaded) and with calibration data if needed."""
     kind, path, builder = _split_input(args.input)
-    stored = ""
     if kind == "pt2":
         from slimc.reproducer import load_program
 
-        program, stored = load_program(path)
+        program, _ = load_program(path)
         if needs_calibration:
             log.warning("%s holds no calibration data; calibrating on its example inputs", path)
             program.calibration = [tuple(program.example_inputs)]
@@ -261,7 +264,7 @@ def load_input(args: argparse.Namespace, needs_calibration: bool) -> tuple[Progr
             program.calibration = [(ids,) for ids in samples]
     program.statistics.clear()
     program.metadata["progress"] = sys.stderr.isatty()
-    return program, stored
+    return program
 
 
 # -- pipeline and instrumentation -----------------------------------------------------------------
@@ -270,33 +273,40 @@ def _check_pass_names(flag: str, text: str) -> frozenset[str]:
     known = registry.all_pass_names()
     for name in sorted(names - {"all", *known}):
         hint = difflib.get_close_matches(name, known, n=1)
-        raise UserError(f"{flag}: unknown pass {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise UserError(f"{flag}: unknown pass {name!r}{suggestion}")
     return names
 
 
-def parse_steps(text: str, stage: Stage) -> list[Step]:
-    """Parse and check a pipeline (names, options, stages) without touching any input."""
-    from slimc.pass_manager import PassManager
+@dataclasses.dataclass
+class _Printer(IRPrinter):
+    """IRPrinter that dumps the IR after a failing pass only when asked to."""
 
-    return PassManager.parse(text, start_stage=stage, verify_each=False).steps
+    after_failure: bool = False
+
+    def after_pass_failed(self, p: Any, index: int, program: Program, exc: BaseException) -> None:
+        if self.after_failure:
+            super().after_pass_failed(p, index, program, exc)
 
 
-def _instrumentations(args: argparse.Namespace, steps: list[Step], program: Program) -> dict[str, Any]:
-    from slimc.instrumentation import IRPrinter, NumericsTracker, Timer
+def _instrumentations(
+    args: argparse.Namespace, steps: list[Step], program: Program
+) -> dict[str, Any]:
+    from slimc.instrumentation import NumericsTracker, Timer
 
     insts: dict[str, Any] = {}
     if args.time_passes:
         insts["timer"] = Timer()
     before = set(args.before) | ({"all"} if args.print_ir_before_all else set())
     after = set(args.after) | ({"all"} if args.print_ir_after_all else set())
-    if args.print_changed == "full":
-        after.add("all")
-    if before or after or args.print_ir_after_change or args.print_changed or args.print_ir_after_failure:
-        insts["printer"] = IRPrinter(
+    printing = args.print_ir_after_change or args.print_changed or args.print_ir_after_failure
+    if before or after or printing:
+        insts["printer"] = _Printer(
             write=lambda text: print(text, file=sys.stdout), total=len(steps),
             before=frozenset(before), after=frozenset(after),
             only_changed=bool(args.print_ir_after_change or args.print_changed == "full"),
             diff=args.print_changed == "diff", print_loc=not args.no_loc,
+            after_failure=args.print_ir_after_failure,
         )
     if args.track_error:
         insts["tracker"] = NumericsTracker(inputs=tuple(program.example_inputs))
@@ -322,13 +332,13 @@ def _run(args: argparse.Namespace) -> int:
         stage = stage_of(meta)
         if args.passes is None:
             pipeline = meta[PIPELINE_FILE]
-    steps = parse_steps(pipeline, stage)  # before the input is loaded: fail fast
+    checked = PassManager.parse(pipeline, start_stage=stage, verify_each=False)  # before loading
+    steps = checked.steps
     if args.print_pipeline:
-        print(PassManager(steps, start_stage=stage, verify_each=False).pipeline_spec(True))
+        print(checked.pipeline_spec(include_defaults=True))
         if args.input is None:
             return 0
-    needs_calibration = PassManager(steps, start_stage=stage, verify_each=False).needs_calibration
-    program, _ = load_input(args, needs_calibration)
+    program = load_input(args, checked.needs_calibration)
     insts = _instrumentations(args, steps, program)
     pm = PassManager(steps, start_stage=program.stage, instrumentations=list(insts.values()),
                      verify_each=not args.no_verify, bisect_limit=args.bisect_limit,
@@ -371,26 +381,15 @@ def error_lines(exc: BaseException) -> list[str]:
     return out
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever `sys.stderr` is at the time (so redirection in tests works)."""
-
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def _logging(args: argparse.Namespace) -> Iterator[None]:
-    handler = _StderrHandler()
+    handler = logging.StreamHandler(sys.stderr)  # the stderr of this call (tests redirect it)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
     root, pm_log = logging.getLogger("slimc"), logging.getLogger("slimc.pass_manager")
     saved = root.level, pm_log.level
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    root.setLevel(level)
     if args.bisect_limit is not None and not args.debug:
         pm_log.setLevel(logging.INFO)  # "BISECT: NOT running pass (n) ..."
     try:
@@ -404,7 +403,9 @@ def _logging(args: argparse.Namespace) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `slimc-opt`; returns the exit code (1 for user errors)."""
     args = make_parser().parse_args(list(argv) if argv is not None else None)
-    with _logging(args):
+    with _logging(args), warnings.catch_warnings():
+        # deep copies of programs (crash reproducer snapshots) copy torch pytree specs, which warn
+        warnings.filterwarnings("ignore", "`isinstance.treespec, LeafSpec.`", FutureWarning)
         try:
             return _run(args)
         except (UserError, PassFailure) as exc:

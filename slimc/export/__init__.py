@@ -1,4 +1,4 @@
-"""Saving compiled models (compressed-tensors HF directories, torch.export `.pt2`) and loading them."""
+"""Save compiled models (compressed-tensors HF directories, torch.export .pt2) and load them."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if p.is_file() and p.suffix == ".pt2":
         return "pt2"
     if not p.is_dir():
-        raise UserError(f"{p} does not exist" if not p.exists() else f"{p} is not a directory or .pt2 file")
+        why = "is not a directory or .pt2 file" if p.exists() else "does not exist"
+        raise UserError(f"{p} {why}")
     if (p / PT2_NAME).is_file():
         return "pt2"
     config = p / "config.json"
@@ -121,5 +122,6 @@ def load(path: str | os.PathLike[str]) -> Any:
         model = AutoModelForCausalLM.from_pretrained(p)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input here
         text = str(exc).strip().splitlines()
-        raise UserError(f"cannot load {p}: {type(exc).__name__}: {text[0] if text else ''}") from exc
+        reason = f"{type(exc).__name__}: {text[0] if text else ''}"
+        raise UserError(f"cannot load {p}: {reason}") from exc
     return model.eval()

@@ -1,4 +1,4 @@
-"""Atomic directory writes: build the output in a temporary sibling, rename it into place at the end."""
+"""Atomic directory writes: build the output in a temporary sibling, then rename it into place."""
 
 from __future__ import annotations
 
@@ -41,10 +41,16 @@ def check_target(path: str | os.PathLike[str], *, overwrite: bool = False) -> Pa
                 "(pass overwrite=True / --overwrite to replace it)"
             )
     parent = target.parent
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot save to {target}: {ancestor} is not a directory")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create the parent directory {parent}: {exc.strerror or exc}") from exc
+        raise UserError(f"cannot save to {target}: cannot create {parent} "
+                        f"({exc.strerror or exc})") from exc
     if not parent.is_dir():
         raise UserError(f"cannot save to {target}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -76,7 +82,8 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_TAG}", dir=target.parent))
     except OSError as exc:
-        raise UserError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
+        raise UserError(f"cannot save to {target}: cannot create files in {target.parent} "
+                        f"({exc.strerror or exc})") from exc
     try:
         yield tmp
         _move_into_place(tmp, target, overwrite=overwrite)

@@ -41,6 +41,7 @@ def quantization_scheme(scheme: LinearQuantScheme, targets: list[str]) -> Any:
     The compression format is the one compressed-tensors itself infers for an `nn.Linear`:
     `int-quantized` when activations are quantized (int8 storage, also for int4 weights, which is
     what vLLM's W4A8 int scheme reads), `pack-quantized` for weight-only schemes (int32 words).
+    `save_compressed_tensors` may change it (see `_loadable_formats`).
 
     Raises:
         UserError: compressed-tensors cannot express the scheme.
@@ -58,7 +59,8 @@ def quantization_scheme(scheme: LinearQuantScheme, targets: list[str]) -> Any:
     except (ValueError, NotImplementedError, StopIteration) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"scheme {scheme.name!r} cannot be expressed in compressed-tensors ({reason}); {PT2_HINT}"
+            f"scheme {scheme.name!r} cannot be expressed in compressed-tensors ({reason}); "
+            f"{PT2_HINT}"
         ) from exc
     return ct
 
@@ -177,19 +179,23 @@ def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) 
 
     if not isinstance(model, PreTrainedModel):
         raise UserError(
-            f"the compressed-tensors format needs a Hugging Face model, got {type(model).__name__}; "
-            f"{PT2_HINT}"
+            "the compressed-tensors format needs a Hugging Face model, got "
+            f"{type(model).__name__}; {PT2_HINT}"
         )
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not quantized:
-        raise UserError("the model has no quantized linear layers (compile it with slimc.compile first)")
+        raise UserError(
+            "the model has no quantized linear layers (compile it with slimc.compile first)"
+        )
     groups = _group_schemes(quantized)
     single = len(groups) == 1
     ct_schemes = {s: quantization_scheme(s, ["Linear"] if single else names)
                   for s, names in groups.items()}
+    _loadable_formats(list(ct_schemes.values()))
     dtype = _float_dtype(model)
     if dtype != torch.float32:
-        log.warning("model dtype is %s: scales are stored in %s (rounded from float32)", dtype, dtype)
+        log.warning("model dtype is %s: scales are stored in %s (rounded from float32)",
+                    dtype, dtype)
 
     memo: dict[int, Any] = {id(m): m for m in quantized.values()}  # shared, replaced below
     program = getattr(model, "slimc_program", None)
@@ -219,6 +225,36 @@ def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) 
     return quant_cfg
 
 
+def _is_asym_packed(ct_scheme: Any) -> bool:
+    fmt = str(getattr(ct_scheme.format, "value", ct_scheme.format))
+    weights = ct_scheme.weights
+    return fmt == "pack-quantized" and weights is not None and not weights.symmetric
+
+
+def _loadable_formats(ct_schemes: list[Any]) -> None:
+    """Pick formats transformers can load when asymmetric packed weights meet mixed schemes.
+
+    transformers (5.x, compressed-tensors 0.20) loads asymmetric `pack-quantized` weights only
+    through its `dequantize` path (see `_finish_config`), and that path decompresses every dense
+    layer with one config group's scheme. With several groups, asymmetric weight-only groups are
+    therefore stored as `naive-quantized` (integers unpacked in int8, zero points in int8), which
+    transformers loads in compressed mode; vLLM's int4/int8 weight-only kernels want
+    `pack-quantized`, hence the warning.
+    """
+    if len(ct_schemes) < 2 or not any(_is_asym_packed(c) for c in ct_schemes):
+        return
+    from compressed_tensors.config import CompressionFormat
+
+    for ct in ct_schemes:
+        if _is_asym_packed(ct):
+            ct.format = CompressionFormat.naive_quantized
+    log.warning(
+        "mixed quantization schemes with asymmetric weights: those layers are saved as "
+        "naive-quantized (unpacked int8) so that transformers can load the checkpoint; "
+        "engines such as vLLM expect pack-quantized for them"
+    )
+
+
 def _untie_if_quantized(work: nn.Module, quantized: dict[str, QuantizedLinear]) -> None:
     """A quantized output projection cannot stay tied to the float input embedding."""
     name = _output_embedding_name(work)
@@ -245,16 +281,14 @@ def _finish_config(out: Path, qconfig: Any) -> dict[str, Any]:
     path = out / "config.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     qc = data["quantization_config"]
-    asym_packed = [
-        g for g in qconfig.config_groups.values()
-        if str(getattr(g.format, "value", g.format)) == "pack-quantized"
-        and g.weights is not None and not g.weights.symmetric
-    ]
+    asym_packed = [g for g in qconfig.config_groups.values() if _is_asym_packed(g)]
     if asym_packed:
-        if any(g.input_activations is not None for g in asym_packed):
-            raise UserError(
-                "asymmetric int4/int8 weights with quantized activations cannot be loaded by "
-                f"transformers from compressed-tensors; {PT2_HINT}"
+        if len(qconfig.config_groups) > 1 or any(
+            g.input_activations is not None for g in asym_packed
+        ):
+            raise UserError(  # not produced by slimc's schemes; guards the dequantize trick
+                "asymmetric packed weights with quantized activations or mixed schemes cannot be "
+                f"loaded by transformers from compressed-tensors; {PT2_HINT}"
             )
         qc["dequantize"] = True
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -280,6 +314,7 @@ def _save_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None:
             except Exception:  # noqa: BLE001 - no usable tokenizer there
                 tokenizer = None
     if tokenizer is None:
-        log.warning("no tokenizer given and none next to the model: the output has no tokenizer files")
+        log.warning("no tokenizer given and none next to the model: "
+                    "the output has no tokenizer files")
         return
     tokenizer.save_pretrained(out)

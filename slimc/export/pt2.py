@@ -118,6 +118,18 @@ def _save_hf_files(model: nn.Module, out: Path) -> None:
         gen.save_pretrained(out)
 
 
+def _register_ops() -> None:
+    """Import the modules that define `slimc::` custom ops (kernels are optional)."""
+    import importlib
+
+    import slimc.ops  # noqa: F401
+
+    try:
+        importlib.import_module("slimc.kernels")
+    except ImportError:  # pragma: no cover - kernels are an optional part of the install
+        log.debug("slimc.kernels not importable; loading with the reference ops only")
+
+
 def load_pt2(path: Path) -> nn.Module:
     """Load a `.pt2` file (or a directory holding `model.pt2`) and return `ep.module()`.
 
@@ -126,8 +138,7 @@ def load_pt2(path: Path) -> nn.Module:
     Raises:
         UserError: the file is missing or is not a loadable torch.export archive.
     """
-    import slimc.ops  # noqa: F401 - the archive calls slimc:: ops: register them first
-
+    _register_ops()
     file = path / PT2_NAME if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"{file} does not exist")

@@ -1,0 +1,66 @@
+"""Tiny randomly initialised Hugging Face models for fast tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    """A small random `LlamaForCausalLM` (vocab 128, hidden 64, tied embeddings), fp32, eval mode.
+
+    Args:
+        seed: torch seed for the random weights.
+        layers: number of decoder layers.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    return model.eval()
+
+
+def tiny_tokenizer():
+    """A small word-level `PreTrainedTokenizerFast` (vocab < 128) for tests that save tokenizers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "</s>", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+
+
+class TinyMLP(torch.nn.Module):
+    """Two linears with a SiLU between them (`fc1`, `fc2`); the smallest model with linears."""
+
+    def __init__(self, hidden: int = 64, intermediate: int = 128, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(hidden, intermediate, bias=bias)
+        self.act = torch.nn.SiLU()
+        self.fc2 = torch.nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+    def example_inputs(self, batch: int = 2, seq: int = 8, seed: int = 0) -> tuple[torch.Tensor]:
+        """One fixed random input `[batch, seq, hidden]`."""
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randn(batch, seq, self.fc1.in_features, generator=gen),)
+
+
+def tiny_mlp(seed: int = 0, hidden: int = 64, intermediate: int = 128, bias: bool = True) -> TinyMLP:
+    """A random `TinyMLP` (hidden -> intermediate -> hidden), fp32, eval mode."""
+    torch.manual_seed(seed)
+    return TinyMLP(hidden, intermediate, bias).eval()
