@@ -52,8 +52,8 @@ def cmd_quant(args: argparse.Namespace) -> int:
     pm = PassManager.parse(pipeline)  # checked before anything is loaded
     if args.save is None and not args.eval:
         raise UserError("nothing to do: give --save DIR and/or --eval N")
-    print(f"pipeline: {pm.pipeline_spec(include_defaults=True)}", file=sys.stderr)
     model, tokenizer = load_model(args.model)
+    print(f"pipeline: {pm.pipeline_spec(include_defaults=True)}", file=sys.stderr)
     rows: list[tuple[str, ...]] = [("model", "PPL", "delta", "quant time s", "peak RSS MB")]
     ids = eval_token_ids(tokenizer) if args.eval else None
     fp32_ppl = None
