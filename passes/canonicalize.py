@@ -14,17 +14,26 @@ from slimc.stage import Stage
 
 aten = torch.ops.aten
 
-_ASSERTS = frozenset({
-    aten._assert_tensor_metadata.default,
-    aten._assert_scalar.default,
-    aten.sym_constrain_range_for_size.default,
-})
+_ASSERTS = frozenset(
+    {
+        aten._assert_tensor_metadata.default,
+        aten._assert_scalar.default,
+        aten.sym_constrain_range_for_size.default,
+    }
+)
 
 
 def _same_as_input(node: fx.Node) -> fx.Node | None:
     """The input a no-op node returns unchanged (same dtype/device/shape), else None."""
-    if node.target not in (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.alias.default,
-                           aten.detach.default, aten.dropout.default, aten.clone.default):
+    if node.target not in (
+        aten.to.dtype,
+        aten.to.dtype_layout,
+        aten.to.device,
+        aten.alias.default,
+        aten.detach.default,
+        aten.dropout.default,
+        aten.clone.default,
+    ):
         return None
     src = node.args[0]
     if not isinstance(src, fx.Node):
@@ -73,4 +82,6 @@ class Canonicalize(Pass):
         if changed:
             program.recompile()
             self.stat(program, "removed-nodes", changed)
-        return PassResult(changed=bool(changed), preserved=Preserved.everything() if not changed else Preserved())
+        return PassResult(
+            changed=bool(changed), preserved=Preserved.everything() if not changed else Preserved()
+        )

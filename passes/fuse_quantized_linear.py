@@ -51,8 +51,14 @@ def match_qdq_linear(node: fx.Node) -> QdqLinear | None:
     bias = node.args[2] if len(node.args) > 2 else None
     if not _is(w, ops.dequantize_affine.default) or not is_constant(w.args[0]):
         return None
-    pieces = dict(linear=node, scheme=scheme, qweight=w.args[0], w_scale=w.args[2],
-                  w_zero_point=w.args[3], bias=bias)
+    pieces = dict(
+        linear=node,
+        scheme=scheme,
+        qweight=w.args[0],
+        w_scale=w.args[2],
+        w_zero_point=w.args[3],
+        bias=bias,
+    )
     act = scheme.activation
     if act is None:
         return QdqLinear(x=x, **pieces)
@@ -110,8 +116,13 @@ class FuseQuantizedLinear(Pass):
             args = (m.x, qweight, m.w_scale, m.w_zero_point, group, m.bias)
             return call(program, op, args, before=before, origin=origin)
         if act.dynamic:
-            qt = call(program, ops.quantize_per_token.default, (m.x, act.qmin, act.qmax),
-                      before=before, origin=origin)
+            qt = call(
+                program,
+                ops.quantize_per_token.default,
+                (m.x, act.qmin, act.qmax),
+                before=before,
+                origin=origin,
+            )
             xq, x_scale = getitems(program, qt, 2, before=before)
             if wbits == 4:
                 args4 = (xq, x_scale, qweight, m.w_scale, m.bias, out_dtype)

@@ -34,7 +34,9 @@ def matches(path: str | None, patterns: tuple[str, ...]) -> bool:
     """True when a module path matches one of the globs, whole or as a dotted suffix."""
     if not path:
         return False
-    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, "*." + p) for p in patterns)
+    return any(
+        fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, "*." + p) for p in patterns
+    )
 
 
 def float_linears(program: Program) -> list[fx.Node]:
@@ -86,7 +88,10 @@ class LinearQuant(Pass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.quant_scheme().activation is not None and not self.quant_scheme().activation.dynamic
+        return (
+            self.quant_scheme().activation is not None
+            and not self.quant_scheme().activation.dynamic
+        )
 
     def quant_scheme(self) -> LinearQuantScheme:
         try:
@@ -109,7 +114,9 @@ class LinearQuant(Pass):
         scheme = self.quant_scheme()
         targets = self.targets(program)
         if not targets:
-            log.warning("linear-quant: no linear matched (only=%s ignore=%s)", self.only, self.ignore)
+            log.warning(
+                "linear-quant: no linear matched (only=%s ignore=%s)", self.only, self.ignore
+            )
             return PassResult(changed=False)
         act = scheme.activation
         if act is None or act.dynamic:
@@ -150,7 +157,9 @@ class LinearQuant(Pass):
                 scale, zp = observers[node.args[0]].calculate_qparams()
                 self._rewrite(program, node, scheme, (scale, zp))
 
-        LayerwiseRunner(program, samples, progress=program.metadata.get("progress", True)).run(visit)
+        LayerwiseRunner(program, samples, progress=program.metadata.get("progress", True)).run(
+            visit
+        )
 
     def _make_observer(self, act: TensorQuantSpec) -> Any:
         if self.observer == "histogram":
@@ -190,7 +199,9 @@ class LinearQuant(Pass):
         origin = str(self)
         consts = {
             "q": program.constant_node(program.unique_target(f"{path}.weight_q"), qw.qdata, node),
-            "s": program.constant_node(program.unique_target(f"{path}.weight_scale"), qw.scale, node),
+            "s": program.constant_node(
+                program.unique_target(f"{path}.weight_scale"), qw.scale, node
+            ),
         }
         zp = None
         if qw.zero_point is not None:
@@ -198,10 +209,19 @@ class LinearQuant(Pass):
                 program.unique_target(f"{path}.weight_zero_point"), qw.zero_point, node
             )
         w_dq = call(
-            program, slimc_ops.dequantize_affine.default,
-            (consts["q"], spec.block_size(weight.shape), consts["s"], zp, spec.qmin, spec.qmax,
-             weight.dtype),
-            before=node, origin=origin,
+            program,
+            slimc_ops.dequantize_affine.default,
+            (
+                consts["q"],
+                spec.block_size(weight.shape),
+                consts["s"],
+                zp,
+                spec.qmin,
+                spec.qmax,
+                weight.dtype,
+            ),
+            before=node,
+            origin=origin,
         )
         new_x = x
         act = scheme.activation
@@ -224,8 +244,13 @@ class LinearQuant(Pass):
         xval = tensor_val(x)
         block = act.block_size(xval.shape)
         if act.dynamic:
-            qp = call(program, slimc_ops.choose_qparams_affine.default,
-                      (x, block, act.qmin, act.qmax, act.symmetric), before=node, origin=origin)
+            qp = call(
+                program,
+                slimc_ops.choose_qparams_affine.default,
+                (x, block, act.qmin, act.qmax, act.symmetric),
+                before=node,
+                origin=origin,
+            )
             scale, zp = getitems(program, qp, 2, before=node)
         else:
             assert static_qparams is not None
@@ -235,10 +260,21 @@ class LinearQuant(Pass):
                 program.unique_target(f"{path}.input_scale"), s.reshape(shape).float(), node
             )
             zp = program.constant_node(
-                program.unique_target(f"{path}.input_zero_point"), z.reshape(shape).to(torch.int32),
+                program.unique_target(f"{path}.input_zero_point"),
+                z.reshape(shape).to(torch.int32),
                 node,
             )
-        q = call(program, slimc_ops.quantize_affine.default,
-                 (x, block, scale, zp, act.qmin, act.qmax, torch.int8), before=node, origin=origin)
-        return call(program, slimc_ops.dequantize_affine.default,
-                    (q, block, scale, zp, act.qmin, act.qmax, xval.dtype), before=node, origin=origin)
+        q = call(
+            program,
+            slimc_ops.quantize_affine.default,
+            (x, block, scale, zp, act.qmin, act.qmax, torch.int8),
+            before=node,
+            origin=origin,
+        )
+        return call(
+            program,
+            slimc_ops.dequantize_affine.default,
+            (q, block, scale, zp, act.qmin, act.qmax, xval.dtype),
+            before=node,
+            origin=origin,
+        )

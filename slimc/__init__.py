@@ -7,8 +7,17 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "Pass", "PassManager", "PassResult", "Preserved", "Program", "Stage", "capture", "compile",
-    "load", "option", "save",
+    "Pass",
+    "PassManager",
+    "PassResult",
+    "Preserved",
+    "Program",
+    "Stage",
+    "capture",
+    "compile",
+    "load",
+    "option",
+    "save",
 ]
 
 _LAZY = {

@@ -73,7 +73,9 @@ def capture(
         prefix = WRAPPER_ATTR + "."
     else:
         if example_inputs is None:
-            raise UserError(f"{type(model).__name__} is not a Hugging Face causal LM: pass example_inputs")
+            raise UserError(
+                f"{type(model).__name__} is not a Hugging Face causal LM: pass example_inputs"
+            )
         target = model
     args = tuple(example_inputs)
     was_training = model.training
@@ -83,7 +85,9 @@ def capture(
             ep = torch.export.export(target, args, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot export {type(model).__name__} with torch.export: {reason}") from exc
+        raise UserError(
+            f"cannot export {type(model).__name__} with torch.export: {reason}"
+        ) from exc
     finally:
         model.train(was_training)
     gm = ep.module()

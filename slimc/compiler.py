@@ -46,7 +46,9 @@ def normalize_calibration(calib: Any) -> list[tuple[Any, ...]] | None:
             ids = item["input_ids"]
             out.append((ids.unsqueeze(0) if ids.dim() == 1 else ids,))
         else:
-            raise UserError(f"calibration item {i} is a {type(item).__name__}; expected a tensor or tuple")
+            raise UserError(
+                f"calibration item {i} is a {type(item).__name__}; expected a tensor or tuple"
+            )
     return out
 
 
@@ -151,7 +153,13 @@ def quantized_linear_from_node(program: Program, node: fx.Node) -> QuantizedLine
     assert qweight is not None and scale is not None
     in_features = qweight.shape[1] * (2 if scheme.weight.bits == 4 else 1)
     return QuantizedLinear(
-        scheme, in_features, out_features, qweight, scale, zp, bias,
+        scheme,
+        in_features,
+        out_features,
+        qweight,
+        scale,
+        zp,
+        bias,
         None if input_scale is None else input_scale.reshape(-1),
         None if input_zp is None else input_zp.reshape(-1),
     )
@@ -172,8 +180,13 @@ def quantized_linear_from_qdq(program: Program, node: fx.Node) -> QuantizedLinea
     x_scale = _const(program, m.x_scale) if static else None
     x_zp = _const(program, m.x_zero_point) if static else None
     return QuantizedLinear(
-        m.scheme, k, n, pack_int4(qweight) if m.scheme.weight.bits == 4 else qweight,
-        _const(program, m.w_scale), _const(program, m.w_zero_point), _const(program, m.bias),
+        m.scheme,
+        k,
+        n,
+        pack_int4(qweight) if m.scheme.weight.bits == 4 else qweight,
+        _const(program, m.w_scale),
+        _const(program, m.w_zero_point),
+        _const(program, m.bias),
         None if x_scale is None else x_scale.reshape(-1),
         None if x_zp is None else x_zp.reshape(-1),
     )
@@ -196,10 +209,16 @@ def write_back(model: nn.Module, program: Program) -> None:
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     for target, tensor in program.weights.items():
-        if target in params and params[target] is not tensor:
-            with torch.no_grad():
-                if params[target].shape == tensor.shape and not params[target].data_ptr() == tensor.data_ptr():
-                    params[target].copy_(tensor)
+        param = params.get(target)
+        if param is None or param.data_ptr() == tensor.data_ptr():
+            continue
+        if param.shape != tensor.shape:
+            raise UserError(
+                f"cannot write back {target!r}: shape {tuple(tensor.shape)} "
+                f"!= the model's {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(tensor)
     for node in program.graph.nodes:
         new = _replacement(program, node)
         if new is None:
@@ -212,5 +231,7 @@ def write_back(model: nn.Module, program: Program) -> None:
         except AttributeError:
             old = None
         if not isinstance(old, (nn.Linear, QuantizedLinear)):
-            raise UserError(f"cannot write back quantized linear {path!r}: not an nn.Linear in the model")
+            raise UserError(
+                f"cannot write back quantized linear {path!r}: not an nn.Linear in the model"
+            )
         setattr(parent, leaf, new)

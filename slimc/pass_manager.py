@@ -57,7 +57,9 @@ def build_step(spec: PassSpec) -> Step:
     """Instantiate one pipeline element, turning every problem into a PipelineError."""
     if spec.analysis is not None:
         if spec.name not in ("require", "invalidate"):
-            raise PipelineError(f"{spec.name!r} takes no <analysis>; only require<...>/invalidate<...> do")
+            raise PipelineError(
+                f"{spec.name!r} takes no <analysis>; only require<...>/invalidate<...> do"
+            )
         if not (spec.name == "invalidate" and spec.analysis == "all"):
             try:
                 registry.get_analysis(spec.analysis)

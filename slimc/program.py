@@ -130,7 +130,9 @@ class Program:
         vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
         mode = detect_fake_mode(vals)
         if mode is None:
-            mode = self.metadata.setdefault("_fake_mode", FakeTensorMode(allow_non_fake_inputs=True))
+            mode = self.metadata.setdefault(
+                "_fake_mode", FakeTensorMode(allow_non_fake_inputs=True)
+            )
         return mode
 
     def fake(self, value: torch.Tensor) -> torch.Tensor:
@@ -171,5 +173,3 @@ class Program:
 
     def __call__(self, *args: Any) -> Any:
         return self.graph_module(*args)
-
-

@@ -96,10 +96,14 @@ def get_pass(name: str) -> type[Pass]:
     ref = PASSES.get(name) or _plugin_passes().get(name)
     if ref is None:
         hint = _close(name, [*all_pass_names(), *PIPELINES])
-        raise UnknownPassError(f"unknown pass {name!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+        raise UnknownPassError(
+            f"unknown pass {name!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+        )
     cls = _load(ref)
     if getattr(cls, "name", None) != name:
-        raise RuntimeError(f"{ref} declares name {getattr(cls, 'name', None)!r}, registered as {name!r}")
+        raise RuntimeError(
+            f"{ref} declares name {getattr(cls, 'name', None)!r}, registered as {name!r}"
+        )
     return cls
 
 

@@ -69,7 +69,9 @@ class LayerwiseRunner:
         self._envs: list[dict[fx.Node, Any]] = []
         for sample in self.samples:
             if len(sample) != len(placeholders):
-                raise ValueError(f"calibration sample has {len(sample)} inputs, graph takes {len(placeholders)}")
+                raise ValueError(
+                    f"calibration sample has {len(sample)} inputs, graph takes {len(placeholders)}"
+                )
             self._envs.append(dict(zip(placeholders, sample, strict=True)))
 
     def _lookup(self, env: dict[fx.Node, Any]) -> Callable[[fx.Node], Any]:
@@ -82,8 +84,9 @@ class LayerwiseRunner:
 
         return get
 
-    def forward(self, nodes: Sequence[fx.Node], hooks: dict[fx.Node, Hook] | None = None,
-                keep: bool = False) -> None:
+    def forward(
+        self, nodes: Sequence[fx.Node], hooks: dict[fx.Node, Hook] | None = None, keep: bool = False
+    ) -> None:
         """Run `nodes` for every sample and call hooks.
 
         With `keep`, the values used after these nodes are stored for the next segment; values

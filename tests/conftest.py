@@ -33,8 +33,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # -- the slow marker ------------------------------------------------------------------------------
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="run tests marked slow (also: SLIMC_SLOW=1)")
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="run tests marked slow (also: SLIMC_SLOW=1)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -136,17 +140,23 @@ class RunLine:
     def parse(cls, text: str, path: Path) -> RunLine:
         tokens = shlex.split(text)
         bar = tokens.index("|") if tokens.count("|") == 1 else 0
-        opt, fc = tokens[:bar], tokens[bar + 1:]
+        opt, fc = tokens[:bar], tokens[bar + 1 :]
         expect_failure = bool(opt) and opt[0] == "not"
         opt = opt[1:] if expect_failure else opt
         merge = "2>&1" in opt
         opt = [a for a in opt if a != "2>&1"]
         if not opt or opt[0] != "slimc-opt" or not fc or fc[0] != "filecheck":
-            raise ValueError(f"unsupported RUN line {text!r}; expected "
-                             "'[not] slimc-opt %s ARGS [2>&1] | filecheck %s [ARGS]'")
+            raise ValueError(
+                f"unsupported RUN line {text!r}; expected "
+                "'[not] slimc-opt %s ARGS [2>&1] | filecheck %s [ARGS]'"
+            )
         sub = str(path)
-        return cls(tuple(a.replace("%s", sub) for a in opt[1:]),
-                   tuple(a.replace("%s", sub) for a in fc[1:]), expect_failure, merge)
+        return cls(
+            tuple(a.replace("%s", sub) for a in opt[1:]),
+            tuple(a.replace("%s", sub) for a in fc[1:]),
+            expect_failure,
+            merge,
+        )
 
 
 def run_lines(path: Path) -> list[tuple[int, str]]:
@@ -157,7 +167,7 @@ def run_lines(path: Path) -> list[tuple[int, str]]:
         stripped = line.strip()
         if not stripped.startswith(RUN_PREFIX):
             continue
-        body = stripped[len(RUN_PREFIX):].strip()
+        body = stripped[len(RUN_PREFIX) :].strip()
         start, text = pending if pending else (lineno, "")
         text = f"{text} {body.rstrip(chr(92)).strip()}".strip()
         pending = (start, text) if body.endswith("\\") else None
@@ -205,7 +215,8 @@ class FileCheckItem(pytest.Item):
             wanted = "failure" if run.expect_failure else 0
             raise FileCheckFailure(
                 f"slimc-opt exited with {res.rc} (expected {wanted})"
-                f"\n--- stderr ---\n{res.err[-4000:]}")
+                f"\n--- stderr ---\n{res.err[-4000:]}"
+            )
         rc, message = filecheck(output, list(run.filecheck_args))
         if rc != 0:
             raise FileCheckFailure(f"{message}\n--- slimc-opt stderr ---\n{res.err[-2000:]}")

@@ -60,7 +60,9 @@ class TinyMLP(torch.nn.Module):
         return (torch.randn(batch, seq, self.fc1.in_features, generator=gen),)
 
 
-def tiny_mlp(seed: int = 0, hidden: int = 64, intermediate: int = 128, bias: bool = True) -> TinyMLP:
+def tiny_mlp(
+    seed: int = 0, hidden: int = 64, intermediate: int = 128, bias: bool = True
+) -> TinyMLP:
     """A random `TinyMLP` (hidden -> intermediate -> hidden), fp32, eval mode."""
     torch.manual_seed(seed)
     return TinyMLP(hidden, intermediate, bias).eval()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from slimc.tools.cli import main
+
 from tests.models import tiny_llama, tiny_tokenizer
 
 
@@ -22,8 +22,21 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quant_w8a8_saves_loadable_checkpoint_and_prints_table(model_dir, tmp_path, capsys) -> None:
     out = tmp_path / "w8a8"
-    rc = main(["quant", "--model", str(model_dir), "--quant-type", "w8a8", "--calib-samples", "4",
-               "--eval", "1", "--save", str(out)])
+    rc = main(
+        [
+            "quant",
+            "--model",
+            str(model_dir),
+            "--quant-type",
+            "w8a8",
+            "--calib-samples",
+            "4",
+            "--eval",
+            "1",
+            "--save",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     rows = [line.split() for line in captured.out.splitlines() if line.startswith(("fp32", "w8a8"))]
@@ -40,8 +53,21 @@ def test_quant_w8a8_saves_loadable_checkpoint_and_prints_table(model_dir, tmp_pa
 
 def test_quant_pt2_then_eval(model_dir, tmp_path, capsys) -> None:
     out = tmp_path / "w4a16"
-    rc = main(["quant", "--model", str(model_dir), "--quant-type", "w4a16", "--group-size", "32",
-               "--format", "pt2", "--save", str(out)])
+    rc = main(
+        [
+            "quant",
+            "--model",
+            str(model_dir),
+            "--quant-type",
+            "w4a16",
+            "--group-size",
+            "32",
+            "--format",
+            "pt2",
+            "--save",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert (out / "model.pt2").is_file()
     capsys.readouterr()
@@ -54,10 +80,14 @@ def test_quant_pt2_then_eval(model_dir, tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["quant", "--model", "/nonexistent", "--quant-type", "w8a16", "--save", "X"],
-         "model directory /nonexistent does not exist"),
-        (["quant", "--quant-type", "w8a8", "--group-size", "64", "--save", "X"],
-         "scheme 'w8a8' quantizes weights per channel"),
+        (
+            ["quant", "--model", "/nonexistent", "--quant-type", "w8a16", "--save", "X"],
+            "model directory /nonexistent does not exist",
+        ),
+        (
+            ["quant", "--quant-type", "w8a8", "--group-size", "64", "--save", "X"],
+            "scheme 'w8a8' quantizes weights per channel",
+        ),
         (["quant", "--quant-type", "w8a16"], "nothing to do"),
         (["eval", "--model", "/nonexistent"], "does not exist"),
     ],
@@ -70,7 +100,9 @@ def test_user_errors_are_one_line(argv, message, capsys) -> None:
 
 def test_unwritable_save_path_leaves_nothing(model_dir, capsys) -> None:
     target = "/proc/slimc-out"
-    assert main(["quant", "--model", str(model_dir), "--quant-type", "w8a16", "--save", target]) == 1
+    assert (
+        main(["quant", "--model", str(model_dir), "--quant-type", "w8a16", "--save", target]) == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("slimc: error: ") and "Traceback" not in "\n".join(err)
     assert not Path(target).exists()
@@ -80,15 +112,20 @@ def test_debug_shows_the_traceback(capsys) -> None:
     from slimc.errors import UserError
 
     with pytest.raises(UserError):
-        main(["--debug", "quant", "--model", "/nonexistent", "--quant-type", "w8a16", "--save", "X"])
+        main(
+            ["--debug", "quant", "--model", "/nonexistent", "--quant-type", "w8a16", "--save", "X"]
+        )
 
 
 @pytest.mark.slow
 def test_smollm2_w8a16_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "smollm2-w8a16"
     assert main(["quant", "--quant-type", "w8a16", "--eval", "2", "--save", str(out)]) == 0
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
-            if line.startswith(("fp32", "w8a16"))}
+    rows = {
+        line.split()[0]: line.split()
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(("fp32", "w8a16"))
+    }
     fp32, q = float(rows["fp32"][1]), float(rows["w8a16"][1])
     assert abs(q / fp32 - 1) < 0.01, (fp32, q)
     assert main(["eval", "--model", str(out), "--windows", "2"]) == 0

@@ -14,8 +14,16 @@ from slimc.pass_manager import PassManager
 from slimc.runner import LayerwiseRunner, split_segments
 from tests.models import tiny_llama
 
-SCHEMES = ["w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a16{group-size=32}",
-           "w4a16{group-size=32 symmetric=true}", "w4a8", "w8a16{group-size=16}"]
+SCHEMES = [
+    "w8a8",
+    "w8a8-dynamic",
+    "w8a16",
+    "w4a16",
+    "w4a16{group-size=32}",
+    "w4a16{group-size=32 symmetric=true}",
+    "w4a8",
+    "w8a16{group-size=16}",
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +79,9 @@ def test_inplace_modifies_input(tokens) -> None:
     assert out is m and isinstance(m.model.layers[1].self_attn.o_proj, QuantizedLinear)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-dynamic", "w8a16", "w4a16{group-size=32}", "w4a8"])
+@pytest.mark.parametrize(
+    "scheme", ["w8a8", "w8a8-dynamic", "w8a16", "w4a16{group-size=32}", "w4a8"]
+)
 def test_fusion_is_exact(model, calib, tokens, scheme: str) -> None:
     name, _, opts = scheme.partition("{")
     qdq = "linear-quant{scheme=" + name + (" " + opts if opts else "}")
@@ -86,7 +96,9 @@ def test_fusion_is_exact(model, calib, tokens, scheme: str) -> None:
 
 
 def test_ignore_and_only_globs(model) -> None:
-    q = slimc.compile(model, "linear-quant{scheme=w8a16 only=layers.0.* ignore=*.o_proj}", progress=False)
+    q = slimc.compile(
+        model, "linear-quant{scheme=w8a16 only=layers.0.* ignore=*.o_proj}", progress=False
+    )
     assert isinstance(q.model.layers[0].self_attn.q_proj, QuantizedLinear)
     assert type(q.model.layers[0].self_attn.o_proj) is nn.Linear
     assert type(q.model.layers[1].self_attn.q_proj) is nn.Linear
@@ -120,8 +132,13 @@ def test_plain_module_is_quantized_and_runnable() -> None:
     mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     x = torch.randn(5, 16)
     calib = [(torch.randn(5, 16),) for _ in range(3)]
-    q = slimc.compile(mlp, "linear-quant{scheme=w8a8 ignore=\"\"},fuse-quantized-linear",
-                      calib=calib, example_inputs=(x,), progress=False)
+    q = slimc.compile(
+        mlp,
+        'linear-quant{scheme=w8a8 ignore=""},fuse-quantized-linear',
+        calib=calib,
+        example_inputs=(x,),
+        progress=False,
+    )
     assert isinstance(q[0], QuantizedLinear) and isinstance(q[2], QuantizedLinear)
     assert _rel(q(x), mlp(x)) < 0.05
 
@@ -145,8 +162,13 @@ def test_nan_activation_is_refused() -> None:
 
     calib = [(torch.tensor([[-1.0, 1.0, 2.0, 3.0]]),)]
     with pytest.raises(UserError, match="input of fc: .*NaN or inf"):
-        slimc.compile(Bad(), "linear-quant{scheme=w8a8}", calib=calib,
-                      example_inputs=(torch.ones(1, 4),), progress=False)
+        slimc.compile(
+            Bad(),
+            "linear-quant{scheme=w8a8}",
+            calib=calib,
+            example_inputs=(torch.ones(1, 4),),
+            progress=False,
+        )
 
 
 def test_unexportable_model_is_a_user_error() -> None:

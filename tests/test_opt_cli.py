@@ -98,20 +98,36 @@ def test_print_pipeline_shows_defaults_without_input(slimc_opt) -> None:
 
 
 # -- errors: one line, pipeline first ------------------------------------------------------------------
-@pytest.mark.parametrize(("pipeline", "expected"), [
-    ("linear-quantt", "unknown pass 'linear-quantt' (did you mean 'linear-quant'?)"),
-    ("linear-quant{colour=red}", "pass 'linear-quant' has no option 'colour' (options: scheme,"),
-    ("linear-quant{group-size=abc}", "option 'group-size' of pass 'linear-quant': bad value 'abc'"),
-    ("linear-quant{scheme=w3a3}", "option 'scheme' of pass 'linear-quant': bad value 'w3a3' (expected"),
-    ("fuse-quantized-linear", "pass 'fuse-quantized-linear' (position 1) runs on the qdq stage"),
-    ("w8a16,linear-quant", "pass 'linear-quant' (position 3) runs on the aten/qdq stage"),
-    ("linear-quant{scheme=w4a16", "bad pipeline: expected '}' at column 26 (at end of input)"),
-    ("canonicalize,,w8a8", "bad pipeline: expected a pass name at column 14 (near ',w8a8')"),
-    ("linear-quant{scheme=}", "bad pipeline: expected an option value at column 21 (near '}')"),
-])
+@pytest.mark.parametrize(
+    ("pipeline", "expected"),
+    [
+        ("linear-quantt", "unknown pass 'linear-quantt' (did you mean 'linear-quant'?)"),
+        (
+            "linear-quant{colour=red}",
+            "pass 'linear-quant' has no option 'colour' (options: scheme,",
+        ),
+        (
+            "linear-quant{group-size=abc}",
+            "option 'group-size' of pass 'linear-quant': bad value 'abc'",
+        ),
+        (
+            "linear-quant{scheme=w3a3}",
+            "option 'scheme' of pass 'linear-quant': bad value 'w3a3' (expected",
+        ),
+        (
+            "fuse-quantized-linear",
+            "pass 'fuse-quantized-linear' (position 1) runs on the qdq stage",
+        ),
+        ("w8a16,linear-quant", "pass 'linear-quant' (position 3) runs on the aten/qdq stage"),
+        ("linear-quant{scheme=w4a16", "bad pipeline: expected '}' at column 26 (at end of input)"),
+        ("canonicalize,,w8a8", "bad pipeline: expected a pass name at column 14 (near ',w8a8')"),
+        ("linear-quant{scheme=}", "bad pipeline: expected an option value at column 21 (near '}')"),
+    ],
+)
 @pytest.mark.parametrize("missing", ["no/such/model_dir", "no_such_case.py", "no_such.pt2"])
-def test_pipeline_errors_come_before_loading(slimc_opt, pipeline: str, expected: str,
-                                             missing: str) -> None:
+def test_pipeline_errors_come_before_loading(
+    slimc_opt, pipeline: str, expected: str, missing: str
+) -> None:
     res = slimc_opt(missing, "-p", pipeline)
     assert res.rc == 1 and res.out == ""
     assert one_error_line(res.err).startswith(expected)
@@ -123,25 +139,34 @@ def test_debug_shows_traceback(slimc_opt) -> None:
     assert res.err.rstrip().splitlines()[-1].startswith("slimc-opt: error: unknown pass")
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["no/such/model_dir"], "input no/such/model_dir does not exist"),
-    (["missing.py"], "input missing.py does not exist"),
-    (["missing.pt2"], "input missing.pt2 does not exist"),
-    ([], "no INPUT given"),
-    (["x.py", "--print-ir-after=linear-qaunt"], "--print-ir-after: unknown pass 'linear-qaunt' (did you"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["no/such/model_dir"], "input no/such/model_dir does not exist"),
+        (["missing.py"], "input missing.py does not exist"),
+        (["missing.pt2"], "input missing.pt2 does not exist"),
+        ([], "no INPUT given"),
+        (
+            ["x.py", "--print-ir-after=linear-qaunt"],
+            "--print-ir-after: unknown pass 'linear-qaunt' (did you",
+        ),
+    ],
+)
 def test_input_errors(slimc_opt, args: list[str], expected: str) -> None:
     res = slimc_opt(*args)
     assert res.rc == 1
     assert one_error_line(res.err).startswith(expected)
 
 
-@pytest.mark.parametrize(("case", "expected"), [
-    ("nobuild.py", "has no function build()"),
-    ("badreturn.py", "build() must return (nn.Module, example_inputs[, calib]), got int"),
-    ("raises.py", "ValueError: no model today"),
-    ("mlp.py:nope", "has no function nope()"),
-])
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("nobuild.py", "has no function build()"),
+        ("badreturn.py", "build() must return (nn.Module, example_inputs[, calib]), got int"),
+        ("raises.py", "ValueError: no model today"),
+        ("mlp.py:nope", "has no function nope()"),
+    ],
+)
 def test_bad_case_files(slimc_opt, cases: Path, case: str, expected: str) -> None:
     res = slimc_opt(str(cases / case))
     assert res.rc == 1
@@ -171,8 +196,14 @@ def test_bad_model_dirs(slimc_opt, tmp_path: Path) -> None:
 def test_console_script_exit_code() -> None:
     exe = shutil.which("slimc-opt")
     cmd = [exe] if exe else [sys.executable, "-m", "slimc.tools.opt"]
-    proc = subprocess.run([*cmd, "missing.py", "-p", "fuse-quantized-linear"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    proc = subprocess.run(
+        [*cmd, "missing.py", "-p", "fuse-quantized-linear"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
     assert proc.returncode == 1
     assert proc.stderr.startswith("slimc-opt: error: pass 'fuse-quantized-linear' (position 1)")
     assert "Traceback" not in proc.stderr
@@ -194,7 +225,9 @@ def test_hf_model_dir_with_calibration(slimc_opt, tmp_path: Path) -> None:
 def test_case_without_pipeline_prints_canonical_ir(slimc_opt, cases: Path) -> None:
     res = slimc_opt(str(cases / "mlp.py"))
     assert res.rc == 0
-    assert res.out.startswith("// stage: aten\ngraph @forward(%x: f32[2, 8, 64]) -> (f32[2, 8, 64]) {")
+    assert res.out.startswith(
+        "// stage: aten\ngraph @forward(%x: f32[2, 8, 64]) -> (f32[2, 8, 64]) {"
+    )
     assert res.out.count("aten.linear(") == 2
 
 
@@ -208,8 +241,9 @@ def test_bisect_limit_runs_only_first_pass(slimc_opt, cases: Path) -> None:
 
 
 def test_time_passes_and_statistics(slimc_opt, cases: Path) -> None:
-    res = slimc_opt(str(cases / "mlp.py"), "-p", "canonicalize,w4a16", "--time-passes",
-                    "--pass-statistics")
+    res = slimc_opt(
+        str(cases / "mlp.py"), "-p", "canonicalize,w4a16", "--time-passes", "--pass-statistics"
+    )
     assert res.rc == 0
     assert "Pass execution timing report" in res.err
     for name in ("canonicalize", "linear-quant{scheme=w4a16}", "fuse-quantized-linear", "Total"):
@@ -221,41 +255,59 @@ def test_time_passes_and_statistics(slimc_opt, cases: Path) -> None:
 
 
 def test_print_ir_flags(slimc_opt, cases: Path) -> None:
-    mlp, pipe = str(cases / "mlp.py"), "canonicalize,linear-quant{scheme=w8a16},fuse-quantized-linear"
+    mlp, pipe = (
+        str(cases / "mlp.py"),
+        "canonicalize,linear-quant{scheme=w8a16},fuse-quantized-linear",
+    )
     banners = re.compile(r"^// -----// IR Dump (.*) //----- //$", re.MULTILINE)
     res = slimc_opt(mlp, "-p", pipe, "--print-ir-after-all")
     assert banners.findall(res.out) == [
-        "After canonicalize (1/3)", "After linear-quant{scheme=w8a16} (2/3)",
-        "After fuse-quantized-linear (3/3)"]
+        "After canonicalize (1/3)",
+        "After linear-quant{scheme=w8a16} (2/3)",
+        "After fuse-quantized-linear (3/3)",
+    ]
     res = slimc_opt(mlp, "-p", pipe, "--print-ir-before=linear-quant,fuse-quantized-linear")
     assert banners.findall(res.out) == [
-        "Before linear-quant{scheme=w8a16} (2/3)", "Before fuse-quantized-linear (3/3)"]
+        "Before linear-quant{scheme=w8a16} (2/3)",
+        "Before fuse-quantized-linear (3/3)",
+    ]
     res = slimc_opt(mlp, "-p", pipe, "--print-ir-before-all", "--print-ir-after=canonicalize")
     assert len(banners.findall(res.out)) == 4
     res = slimc_opt(mlp, "-p", pipe, "--print-ir-after-change")  # canonicalize changes nothing
     assert banners.findall(res.out) == [
-        "After linear-quant{scheme=w8a16} (2/3)", "After fuse-quantized-linear (3/3)"]
+        "After linear-quant{scheme=w8a16} (2/3)",
+        "After fuse-quantized-linear (3/3)",
+    ]
     res = slimc_opt(mlp, "-p", pipe, "--print-ir-after-change", "--print-ir-after=linear-quant")
     assert banners.findall(res.out) == ["After linear-quant{scheme=w8a16} (2/3)"]
 
 
 def test_print_changed_diff(slimc_opt, cases: Path) -> None:
-    res = slimc_opt(str(cases / "mlp.py"), "-p", "canonicalize,linear-quant{scheme=w8a16}",
-                    "--print-changed=diff")
+    res = slimc_opt(
+        str(cases / "mlp.py"),
+        "-p",
+        "canonicalize,linear-quant{scheme=w8a16}",
+        "--print-changed=diff",
+    )
     assert res.rc == 0
     dump = res.out.split("// stage: qdq\ngraph", 1)[0]  # everything before the final IR
-    assert dump.startswith("// -----// IR Dump Diff After linear-quant{scheme=w8a16} (2/2) //----- //\n"
-                           "--- before\n+++ after\n@@ ")
+    assert dump.startswith(
+        "// -----// IR Dump Diff After linear-quant{scheme=w8a16} (2/2) //----- //\n"
+        "--- before\n+++ after\n@@ "
+    )
     assert "IR Dump Diff After canonicalize" not in res.out
     assert "\n-// stage: aten\n+// stage: qdq\n" in dump
     assert re.search(r'^-  %fc1_weight = const "fc1.weight" : f32\[128, 64\]', dump, re.MULTILINE)
     assert re.search(r"^\+  %\w+ = slimc.dequantize_affine\(%fc1_weight_q,", dump, re.MULTILINE)
-    assert re.search(r"^\+  %linear = aten.linear\(%x, %dequantize_affine\w*, %fc1_bias\)", dump, re.MULTILINE)
+    assert re.search(
+        r"^\+  %linear = aten.linear\(%x, %dequantize_affine\w*, %fc1_bias\)", dump, re.MULTILINE
+    )
 
 
 def test_track_error_reports_sqnr(slimc_opt, cases: Path) -> None:
-    res = slimc_opt(str(cases / "llama.py"), "-p", "canonicalize,linear-quant{scheme=w4a16}",
-                    "--track-error")
+    res = slimc_opt(
+        str(cases / "llama.py"), "-p", "canonicalize,linear-quant{scheme=w4a16}", "--track-error"
+    )
     assert res.rc == 0
     rows = dict(re.findall(r"^  (\S+)\s+(\S+)\s+\S+\s+\S+$", res.err, re.MULTILINE))
     assert rows["canonicalize"] == "inf"
@@ -285,37 +337,45 @@ class Untype(Pass):
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         import torch
 
-        node = next(iter(program.graph.find_nodes(op="call_function",
-                                                  target=torch.ops.aten.linear.default)))
+        node = next(
+            iter(program.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default))
+        )
         node.meta.pop("val")
         return PassResult(changed=True)
 
 
-def test_verify_each_and_failure_dumps(slimc_opt, cases: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verify_each_and_failure_dumps(
+    slimc_opt, cases: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(registry.PASSES, Untype.name, f"{__name__}:Untype")
     monkeypatch.setitem(registry.PASSES, Crash.name, f"{__name__}:Crash")
     mlp = str(cases / "mlp.py")
     res = slimc_opt(mlp, "-p", "canonicalize,test-untype")
     assert one_error_line(res.err).startswith(
         "test-untype (pass 2/2) failed: VerificationError: node has no meta['val'] (type) after "
-        "test-untype")
+        "test-untype"
+    )
     assert slimc_opt(mlp, "-p", "canonicalize,test-untype", "--no-verify").rc == 0
     res = slimc_opt(mlp, "-p", "canonicalize,test-crash", "--print-ir-after-failure")
     assert res.rc == 1
-    assert res.out.startswith("// -----// IR Dump After Failure of test-crash (2/2) //----- //\n"
-                              "// stage: aten\n")
+    assert res.out.startswith(
+        "// -----// IR Dump After Failure of test-crash (2/2) //----- //\n// stage: aten\n"
+    )
     res = slimc_opt(mlp, "-p", "canonicalize,test-crash", "--print-ir-before=canonicalize")
     assert res.out.count("// -----// IR Dump") == 1  # no failure dump unless asked for
 
 
-def test_crash_reproducer_round_trip(slimc_opt, cases: Path, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_reproducer_round_trip(
+    slimc_opt, cases: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(registry.PASSES, Crash.name, f"{__name__}:Crash")
     repro = tmp_path / "repro.pt2"
-    res = slimc_opt(str(cases / "mlp.py"), "-p",
-                    "canonicalize,linear-quant{scheme=w4a16 group-size=32},test-crash,fuse-quantized-linear",
-                    f"--crash-reproducer={repro}")
+    res = slimc_opt(
+        str(cases / "mlp.py"),
+        "-p",
+        "canonicalize,linear-quant{scheme=w4a16 group-size=32},test-crash,fuse-quantized-linear",
+        f"--crash-reproducer={repro}",
+    )
     assert res.rc == 1 and res.out == ""
     assert res.err.splitlines() == [
         "slimc-opt: error: test-crash (pass 3/4) failed: ValueError: deliberate crash",
@@ -345,7 +405,9 @@ def test_output_pt2_reads_back_identically(slimc_opt, cases: Path, tmp_path: Pat
     assert again.rc == 0, again.err
     assert again.out == first.out  # names, order, types (dynamic dims too) and locations
     fail = slimc_opt(str(out), "-p", "linear-quant")
-    assert "runs on the aten/qdq stage, but the program is at the fused stage" in one_error_line(fail.err)
+    assert "runs on the aten/qdq stage, but the program is at the fused stage" in one_error_line(
+        fail.err
+    )
 
 
 def test_plain_torch_export_pt2(slimc_opt, tmp_path: Path) -> None:

@@ -44,8 +44,11 @@ class Record(Pass):
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         program.metadata.setdefault("ran", []).append(self.name)
         program.metadata.setdefault("cached", []).append(am.cached(Counted) is not None)
-        preserved = {"all": Preserved.everything(), "none": Preserved.none(),
-                     "counted": Preserved.of(Counted)}[self.keep]
+        preserved = {
+            "all": Preserved.everything(),
+            "none": Preserved.none(),
+            "counted": Preserved.of(Counted),
+        }[self.keep]
         return PassResult(changed=self.keep == "none", preserved=preserved)
 
 
@@ -117,12 +120,15 @@ def test_print_parse_round_trip(text: str) -> None:
     assert parse_pipeline(format_pipeline(specs)) == specs
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (" a { k = v } , b ", "a{k=v},b"),
-    ("a{flag}", "a{flag=true}"),
-    ('a{ignore="lm_head","model.layers.0.*"}', "a{ignore=lm_head,model.layers.0.*}"),
-    ('a{k="plain"}', "a{k=plain}"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (" a { k = v } , b ", "a{k=v},b"),
+        ("a{flag}", "a{flag=true}"),
+        ('a{ignore="lm_head","model.layers.0.*"}', "a{ignore=lm_head,model.layers.0.*}"),
+        ('a{k="plain"}', "a{k=plain}"),
+    ],
+)
 def test_parse_normalizes(text: str, expected: str) -> None:
     assert format_pipeline(parse_pipeline(text)) == expected
     assert parse_pipeline(expected) == parse_pipeline(text)
@@ -135,18 +141,21 @@ def test_parsed_values() -> None:
     assert (r.name, r.analysis, r.options) == ("require", "counted", {})
 
 
-@pytest.mark.parametrize(("text", "column", "message"), [
-    ("a{b=1", 6, "expected '}'"),
-    ("a,,b", 3, "expected a pass name"),
-    ("a{k=}", 5, "expected an option value"),
-    ("a{k=1,}", 7, "expected an option value"),
-    ("a{k=1 k=2}", 7, "option 'k' given twice"),
-    ("a b", 3, "unexpected 'b'"),
-    ("a}", 2, "unexpected '}'"),
-    ('a{s="abc}', 10, "unterminated string"),
-    ("require<x", 10, "expected '>', found end of input"),
-    ("a{=1}", 3, "expected an option name"),
-])
+@pytest.mark.parametrize(
+    ("text", "column", "message"),
+    [
+        ("a{b=1", 6, "expected '}'"),
+        ("a,,b", 3, "expected a pass name"),
+        ("a{k=}", 5, "expected an option value"),
+        ("a{k=1,}", 7, "expected an option value"),
+        ("a{k=1 k=2}", 7, "option 'k' given twice"),
+        ("a b", 3, "unexpected 'b'"),
+        ("a}", 2, "unexpected '}'"),
+        ('a{s="abc}', 10, "unterminated string"),
+        ("require<x", 10, "expected '>', found end of input"),
+        ("a{=1}", 3, "expected an option name"),
+    ],
+)
 def test_syntax_errors_point_at_column(text: str, column: int, message: str) -> None:
     with pytest.raises(PipelineSyntaxError) as e:
         parse_pipeline(text)
@@ -197,7 +206,9 @@ def test_registry_names_match_classes() -> None:
 
 
 def test_unknown_pass_suggests_close_name() -> None:
-    with pytest.raises(PipelineError, match=r"unknown pass 'linear-quantt' \(did you mean 'linear-quant'\?\)"):
+    with pytest.raises(
+        PipelineError, match=r"unknown pass 'linear-quantt' \(did you mean 'linear-quant'\?\)"
+    ):
         PassManager.parse("linear-quantt")
     with pytest.raises(PipelineError, match=r"did you mean 'w4a16'"):
         PassManager.parse("w4a61")
@@ -218,29 +229,49 @@ def test_typed_options(test_passes: None) -> None:
     (p,) = PassManager.parse(
         'test-typed{flag count=-2 ratio=1e-3 label="a b" maybe=7 mode=exact names=x,"y,z" sizes=1,2}'
     ).steps
-    assert (p.flag, p.count, p.ratio, p.label, p.maybe, p.mode) == (True, -2, 1e-3, "a b", 7, "exact")
+    assert (p.flag, p.count, p.ratio, p.label, p.maybe, p.mode) == (
+        True,
+        -2,
+        1e-3,
+        "a b",
+        7,
+        "exact",
+    )
     assert (p.names, p.sizes) == (("x", "y,z"), (1, 2))
-    assert str(p) == 'test-typed{flag=true count=-2 ratio=0.001 label="a b" maybe=7 mode=exact names=x,"y,z" sizes=1,2}'
-    (d,) = PassManager.parse("test-typed{maybe=none names=\"\" flag=off}").steps
+    assert (
+        str(p)
+        == 'test-typed{flag=true count=-2 ratio=0.001 label="a b" maybe=7 mode=exact names=x,"y,z" sizes=1,2}'
+    )
+    (d,) = PassManager.parse('test-typed{maybe=none names="" flag=off}').steps
     assert (d.maybe, d.names, d.flag) == (None, (), False)
     assert str(d) == 'test-typed{names=""}'
     full = str(d.spec(include_defaults=True))
-    assert full == ('test-typed{flag=false count=3 ratio=0.5 label=x maybe=none mode=fast names="" '
-                    'sizes=""}')
+    assert full == (
+        'test-typed{flag=false count=3 ratio=0.5 label=x maybe=none mode=fast names="" sizes=""}'
+    )
     assert PassManager.parse(full).steps == [d]
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("test-typed{count=abc}", r"option 'count' of pass 'test-typed': bad value 'abc'"),
-    ("test-typed{count=1,2}", r"bad value '1,2' \(expected a single value\)"),
-    ("test-typed{flag=maybe}", r"bad value 'maybe' \(expected true or false\)"),
-    ("test-typed{mode=slow}", r"bad value 'slow' \(expected one of fast, exact\)"),
-    ("test-typed{ratio=x}", r"option 'ratio'"),
-    ("test-typed{sizes=1,x}", r"option 'sizes' of pass 'test-typed': bad value '1,x'"),
-    ("test-typed{maybe=many}", r"option 'maybe'"),
-    ("test-typed{colour=red}", r"pass 'test-typed' has no option 'colour' \(options: flag, count,"),
-    ("linear-quant{group-size=abc}", r"option 'group-size' of pass 'linear-quant': bad value 'abc'"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("test-typed{count=abc}", r"option 'count' of pass 'test-typed': bad value 'abc'"),
+        ("test-typed{count=1,2}", r"bad value '1,2' \(expected a single value\)"),
+        ("test-typed{flag=maybe}", r"bad value 'maybe' \(expected true or false\)"),
+        ("test-typed{mode=slow}", r"bad value 'slow' \(expected one of fast, exact\)"),
+        ("test-typed{ratio=x}", r"option 'ratio'"),
+        ("test-typed{sizes=1,x}", r"option 'sizes' of pass 'test-typed': bad value '1,x'"),
+        ("test-typed{maybe=many}", r"option 'maybe'"),
+        (
+            "test-typed{colour=red}",
+            r"pass 'test-typed' has no option 'colour' \(options: flag, count,",
+        ),
+        (
+            "linear-quant{group-size=abc}",
+            r"option 'group-size' of pass 'linear-quant': bad value 'abc'",
+        ),
+    ],
+)
 def test_option_errors(test_passes: None, text: str, message: str) -> None:
     with pytest.raises(PipelineError, match=message):
         PassManager.parse(text)
@@ -257,15 +288,22 @@ def test_pass_objects_are_frozen(test_passes: None) -> None:
     p = Typed(count=5)
     with pytest.raises(AttributeError):
         p.count = 6  # type: ignore[misc]
-    assert PassManager.parse([p, "test-record"]).pipeline_spec() == "test-typed{count=5},test-record"
+    assert (
+        PassManager.parse([p, "test-record"]).pipeline_spec() == "test-typed{count=5},test-record"
+    )
 
 
 # -- stages ----------------------------------------------------------------------------------------
 def test_stage_checks() -> None:
-    with pytest.raises(PipelineError, match=r"'fuse-quantized-linear' \(position 1\) runs on the qdq stage, "
-                                            r"but the program is at the aten stage"):
+    with pytest.raises(
+        PipelineError,
+        match=r"'fuse-quantized-linear' \(position 1\) runs on the qdq stage, "
+        r"but the program is at the aten stage",
+    ):
         PassManager.parse("fuse-quantized-linear")
-    with pytest.raises(PipelineError, match=r"'linear-quant' \(position 3\) runs on the aten/qdq stage"):
+    with pytest.raises(
+        PipelineError, match=r"'linear-quant' \(position 3\) runs on the aten/qdq stage"
+    ):
         PassManager.parse("w8a16,linear-quant")
     steps = PassManager.parse("fuse-quantized-linear", start_stage=Stage.QDQ).steps
     assert check_stages(steps, Stage.QDQ) is Stage.FUSED
@@ -274,7 +312,9 @@ def test_stage_checks() -> None:
 
 def test_run_refuses_program_at_other_stage(test_passes: None) -> None:
     pm = PassManager.parse("test-record", verify_each=False)
-    with pytest.raises(PipelineError, match="starts at the aten stage but the program is at the qdq"):
+    with pytest.raises(
+        PipelineError, match="starts at the aten stage but the program is at the qdq"
+    ):
         pm.run(tiny_program(Stage.QDQ))
 
 
@@ -306,8 +346,10 @@ def test_analysis_manager_caches_and_invalidates() -> None:
 
 def test_preservation_through_pass_manager(test_passes: None) -> None:
     program = tiny_program()
-    pipeline = ("require<counted>,test-record{keep=all},test-record{keep=counted},"
-                "test-record{keep=none},test-record,require<counted>,invalidate<counted>,test-record")
+    pipeline = (
+        "require<counted>,test-record{keep=all},test-record{keep=counted},"
+        "test-record{keep=none},test-record,require<counted>,invalidate<counted>,test-record"
+    )
     PassManager.parse(pipeline, verify_each=False).run(program)
     assert program.metadata["cached"] == [True, True, True, False, False]
     assert Counted.computed == 2
@@ -340,7 +382,9 @@ def test_user_errors_from_passes_pass_through(test_passes: None) -> None:
 
 def test_bisect_limit_runs_first_n(test_passes: None) -> None:
     program = tiny_program()
-    PassManager.parse("test-record,test-typed,test-boom", verify_each=False, bisect_limit=2).run(program)
+    PassManager.parse("test-record,test-typed,test-boom", verify_each=False, bisect_limit=2).run(
+        program
+    )
     assert program.metadata["ran"] == ["test-record"]
 
 
@@ -363,13 +407,21 @@ class Recorder(Instrumentation):
 
 def test_instrumentation_hooks(test_passes: None) -> None:
     rec = Recorder()
-    PassManager.parse("test-record{keep=none},test-typed", instrumentations=[rec],
-                      verify_each=False).run(tiny_program())
-    assert rec.events == ["before test-record 0", "after test-record changed=True",
-                          "before test-typed 1", "after test-typed changed=False", "done"]
+    PassManager.parse(
+        "test-record{keep=none},test-typed", instrumentations=[rec], verify_each=False
+    ).run(tiny_program())
+    assert rec.events == [
+        "before test-record 0",
+        "after test-record changed=True",
+        "before test-typed 1",
+        "after test-typed changed=False",
+        "done",
+    ]
     rec = Recorder()
     with pytest.raises(PassFailure):
-        PassManager.parse("test-boom", instrumentations=[rec], verify_each=False).run(tiny_program())
+        PassManager.parse("test-boom", instrumentations=[rec], verify_each=False).run(
+            tiny_program()
+        )
     assert rec.events == ["before test-boom 0", "failed test-boom RuntimeError"]
 
 

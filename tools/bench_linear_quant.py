@@ -51,8 +51,12 @@ def run_one(pipeline: str, windows: int, calib_samples: int) -> dict[str, float]
         seconds = time.perf_counter() - start
     result = perplexity(model, ids, windows=windows, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return {"ppl": result.ppl, "quant_seconds": seconds, "peak_rss_mb": peak,
-            "eval_seconds": result.seconds}
+    return {
+        "ppl": result.ppl,
+        "quant_seconds": seconds,
+        "peak_rss_mb": peak,
+        "eval_seconds": result.seconds,
+    }
 
 
 def machine() -> str:
@@ -80,7 +84,7 @@ def render(results: dict[str, dict[str, float]], args: argparse.Namespace, comma
         f"Machine: {machine()}  ",
         f"Protocol: data.md, first {args.windows} windows of 512 tokens of the wiki text; "
         f"static activations calibrated on the last {args.calib_samples} documents. "
-        "fp32 is the dequantized GGUF checkpoint (\"fp32 self\", caveat C1). "
+        'fp32 is the dequantized GGUF checkpoint ("fp32 self", caveat C1). '
         "Peak RSS is the whole process (model load, capture, quantization, evaluation).",
         "",
         "| configuration | pipeline | PPL | delta vs fp32 | quantization time (s) | peak RSS (MB) |",
@@ -90,8 +94,10 @@ def render(results: dict[str, dict[str, float]], args: argparse.Namespace, comma
         r = results[name]
         delta = "" if name == "fp32" else f"{100 * (r['ppl'] / fp32 - 1):+.2f}%"
         quant = "" if name == "fp32" else f"{r['quant_seconds']:.1f}"
-        lines.append(f"| {name} | `{pipeline or '-'}` | {r['ppl']:.3f} | {delta} | {quant} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| {name} | `{pipeline or '-'}` | {r['ppl']:.3f} | {delta} | {quant} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
     lines.append(END)
     return "\n".join(lines)
 
@@ -123,13 +129,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in CONFIGS:
             out = Path(tmp) / "r.json"
-            cmd = [sys.executable, "-m", "slimc.tools.bench_linear_quant", "--only", name,
-                   "--json", str(out), "--windows", str(args.windows),
-                   "--calib-samples", str(args.calib_samples)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "slimc.tools.bench_linear_quant",
+                "--only",
+                name,
+                "--json",
+                str(out),
+                "--windows",
+                str(args.windows),
+                "--calib-samples",
+                str(args.calib_samples),
+            ]
             subprocess.run(cmd, check=True)
             results[name] = json.loads(out.read_text())
-            print(f"{name:28s} PPL {results[name]['ppl']:.3f}  quant {results[name]['quant_seconds']:.1f}s  "
-                  f"peak {results[name]['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{name:28s} PPL {results[name]['ppl']:.3f}  quant {results[name]['quant_seconds']:.1f}s  "
+                f"peak {results[name]['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     command = "python -m slimc.tools.bench_linear_quant " + " ".join(argv or sys.argv[1:])
     write_section(args.out, render(results, args, command.strip()))
     print(f"wrote {args.out}")

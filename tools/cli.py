@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slimc.quant.scheme import SCHEMES
 from slimc.tools._cli_common import run_guarded, setup_logging
+
+from slimc.quant.scheme import SCHEMES
 
 FORMATS = ("compressed-tensors", "pt2")
 
@@ -99,6 +100,7 @@ def _load_for_eval(path: str | None) -> tuple[Any, Any]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from slimc.data import eval_token_ids
     from slimc.evaluate import perplexity
+
     model, tokenizer = _load_for_eval(args.model)
     ids = eval_token_ids(tokenizer, args.text)
     bos = tokenizer.bos_token_id if args.bos_per_window else None
@@ -107,8 +109,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         raise UserError(f"--bos-per-window: the tokenizer of {args.model} has no BOS token")
     result = perplexity(model, ids, windows=args.windows, bos_token_id=bos)
-    print(f"PPL {result.ppl:.3f}  (nll {result.nll:.4f}, {result.n_tokens} tokens, "
-          f"{result.windows} windows, {result.seconds:.1f} s)")
+    print(
+        f"PPL {result.ppl:.3f}  (nll {result.nll:.4f}, {result.n_tokens} tokens, "
+        f"{result.windows} windows, {result.seconds:.1f} s)"
+    )
     return 0
 
 
@@ -118,35 +122,71 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quant", help="quantize a model with a plain scheme and save it",
-                       description="Quantize a Hugging Face causal LM (default: the packaged "
-                       "SmolLM2-135M-Instruct) and save it.")
+    q = sub.add_parser(
+        "quant",
+        help="quantize a model with a plain scheme and save it",
+        description="Quantize a Hugging Face causal LM (default: the packaged "
+        "SmolLM2-135M-Instruct) and save it.",
+    )
     q.add_argument("--model", default=None, help="HF model directory (default: packaged SmolLM2)")
-    q.add_argument("--quant-type", required=True, choices=SCHEMES,
-                   help="w8a8 = static per-tensor int8 activations; w8a8-dynamic = per-token; "
-                   "w4a16 defaults to asymmetric with an integer zero point")
-    q.add_argument("--group-size", type=int, default=None,
-                   help="weight group size along K (default: per output channel)")
+    q.add_argument(
+        "--quant-type",
+        required=True,
+        choices=SCHEMES,
+        help="w8a8 = static per-tensor int8 activations; w8a8-dynamic = per-token; "
+        "w4a16 defaults to asymmetric with an integer zero point",
+    )
+    q.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="weight group size along K (default: per output channel)",
+    )
     q.add_argument("--symmetric", action="store_true", help="symmetric weights (w4a16/w8a16)")
-    q.add_argument("--observer", choices=("minmax", "histogram"), default="minmax",
-                   help="static activation range observer (w8a8)")
-    q.add_argument("--ignore", nargs="*", default=None, metavar="GLOB",
-                   help="module-path globs left in float (default: lm_head)")
-    q.add_argument("--calib-samples", type=int, default=128,
-                   help="calibration documents for static activations (default 128)")
-    q.add_argument("--format", choices=FORMATS, default="compressed-tensors",
-                   help="output format (default compressed-tensors, loadable by transformers)")
+    q.add_argument(
+        "--observer",
+        choices=("minmax", "histogram"),
+        default="minmax",
+        help="static activation range observer (w8a8)",
+    )
+    q.add_argument(
+        "--ignore",
+        nargs="*",
+        default=None,
+        metavar="GLOB",
+        help="module-path globs left in float (default: lm_head)",
+    )
+    q.add_argument(
+        "--calib-samples",
+        type=int,
+        default=128,
+        help="calibration documents for static activations (default 128)",
+    )
+    q.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="compressed-tensors",
+        help="output format (default compressed-tensors, loadable by transformers)",
+    )
     q.add_argument("--save", type=Path, default=None, metavar="DIR", help="output directory")
-    q.add_argument("--eval", type=int, default=0, metavar="N",
-                   help="also measure fp32 and quantized PPL on N windows (protocol of data.md)")
+    q.add_argument(
+        "--eval",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure fp32 and quantized PPL on N windows (protocol of data.md)",
+    )
     q.set_defaults(func=cmd_quant)
 
     e = sub.add_parser("eval", help="perplexity of a model on wiki text or a text file")
     e.add_argument("--model", default=None, help="model directory (HF, compressed-tensors or pt2)")
     e.add_argument("--text", default="wiki", help="'wiki' (default) or a UTF-8 text file")
     e.add_argument("--windows", type=int, default=40, help="number of 512-token windows")
-    e.add_argument("--bos-per-window", action="store_true",
-                   help="prepend BOS to every window (for models trained with BOS)")
+    e.add_argument(
+        "--bos-per-window",
+        action="store_true",
+        help="prepend BOS to every window (for models trained with BOS)",
+    )
     e.set_defaults(func=cmd_eval)
     return parser
 
@@ -155,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     setup_logging(args.verbose)
     return run_guarded("slimc", lambda: args.func(args), args.debug)
-
 
 
 if __name__ == "__main__":

@@ -46,42 +46,77 @@ to stdout; reports (--time-passes, --pass-statistics, --track-error) and errors 
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("input", nargs="?", metavar="INPUT", help="model dir, case.py[:builder] or .pt2")
-    p.add_argument("-p", "--passes", metavar="PIPELINE", default=None,
-                   help="pass pipeline, e.g. 'linear-quant{scheme=w4a16 group-size=128}' or 'w8a8'")
+    p.add_argument(
+        "-p",
+        "--passes",
+        metavar="PIPELINE",
+        default=None,
+        help="pass pipeline, e.g. 'linear-quant{scheme=w4a16 group-size=128}' or 'w8a8'",
+    )
     p.add_argument("-o", "--output", metavar="OUT.pt2", help="write the final program as .pt2")
     p.add_argument("--list-passes", action="store_true", help="list passes and named pipelines")
     p.add_argument("--format", choices=("text", "md"), default="text", help="--list-passes format")
-    p.add_argument("--print-pipeline", action="store_true",
-                   help="print the expanded pipeline with every default (exits if no INPUT)")
-    p.add_argument("--calib-samples", type=int, default=128, metavar="N",
-                   help="calibration samples for HF model directories (default 128)")
-    p.add_argument("--raw-capture", action="store_true",
-                   help="keep the exported graph as is (skip the canonicalize capture runs)")
+    p.add_argument(
+        "--print-pipeline",
+        action="store_true",
+        help="print the expanded pipeline with every default (exits if no INPUT)",
+    )
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=128,
+        metavar="N",
+        help="calibration samples for HF model directories (default 128)",
+    )
+    p.add_argument(
+        "--raw-capture",
+        action="store_true",
+        help="keep the exported graph as is (skip the canonicalize capture runs)",
+    )
     g = p.add_argument_group("IR printing")
     g.add_argument("--print-ir-before", metavar="P[,P]", default="", help="dump IR before passes")
     g.add_argument("--print-ir-after", metavar="P[,P]", default="", help="dump IR after passes")
     g.add_argument("--print-ir-before-all", action="store_true", help="dump IR before every pass")
     g.add_argument("--print-ir-after-all", action="store_true", help="dump IR after every pass")
-    g.add_argument("--print-ir-after-change", action="store_true",
-                   help="dump IR after passes that changed it (all, or those of --print-ir-after)")
-    g.add_argument("--print-ir-after-failure", action="store_true",
-                   help="dump IR after a pass that failed")
-    g.add_argument("--print-changed", nargs="?", const="full", choices=("full", "diff"),
-                   help="print the IR after each pass that changed it; --print-changed=diff "
-                        "prints a unified diff against the IR before the pass")
+    g.add_argument(
+        "--print-ir-after-change",
+        action="store_true",
+        help="dump IR after passes that changed it (all, or those of --print-ir-after)",
+    )
+    g.add_argument(
+        "--print-ir-after-failure", action="store_true", help="dump IR after a pass that failed"
+    )
+    g.add_argument(
+        "--print-changed",
+        nargs="?",
+        const="full",
+        choices=("full", "diff"),
+        help="print the IR after each pass that changed it; --print-changed=diff "
+        "prints a unified diff against the IR before the pass",
+    )
     g.add_argument("--no-loc", action="store_true", help="omit loc(...) annotations")
     d = p.add_argument_group("debugging")
     d.add_argument("--time-passes", action="store_true", help="report wall time per pass")
     d.add_argument("--pass-statistics", action="store_true", help="report pass counters")
-    d.add_argument("--track-error", action="store_true",
-                   help="report SQNR / max error vs the float program after each pass")
+    d.add_argument(
+        "--track-error",
+        action="store_true",
+        help="report SQNR / max error vs the float program after each pass",
+    )
     d.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N passes")
     d.add_argument("--no-verify", action="store_true", help="do not verify the IR after each pass")
-    d.add_argument("--crash-reproducer", metavar="PATH",
-                   help="on a pass failure, write the IR before it with the rest of the pipeline")
+    d.add_argument(
+        "--crash-reproducer",
+        metavar="PATH",
+        help="on a pass failure, write the IR before it with the rest of the pipeline",
+    )
     d.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     d.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     return p
@@ -148,21 +183,41 @@ def _cell(text: str) -> str:
 
 
 def _list_md(classes: list[Any], pipelines: list[registry.NamedPipeline]) -> str:
-    out = ["# Passes", "",
-           "<!-- Generated by `slimc-opt --list-passes --format=md`; do not edit by hand. -->", "",
-           "Options are written `pass{key=value key2=v1,v2}`; `slimc-opt --print-pipeline -p P`",
-           "shows a pipeline with every default filled in.", "",
-           "| pass | summary |", "| --- | --- |"]
+    out = [
+        "# Passes",
+        "",
+        "<!-- Generated by `slimc-opt --list-passes --format=md`; do not edit by hand. -->",
+        "",
+        "Options are written `pass{key=value key2=v1,v2}`; `slimc-opt --print-pipeline -p P`",
+        "shows a pipeline with every default filled in.",
+        "",
+        "| pass | summary |",
+        "| --- | --- |",
+    ]
     out += [f"| [`{c.name}`](#{c.name}) | {_cell(c.summary())} |" for c in classes]
     for cls in classes:
-        out += ["", f"## `{cls.name}`", "", inspect.cleandoc(cls.__doc__ or ""), "",
-                f"- stages: `{_stages(cls)}`", f"- exact: {'yes' if cls.exact else 'no'}"]
+        out += [
+            "",
+            f"## `{cls.name}`",
+            "",
+            inspect.cleandoc(cls.__doc__ or ""),
+            "",
+            f"- stages: `{_stages(cls)}`",
+            f"- exact: {'yes' if cls.exact else 'no'}",
+        ]
         opts = list(_options(cls))
         if opts:
             out += ["", "| option | type | default | description |", "| --- | --- | --- | --- |"]
             out += [f"| `{k}` | `{_cell(t)}` | `{_cell(d)}` | {_cell(h)} |" for k, t, d, h in opts]
-    out += ["", "# Named pipelines", "", "Options given to a named pipeline go to its first pass.",
-            "", "| pipeline | expands to | description |", "| --- | --- | --- |"]
+    out += [
+        "",
+        "# Named pipelines",
+        "",
+        "Options given to a named pipeline go to its first pass.",
+        "",
+        "| pipeline | expands to | description |",
+        "| --- | --- | --- |",
+    ]
     out += [f"| `{n.name}` | `{_pipeline_text(n)}` | {_cell(n.summary)} |" for n in pipelines]
     return "\n".join(out) + "\n"
 
@@ -188,8 +243,10 @@ def _split_input(text: str) -> tuple[str, Path, str]:
         return "hf", p, ""
     if not p.exists():
         raise UserError(f"input {text} does not exist")
-    raise UserError(f"cannot tell what {text} is: expected an HF model directory, "
-                    "case.py[:builder] or a .pt2 file")
+    raise UserError(
+        f"cannot tell what {text} is: expected an HF model directory, "
+        "case.py[:builder] or a .pt2 file"
+    )
 
 
 @contextlib.contextmanager
@@ -231,8 +288,10 @@ def _load_case(path: Path, builder: str) -> tuple[Any, Any, Any]:
         if inputs is not None and not isinstance(inputs, (tuple, list)):
             inputs = (inputs,)
         return result[0], inputs, result[2] if len(result) == 3 else None
-    raise UserError(f"{path}:{builder}() must return (nn.Module, example_inputs[, calib]), "
-                    f"got {type(result).__name__}")
+    raise UserError(
+        f"{path}:{builder}() must return (nn.Module, example_inputs[, calib]), "
+        f"got {type(result).__name__}"
+    )
 
 
 def load_input(args: argparse.Namespace, needs_calibration: bool) -> Program:
@@ -252,8 +311,10 @@ def load_input(args: argparse.Namespace, needs_calibration: bool) -> Program:
         program = capture_model(model, inputs, canonicalize=not args.raw_capture)
         program.calibration = normalize_calibration(calib)
         if needs_calibration and program.calibration is None:
-            raise UserError(f"the pipeline needs calibration data: make {path}:{builder}() "
-                            "return (model, example_inputs, calib)")
+            raise UserError(
+                f"the pipeline needs calibration data: make {path}:{builder}() "
+                "return (model, example_inputs, calib)"
+            )
     else:
         from slimc.data import calibration_samples, load_model
 
@@ -302,10 +363,13 @@ def _instrumentations(
     printing = args.print_ir_after_change or args.print_changed or args.print_ir_after_failure
     if before or after or printing:
         insts["printer"] = _Printer(
-            write=lambda text: print(text, file=sys.stdout), total=len(steps),
-            before=frozenset(before), after=frozenset(after),
+            write=lambda text: print(text, file=sys.stdout),
+            total=len(steps),
+            before=frozenset(before),
+            after=frozenset(after),
             only_changed=bool(args.print_ir_after_change or args.print_changed == "full"),
-            diff=args.print_changed == "diff", print_loc=not args.no_loc,
+            diff=args.print_changed == "diff",
+            print_loc=not args.no_loc,
             after_failure=args.print_ir_after_failure,
         )
     if args.track_error:
@@ -340,9 +404,14 @@ def _run(args: argparse.Namespace) -> int:
             return 0
     program = load_input(args, checked.needs_calibration)
     insts = _instrumentations(args, steps, program)
-    pm = PassManager(steps, start_stage=program.stage, instrumentations=list(insts.values()),
-                     verify_each=not args.no_verify, bisect_limit=args.bisect_limit,
-                     crash_reproducer=args.crash_reproducer)
+    pm = PassManager(
+        steps,
+        start_stage=program.stage,
+        instrumentations=list(insts.values()),
+        verify_each=not args.no_verify,
+        bisect_limit=args.bisect_limit,
+        crash_reproducer=args.crash_reproducer,
+    )
     try:
         pm.run(program)
     finally:
@@ -373,7 +442,7 @@ def error_lines(exc: BaseException) -> list[str]:
     first = lines[0].rstrip(":") if lines else type(exc).__name__
     ctx = exc.__context__
     if isinstance(ctx, PipelineSyntaxError):
-        near = ctx.text[ctx.pos:ctx.pos + 16]
+        near = ctx.text[ctx.pos : ctx.pos + 16]
         first += f" (near {near!r})" if near else " (at end of input)"
     out = [f"{PROG}: error: {first}"]
     if isinstance(exc, PassFailure) and exc.reproducer:

@@ -49,8 +49,9 @@ def check_target(path: str | os.PathLike[str], *, overwrite: bool = False) -> Pa
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot save to {target}: cannot create {parent} "
-                        f"({exc.strerror or exc})") from exc
+        raise UserError(
+            f"cannot save to {target}: cannot create {parent} ({exc.strerror or exc})"
+        ) from exc
     if not parent.is_dir():
         raise UserError(f"cannot save to {target}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -82,8 +83,10 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_TAG}", dir=target.parent))
     except OSError as exc:
-        raise UserError(f"cannot save to {target}: cannot create files in {target.parent} "
-                        f"({exc.strerror or exc})") from exc
+        raise UserError(
+            f"cannot save to {target}: cannot create files in {target.parent} "
+            f"({exc.strerror or exc})"
+        ) from exc
     try:
         yield tmp
         _move_into_place(tmp, target, overwrite=overwrite)

@@ -139,8 +139,9 @@ def _check_integers(lin: nn.Module, q: QuantizedLinear) -> None:
     if ok and q.weight_zero_point is not None and zp is not None:
         if zp.dtype == torch.int32:  # packed along the output dim
             zp = unpack_from_int32(zp.data, bits, q.weight_zero_point.shape, packed_dim=0)
-        ok = torch.equal(zp.to(torch.int8).reshape(q.weight_zero_point.shape),
-                         q.weight_zero_point.to(torch.int8))
+        ok = torch.equal(
+            zp.to(torch.int8).reshape(q.weight_zero_point.shape), q.weight_zero_point.to(torch.int8)
+        )
     if not ok:
         raise RuntimeError("compressed-tensors produced integers that differ from slimc's")
 
@@ -189,13 +190,15 @@ def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) 
         )
     groups = _group_schemes(quantized)
     single = len(groups) == 1
-    ct_schemes = {s: quantization_scheme(s, ["Linear"] if single else names)
-                  for s, names in groups.items()}
+    ct_schemes = {
+        s: quantization_scheme(s, ["Linear"] if single else names) for s, names in groups.items()
+    }
     _loadable_formats(list(ct_schemes.values()))
     dtype = _float_dtype(model)
     if dtype != torch.float32:
-        log.warning("model dtype is %s: scales are stored in %s (rounded from float32)",
-                    dtype, dtype)
+        log.warning(
+            "model dtype is %s: scales are stored in %s (rounded from float32)", dtype, dtype
+        )
 
     memo: dict[int, Any] = {id(m): m for m in quantized.values()}  # shared, replaced below
     program = getattr(model, "slimc_program", None)
@@ -220,8 +223,12 @@ def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) 
     compressor.update_config(str(out))
     quant_cfg = _finish_config(out, qconfig)
     _save_tokenizer(model, tokenizer, out)
-    log.info("compressed-tensors: %d quantized linears, format %s, ignore %s",
-             len(quantized), quant_cfg.get("format"), quant_cfg.get("ignore"))
+    log.info(
+        "compressed-tensors: %d quantized linears, format %s, ignore %s",
+        len(quantized),
+        quant_cfg.get("format"),
+        quant_cfg.get("ignore"),
+    )
     return quant_cfg
 
 
@@ -314,7 +321,8 @@ def _save_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None:
             except Exception:  # noqa: BLE001 - no usable tokenizer there
                 tokenizer = None
     if tokenizer is None:
-        log.warning("no tokenizer given and none next to the model: "
-                    "the output has no tokenizer files")
+        log.warning(
+            "no tokenizer given and none next to the model: the output has no tokenizer files"
+        )
         return
     tokenizer.save_pretrained(out)

@@ -47,10 +47,14 @@ def program_of(model: Any) -> Any:
 def _dynamic_shapes(program: Any) -> tuple[Any, ...]:
     """Dynamic batch + sequence dims for a causal LM's token ids; dynamic batch otherwise."""
     if program.metadata.get("hf_causal_lm"):
-        return tuple({0: Dim.DYNAMIC, 1: Dim.DYNAMIC} if isinstance(x, torch.Tensor) else None
-                     for x in program.example_inputs)
-    return tuple({0: Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-                 for x in program.example_inputs)
+        return tuple(
+            {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} if isinstance(x, torch.Tensor) else None
+            for x in program.example_inputs
+        )
+    return tuple(
+        {0: Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+        for x in program.example_inputs
+    )
 
 
 def export_program(program: Any) -> torch.export.ExportedProgram:
@@ -64,8 +68,12 @@ def export_program(program: Any) -> torch.export.ExportedProgram:
     gm = program.graph_module
     try:
         with torch.no_grad():
-            return torch.export.export(gm, tuple(program.example_inputs),
-                                       dynamic_shapes=_dynamic_shapes(program), strict=False)
+            return torch.export.export(
+                gm,
+                tuple(program.example_inputs),
+                dynamic_shapes=_dynamic_shapes(program),
+                strict=False,
+            )
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot export the compiled program with torch.export: {reason}") from exc
@@ -89,14 +97,16 @@ def save_pt2(model: Any, out: Path, tokenizer: Any = None) -> Path:
     ep = export_program(program)
     inputs = [
         {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
-        if isinstance(x, torch.Tensor) else {"type": type(x).__name__}
+        if isinstance(x, torch.Tensor)
+        else {"type": type(x).__name__}
         for x in program.example_inputs
     ]
     extra = {
         EXTRA_STAGE: program.stage.label,
         EXTRA_VERSION: slimc.__version__,
-        EXTRA_INPUTS: json.dumps({"example_inputs": inputs,
-                                  "model_class": program.metadata.get("model_class")}),
+        EXTRA_INPUTS: json.dumps(
+            {"example_inputs": inputs, "model_class": program.metadata.get("model_class")}
+        ),
     }
     path = out / PT2_NAME
     torch.export.save(ep, path, extra_files=extra)

@@ -15,9 +15,18 @@ if TYPE_CHECKING:
     from slimc.program import Program
 
 _DTYPES = {
-    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
-    torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32",
-    torch.int64: "i64", torch.bool: "i1", torch.float8_e4m3fn: "f8e4m3", torch.float8_e5m2: "f8e5m2",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float64: "f64",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.int16: "i16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.bool: "i1",
+    torch.float8_e4m3fn: "f8e4m3",
+    torch.float8_e5m2: "f8e5m2",
 }
 
 
@@ -97,9 +106,11 @@ def _schema_args(node: fx.Node) -> tuple[list[str], list[str]]:
             value, given = node.kwargs[arg.name], True
         else:
             value, given = arg.default_value if arg.has_default_value() else None, False
-        is_tensor_arg = isinstance(arg.type, (torch.TensorType, torch.OptionalType)) and (
-            "Tensor" in str(arg.type)
-        ) or "Tensor[]" in str(arg.type)
+        is_tensor_arg = (
+            isinstance(arg.type, (torch.TensorType, torch.OptionalType))
+            and ("Tensor" in str(arg.type))
+            or "Tensor[]" in str(arg.type)
+        )
         if is_tensor_arg or _is_tensorish(value):
             positional.append(format_value(value))
             continue
@@ -130,8 +141,9 @@ def format_node(node: fx.Node, loc: bool = True) -> str:
     return text
 
 
-def print_graph(graph: fx.Graph, name: str = "forward", loc: bool = True,
-                header: Iterable[str] = ()) -> str:
+def print_graph(
+    graph: fx.Graph, name: str = "forward", loc: bool = True, header: Iterable[str] = ()
+) -> str:
     """The text form of an FX graph: deterministic, one node per line."""
     lines = list(header)
     params = [n for n in graph.nodes if n.op == "placeholder"]
@@ -140,7 +152,8 @@ def print_graph(graph: fx.Graph, name: str = "forward", loc: bool = True,
     flat_out = [v for v in _flatten(out_vals)]
     sig_in = ", ".join(f"%{p.name}: {format_type(p.meta.get('val'))}" for p in params)
     sig_out = ", ".join(
-        format_type(v.meta.get("val")) if isinstance(v, fx.Node) else format_type(v) for v in flat_out
+        format_type(v.meta.get("val")) if isinstance(v, fx.Node) else format_type(v)
+        for v in flat_out
     )
     lines.append(f"graph @{name}({sig_in}) -> ({sig_out}) {{")
     for node in graph.nodes:

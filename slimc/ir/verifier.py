@@ -28,9 +28,20 @@ class VerificationError(AssertionError):
 
 def _python_builtin(target: object) -> bool:
     module = getattr(target, "__module__", "")
-    return target is operator.getitem or module in ("_operator", "math") or target in (
-        math.floor, math.ceil, torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min,
-        torch.sym_not, torch.sym_ite,
+    return (
+        target is operator.getitem
+        or module in ("_operator", "math")
+        or target
+        in (
+            math.floor,
+            math.ceil,
+            torch.sym_int,
+            torch.sym_float,
+            torch.sym_max,
+            torch.sym_min,
+            torch.sym_not,
+            torch.sym_ite,
+        )
     )
 
 

@@ -36,7 +36,7 @@ def resolve_block_size(shape: Sequence[int], block_size: Sequence[int]) -> list[
             f"{list(shape)}"
         )
     resolved = []
-    for dim, (n, b) in enumerate(zip(shape, block_size)):
+    for dim, (n, b) in enumerate(zip(shape, block_size, strict=False)):
         if b == -1:
             resolved.append(n)
             continue
@@ -57,14 +57,14 @@ def resolve_block_size(shape: Sequence[int], block_size: Sequence[int]) -> list[
 def block_grid_shape(shape: Sequence[int], block_size: Sequence[int]) -> list[int]:
     """Shape of scale / zero_point for `shape` split into `block_size` blocks (keepdim style)."""
     resolved = resolve_block_size(shape, block_size)
-    return [1 if b_in == -1 else n // b for n, b, b_in in zip(shape, resolved, block_size)]
+    return [1 if b_in == -1 else n // b for n, b, b_in in zip(shape, resolved, block_size, strict=False)]
 
 
 def _interleaved(shape: Sequence[int], block_size: Sequence[int]) -> tuple[list[int], list[int]]:
     """(x view shape [g0, b0, g1, b1, ...], grid view shape [g0, 1, g1, 1, ...])."""
     resolved = resolve_block_size(shape, block_size)
     view, grid = [], []
-    for n, b, b_in in zip(shape, resolved, block_size):
+    for n, b, b_in in zip(shape, resolved, block_size, strict=False):
         g = 1 if b_in == -1 else n // b
         view += [g, b]
         grid += [g, 1]

@@ -32,9 +32,13 @@ class TensorQuantSpec:
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits}")
         if self.granularity == "group" and self.group_size <= 0:
-            raise ValueError(f"group granularity needs a positive group_size, got {self.group_size}")
+            raise ValueError(
+                f"group granularity needs a positive group_size, got {self.group_size}"
+            )
         if self.granularity != "group" and self.group_size != -1:
-            raise ValueError(f"group_size={self.group_size} given with granularity={self.granularity!r}")
+            raise ValueError(
+                f"group_size={self.group_size} given with granularity={self.granularity!r}"
+            )
 
     @property
     def qmin(self) -> int:
@@ -76,7 +80,9 @@ def _w(bits: int, symmetric: bool, group_size: int) -> TensorQuantSpec:
     return TensorQuantSpec(bits, symmetric, "channel")
 
 
-def make_scheme(name: str, *, group_size: int = -1, symmetric: bool | None = None) -> LinearQuantScheme:
+def make_scheme(
+    name: str, *, group_size: int = -1, symmetric: bool | None = None
+) -> LinearQuantScheme:
     """Build one of the named plain schemes (w8a8, w8a8-dynamic, w8a16, w4a16, w4a8).
 
     Raises:
@@ -102,7 +108,9 @@ def make_scheme(name: str, *, group_size: int = -1, symmetric: bool | None = Non
 
 def _no_group(name: str, group_size: int) -> None:
     if group_size > 0:
-        raise ValueError(f"scheme {name!r} quantizes weights per channel; group-size is not supported")
+        raise ValueError(
+            f"scheme {name!r} quantizes weights per channel; group-size is not supported"
+        )
 
 
 SCHEMES = ("w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8")
