@@ -13,14 +13,13 @@ from slimc.analysis import AnalysisManager
 from slimc.ir.builder import call, getitems, is_constant
 from slimc.ops.packing import pack_int4
 from slimc.pass_base import Pass, PassResult
-from slimc.program import Program, node_loc
+from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.scheme import LinearQuantScheme
 from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 ops = torch.ops.slimc
-from slimc.passes.linear_quant import SCHEME_KEY  # noqa: E402
 
 
 def _is(node: object, op: object) -> bool:

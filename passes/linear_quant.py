@@ -15,7 +15,7 @@ from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
 from slimc.ir.builder import call, getitems, is_constant, tensor_val
 from slimc.pass_base import OptionError, Pass, PassResult, option
-from slimc.program import Program, node_loc
+from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
 from slimc.quant.qparams import quantize_weight
 from slimc.quant.scheme import SCHEMES, LinearQuantScheme, TensorQuantSpec, make_scheme
@@ -25,9 +25,6 @@ from slimc.stage import Stage
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 slimc_ops = torch.ops.slimc
-
-SCHEME_KEY = "slimc_scheme"
-"""`node.meta` key on a quantized `aten.linear` (and the fused op) holding its LinearQuantScheme."""
 
 
 def matches(path: str | None, patterns: tuple[str, ...]) -> bool:

@@ -16,7 +16,7 @@ from slimc.instrumentation import Instrumentation
 from slimc.nn import QuantizedLinear
 from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
-from slimc.program import Program, node_loc
+from slimc.program import SCHEME_KEY, Program, node_loc
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,6 @@ def _const(program: Program, node: Any) -> torch.Tensor | None:
 
 def quantized_linear_from_node(program: Program, node: fx.Node) -> QuantizedLinear:
     """Build the runtime module equivalent to one fused linear node."""
-    from slimc.passes.linear_quant import SCHEME_KEY
-
     scheme = node.meta[SCHEME_KEY]
     name = _fused_name(node)
     a = node.args

@@ -18,6 +18,10 @@ LOC_KEY = "slimc_loc"
 """`node.meta` key holding the module path a node came from (set by capture/canonicalize)."""
 
 
+SCHEME_KEY = "slimc_scheme"
+"""`node.meta` key on a quantized linear (QDQ `aten.linear` or fused op): its LinearQuantScheme."""
+
+
 def node_loc(node: fx.Node) -> str | None:
     """The module path (`model.layers.0.self_attn.q_proj`) a node was traced from, if any."""
     return node.meta.get(LOC_KEY)

@@ -16,7 +16,7 @@ from torch import fx
 from torch.export import Dim
 
 from slimc.errors import UserError
-from slimc.program import LOC_KEY, Program
+from slimc.program import LOC_KEY, SCHEME_KEY, Program
 from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -41,19 +41,13 @@ def _version() -> str:
     return f"slimc {slimc.__version__}, torch {torch.__version__}"
 
 
-def _scheme_key() -> str:
-    from slimc.passes.linear_quant import SCHEME_KEY
-
-    return SCHEME_KEY
-
-
 def _record(node: fx.Node, order: int) -> list[Any]:
     return [node.name, order, node.meta.get(LOC_KEY)]
 
 
 def _annotate(gm: fx.GraphModule) -> dict[str, Any]:
     """Stamp every node with what a save/load round trip loses; return the side table."""
-    scheme_key = _scheme_key()
+    scheme_key = SCHEME_KEY
     table: dict[str, Any] = {"placeholders": [], "consts": {}, "sym_sizes": {}}
     placeholders: dict[fx.Node, int] = {}
     for order, node in enumerate(gm.graph.nodes):
@@ -203,7 +197,7 @@ def _restore(gm: fx.GraphModule, table: dict[str, Any]) -> None:
     """Give nodes back their names, order, locations and schemes (see `_annotate`)."""
     from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 
-    scheme_key = _scheme_key()
+    scheme_key = SCHEME_KEY
     info: dict[fx.Node, list[Any]] = {}
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     for node, rec in zip(placeholders, table["placeholders"], strict=False):

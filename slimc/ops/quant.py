@@ -57,7 +57,9 @@ def resolve_block_size(shape: Sequence[int], block_size: Sequence[int]) -> list[
 def block_grid_shape(shape: Sequence[int], block_size: Sequence[int]) -> list[int]:
     """Shape of scale / zero_point for `shape` split into `block_size` blocks (keepdim style)."""
     resolved = resolve_block_size(shape, block_size)
-    return [1 if b_in == -1 else n // b for n, b, b_in in zip(shape, resolved, block_size, strict=False)]
+    return [
+        1 if b_in == -1 else n // b for n, b, b_in in zip(shape, resolved, block_size, strict=False)
+    ]
 
 
 def _interleaved(shape: Sequence[int], block_size: Sequence[int]) -> tuple[list[int], list[int]]:
