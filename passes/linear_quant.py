@@ -69,7 +69,8 @@ class LinearQuant(Pass):
     group_size: int = option(-1, "Weight group size along K; -1 = per output channel.")
     symmetric: bool | None = option(None, "Symmetric weights (default: the scheme's own).")
     observer: Literal["minmax", "histogram"] = option(
-        "minmax", "Observer for static activation ranges."
+        "histogram",
+        "Observer for static activation ranges: histogram (L2 clip search) or minmax.",
     )
     ignore: tuple[str, ...] = option(("lm_head",), "Module-path globs left in float.")
     only: tuple[str, ...] = option((), "If set, quantize only module paths matching these globs.")

@@ -92,7 +92,7 @@ def test_print_pipeline_shows_defaults_without_input(slimc_opt) -> None:
     res = slimc_opt("--print-pipeline", "-p", "w4a16{group-size=64}")
     assert res.rc == 0 and res.err == ""
     assert res.out == (
-        "linear-quant{scheme=w4a16 group-size=64 symmetric=none observer=minmax ignore=lm_head "
+        "linear-quant{scheme=w4a16 group-size=64 symmetric=none observer=histogram ignore=lm_head "
         'only="" on-bad-group=fallback},fuse-quantized-linear\n'
     )
 

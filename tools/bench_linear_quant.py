@@ -22,8 +22,8 @@ CONFIGS: dict[str, str] = {
     "fp32": "",
     "W8A16": "w8a16",
     "W8A8 dynamic (per-token)": "w8a8-dynamic",
-    "W8A8 static, MinMax": "w8a8",
-    "W8A8 static, Histogram": "w8a8{observer=histogram}",
+    "W8A8 static, MinMax": "w8a8{observer=minmax}",
+    "W8A8 static, Histogram (default)": "w8a8",
     "W4A16 per-channel asym": "w4a16",
     "W4A16 g64 asym": "w4a16{group-size=64}",
     "W4A8 dynamic": "w4a8",
@@ -98,8 +98,30 @@ def render(results: dict[str, dict[str, float]], args: argparse.Namespace, comma
             f"| {name} | `{pipeline or '-'}` | {r['ppl']:.3f} | {delta} | {quant} | "
             f"{r['peak_rss_mb']:.0f} |"
         )
+    if args.peer_results is not None:
+        lines += ["", *render_peers(args.peer_results)]
     lines.append(END)
     return "\n".join(lines)
+
+
+def render_peers(results_dir: Path) -> list[str]:
+    """A table of peer runs made with ../shared/peer_bench (its results/*.json records)."""
+    records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    lines = [
+        f"Peers on the same protocol, run on this machine with the peer_bench scripts "
+        f"(`run_peers.py --config NAME`, results read from `{results_dir}`):",
+        "",
+        "| peer config | library | PPL | quantization time (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        lines.append(
+            f"| {r['config']} | {r.get('library', '')} | {r['ppl']:.3f} | "
+            f"{r.get('quant_s', 0.0):.1f} | {r.get('peak_rss_mb', 0.0):.0f} |"
+        )
+    return lines
 
 
 def write_section(path: Path, section: str) -> None:
@@ -118,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument(
+        "--peer-results", type=Path, default=None, help="peer_bench results dir to tabulate too"
+    )
     parser.add_argument("--only", default=None, help="run one configuration (internal)")
     parser.add_argument("--json", type=Path, default=None, help="result file for --only (internal)")
     args = parser.parse_args(argv)

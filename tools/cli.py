@@ -23,7 +23,7 @@ def build_pipeline(args: argparse.Namespace) -> str:
         opts.append(f"group-size={args.group_size}")
     if args.symmetric:
         opts.append("symmetric=true")
-    if args.observer != "minmax":
+    if args.observer != "histogram":
         opts.append(f"observer={args.observer}")
     if args.ignore is not None:
         opts.append("ignore=" + ",".join(f'"{g}"' for g in args.ignore))
@@ -146,8 +146,9 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--observer",
         choices=("minmax", "histogram"),
-        default="minmax",
-        help="static activation range observer (w8a8)",
+        default="histogram",
+        help="static activation range observer for w8a8 (default histogram: 2048-bin L2 clip "
+        "search; minmax: the full observed range)",
     )
     q.add_argument(
         "--ignore",
