@@ -53,8 +53,13 @@ def _format_value(word: str) -> str:
     return f'"{escaped}"'
 
 
+def format_words(value: OptionValue) -> str:
+    """An option value as written in a pipeline: comma-separated, quoted where needed."""
+    return ",".join(_format_value(w) for w in value)
+
+
 def _format_option(key: str, value: OptionValue) -> str:
-    return f"{key}={','.join(_format_value(w) for w in value)}"
+    return f"{key}={format_words(value)}"
 
 
 def format_pipeline(specs: list[PassSpec]) -> str:
