@@ -61,10 +61,17 @@ class LayerwiseRunner:
     the values live across one segment boundary for every sample.
     """
 
-    def __init__(self, program: Program, samples: Sequence[tuple[Any, ...]], progress: bool = True):
+    def __init__(
+        self,
+        program: Program,
+        samples: Sequence[tuple[Any, ...]],
+        progress: bool = True,
+        keep_outputs: bool = False,
+    ) -> None:
         self.program = program
         self.samples = list(samples)
         self.progress = progress
+        self.keep_outputs = keep_outputs
         placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
         self._envs: list[dict[fx.Node, Any]] = []
         for sample in self.samples:
@@ -93,8 +100,7 @@ class LayerwiseRunner:
         used only inside are dropped as soon as the sample is done.
         """
         hooks = hooks or {}
-        inside = set(nodes)
-        escaping = [n for n in nodes if any(u not in inside for u in n.users)]
+        escaping = self._escaping(nodes)
         with torch.inference_mode():
             for env in self._envs:
                 get = self._lookup(env)
@@ -113,7 +119,7 @@ class LayerwiseRunner:
                     env.update((n, local[n]) for n in escaping)
 
     def outputs(self) -> list[Any]:
-        """The graph outputs per sample, once `run` has visited every segment."""
+        """The graph outputs per sample after `run` (needs `keep_outputs=True`)."""
         out_node = next(n for n in self.program.graph.nodes if n.op == "output")
         results = []
         for env in self._envs:
@@ -125,6 +131,15 @@ class LayerwiseRunner:
         for env in self._envs:
             for n in [n for n in env if n.users and all(u in done for u in n.users)]:
                 del env[n]
+
+    def _escaping(self, nodes: Sequence[fx.Node]) -> list[fx.Node]:
+        """Nodes whose values later segments read (and the graph outputs, if kept)."""
+        inside = set(nodes)
+
+        def later(user: fx.Node) -> bool:
+            return user not in inside and (user.op != "output" or self.keep_outputs)
+
+        return [n for n in nodes if any(later(u) for u in n.users)]
 
     def run(self, visit: Callable[[Segment, LayerwiseRunner], None]) -> None:
         """Visit every segment in order, then advance the samples through it.
@@ -143,7 +158,8 @@ class LayerwiseRunner:
                 if last.graph is not self.program.graph or last._erased:
                     raise RuntimeError(f"pass erased the last node of segment {seg.label}")
                 seg.nodes = _nodes_between(self.program.graph, prev_last, last)
-                self.forward(seg.nodes, keep=True)
+                if self._escaping(seg.nodes):  # the last block feeds only the output
+                    self.forward(seg.nodes, keep=True)
                 done.update(seg.nodes)
                 self._release(done)
                 prev_last = last

@@ -191,7 +191,7 @@ def test_runner_segments_follow_decoder_layers(model, calib) -> None:
     program = capture(model)
     labels = [s.label for s in split_segments(program.graph)]
     assert labels == ["prologue", "model.layers.0", "model.layers.1", "epilogue"]
-    runner = LayerwiseRunner(program, [(c,) for c in calib], progress=False)
+    runner = LayerwiseRunner(program, [(c,) for c in calib], progress=False, keep_outputs=True)
     runner.run(lambda seg, r: None)
     for (ids,), out in zip([(c,) for c in calib], runner.outputs(), strict=True):
         torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, program(ids))
