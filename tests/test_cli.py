@@ -131,3 +131,16 @@ def test_smollm2_w8a16_end_to_end(tmp_path, capsys) -> None:
     assert main(["eval", "--model", str(out), "--windows", "2"]) == 0
     reloaded = float(capsys.readouterr().out.split()[1])
     assert abs(reloaded / q - 1) < 0.005, (q, reloaded)
+
+
+def test_occupied_save_dir_is_refused_before_quantizing(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    argv = ["quant", "--model", str(model_dir), "--quant-type", "w8a16", "--save", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "pipeline:" not in err  # refused before loading the model
+    assert (out / "keep.txt").read_text() == "user data"
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "config.json").exists() and not (out / "keep.txt").exists()

@@ -180,7 +180,9 @@ def test_named_pipeline_expansion_forwards_options() -> None:
     pm = PassManager.parse("w4a16{group-size=64}")
     assert pm.pipeline_spec() == "linear-quant{scheme=w4a16 group-size=64},fuse-quantized-linear"
     full = pm.pipeline_spec(include_defaults=True)
-    assert full.startswith("linear-quant{scheme=w4a16 group-size=64 symmetric=none observer=histogram")
+    assert full.startswith(
+        "linear-quant{scheme=w4a16 group-size=64 symmetric=none observer=histogram"
+    )
     assert PassManager.parse(full).pipeline_spec(True) == full  # the full form round-trips
 
 

@@ -47,12 +47,15 @@ def cmd_quant(args: argparse.Namespace) -> int:
     from slimc.errors import UserError
     from slimc.evaluate import perplexity
     from slimc.export import save
+    from slimc.export.atomic import check_target
     from slimc.pass_manager import PassManager
 
     pipeline = build_pipeline(args)
     pm = PassManager.parse(pipeline)  # checked before anything is loaded
     if args.save is None and not args.eval:
         raise UserError("nothing to do: give --save DIR and/or --eval N")
+    if args.save is not None:
+        check_target(args.save, overwrite=args.overwrite)  # fail before the long work, not after
     model, tokenizer = load_model(args.model)
     print(f"pipeline: {pm.pipeline_spec(include_defaults=True)}", file=sys.stderr)
     rows: list[tuple[str, ...]] = [("model", "PPL", "delta", "quant time s", "peak RSS MB")]
@@ -76,7 +79,9 @@ def cmd_quant(args: argparse.Namespace) -> int:
         qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
     rows.append((args.quant_type, qppl, delta, f"{seconds:.1f}", f"{peak:.0f}"))
     if args.save is not None:
-        out = save(quantized, args.save, format=args.format, tokenizer=tokenizer)
+        out = save(
+            quantized, args.save, format=args.format, tokenizer=tokenizer, overwrite=args.overwrite
+        )
         print(f"saved {args.format} model to {out}", file=sys.stderr)
     if ids is not None:
         print(f"\nPPL on {args.eval} windows of 512 tokens (wiki):")
@@ -170,6 +175,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="output format (default compressed-tensors, loadable by transformers)",
     )
     q.add_argument("--save", type=Path, default=None, metavar="DIR", help="output directory")
+    q.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty --save directory"
+    )
     q.add_argument(
         "--eval",
         type=int,
