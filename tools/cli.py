@@ -79,10 +79,9 @@ def cmd_quant(args: argparse.Namespace) -> int:
         qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
     rows.append((args.quant_type, qppl, delta, f"{seconds:.1f}", f"{peak:.0f}"))
     if args.save is not None:
-        out = save(
+        save(
             quantized, args.save, format=args.format, tokenizer=tokenizer, overwrite=args.overwrite
         )
-        print(f"saved {args.format} model to {out}", file=sys.stderr)
     if ids is not None:
         print(f"\nPPL on {args.eval} windows of 512 tokens (wiki):")
     print(_table(rows))
