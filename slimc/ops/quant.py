@@ -100,13 +100,18 @@ def _quantize_math(
     qmin: int,
     qmax: int,
 ) -> Tensor:
-    """clamp(round(x / scale) + zp, qmin, qmax) in float32, same shape as x."""
+    """clamp(round(x / scale + zp), qmin, qmax) in float32, same shape as x.
+
+    The zero point is added before rounding, as msModelSlim and compressed-tensors do: with an
+    integer zero point the two orders agree except for float32 ties at half steps, and matching
+    them keeps a saved checkpoint bit-exact with this reference.
+    """
     view, grid = _interleaved(x.shape, block_size)
     xb = x.to(torch.float32).reshape(view)
-    q = torch.round(xb / _grid_param(scale, grid, "scale").to(torch.float32))
+    q = xb / _grid_param(scale, grid, "scale").to(torch.float32)
     if zero_point is not None:
         q = q + _grid_param(zero_point, grid, "zero_point").to(torch.float32)
-    return torch.clamp(q, qmin, qmax).reshape(x.shape)
+    return torch.clamp(torch.round(q), qmin, qmax).reshape(x.shape)
 
 
 def _dequantize_math(
@@ -175,7 +180,7 @@ def quantize_affine(
     qmax: int,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    """q = clamp(round(x / scale) + zero_point, qmin, qmax) cast to out_dtype (math in float32)."""
+    """q = clamp(round(x / scale + zero_point), qmin, qmax) cast to out_dtype (math in float32)."""
     q = _quantize_math(x, block_size, scale, zero_point, qmin, qmax)
     return q.to(out_dtype).contiguous()
 

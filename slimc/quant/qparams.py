@@ -111,7 +111,7 @@ def quantize_weight(w: Tensor, spec: TensorQuantSpec) -> QuantizedWeight:
     blocks = wf.reshape(n, k // group, group)
     min_val, max_val = torch.aminmax(blocks, dim=-1)
     scale, zp = calculate_qparams(min_val, max_val, spec)
-    q = torch.round(blocks / scale.unsqueeze(-1)) + zp.to(torch.float32).unsqueeze(-1)
+    q = torch.round(blocks / scale.unsqueeze(-1) + zp.to(torch.float32).unsqueeze(-1))
     qdata = torch.clamp(q, spec.qmin, spec.qmax).to(torch.int8).reshape(n, k)
     zero_point = None if spec.symmetric else zp.to(torch.int8)
     return QuantizedWeight(qdata=qdata, scale=scale, zero_point=zero_point, spec=spec)
