@@ -86,16 +86,12 @@ class LinearQuant(Pass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return (
-            self.quant_scheme().activation is not None
-            and not self.quant_scheme().activation.dynamic
-        )
+        act = self.quant_scheme().activation
+        return act is not None and not act.dynamic
 
     def quant_scheme(self) -> LinearQuantScheme:
-        try:
-            return make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
-        except ValueError as exc:
-            raise UserError(f"linear-quant: {exc}") from None
+        """The scheme the options describe (validated when the pass was built)."""
+        return make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
 
     def targets(self, program: Program) -> list[fx.Node]:
         chosen = []

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from slimc.errors import UserError
+from slimc.errors import UserError, first_line
 from slimc.program import LOC_KEY, Program
 from slimc.stage import Stage
 
@@ -84,7 +84,7 @@ def capture(
         with torch.no_grad():
             ep = torch.export.export(target, args, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(
             f"cannot export {type(model).__name__} with torch.export: {reason}"
         ) from exc

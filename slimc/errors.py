@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PipelineError", "SlimcError", "UserError"]
+__all__ = ["PipelineError", "SlimcError", "UserError", "first_line"]
 
 
 class SlimcError(Exception):
@@ -15,3 +15,9 @@ class UserError(SlimcError):
 
 class PipelineError(UserError):
     """A pipeline that cannot run: unknown pass, bad option, or a pass on the wrong stage."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimc.errors import UserError
+from slimc.errors import UserError, first_line
 from slimc.nn import QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 
@@ -57,7 +57,7 @@ def quantization_scheme(scheme: LinearQuantScheme, targets: list[str]) -> Any:
         )
         ct.format = infer_module_format(nn.Linear, ct)
     except (ValueError, NotImplementedError, StopIteration) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(
             f"scheme {scheme.name!r} cannot be expressed in compressed-tensors ({reason}); "
             f"{PT2_HINT}"

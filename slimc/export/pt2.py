@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from slimc.errors import UserError
+from slimc.errors import UserError, first_line
 
 __all__ = ["PT2_NAME", "load_pt2", "program_of", "save_pt2"]
 
@@ -75,7 +75,7 @@ def export_program(program: Any) -> torch.export.ExportedProgram:
                 strict=False,
             )
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"cannot export the compiled program with torch.export: {reason}") from exc
 
 
@@ -156,7 +156,7 @@ def load_pt2(path: Path) -> nn.Module:
     try:
         ep = torch.export.load(file, extra_files=extra)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"cannot load {file} as a torch.export program: {reason}") from exc
     module = ep.module()
     module.slimc_stage = extra[EXTRA_STAGE] or None
