@@ -117,8 +117,12 @@ def program_from_graph_module(
 def _use_sdpa(model: nn.Module) -> None:
     impl = getattr(model.config, "_attn_implementation", None)
     if impl != "sdpa" and hasattr(model, "set_attn_implementation"):
-        log.info("switching attention implementation %s -> sdpa for capture", impl)
-        model.set_attn_implementation("sdpa")
+        try:
+            model.set_attn_implementation("sdpa")
+        except ValueError:  # the architecture has no SDPA path: capture its own attention
+            log.info("%s has no SDPA attention; capturing %s", type(model).__name__, impl)
+            return
+        log.info("switched attention implementation %s -> sdpa for capture", impl)
 
 
 def _strip_prefix(gm: fx.GraphModule, prefix: str) -> None:

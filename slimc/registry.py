@@ -19,10 +19,15 @@ PASSES: dict[str, str] = {
     "canonicalize": "slimc.passes.canonicalize:Canonicalize",
     "linear-quant": "slimc.passes.linear_quant:LinearQuant",
     "fuse-quantized-linear": "slimc.passes.fuse_quantized_linear:FuseQuantizedLinear",
+    "smooth-quant": "slimc.passes.smooth_quant:SmoothQuant",
+    "iter-smooth": "slimc.passes.iter_smooth:IterSmooth",
 }
 """Pass name -> `module:Class`. The single source of truth for in-tree passes."""
 
-ANALYSES: dict[str, str] = {}
+ANALYSES: dict[str, str] = {
+    "linear-groups": "slimc.analyses.linear_groups:LinearGroups",
+    "activation-stats": "slimc.analyses.activation_stats:ActivationStats",
+}
 """Analysis name -> `module:Class`, for `require<name>` in pipelines."""
 
 ENTRY_POINT_GROUP = "slimc.passes"

@@ -1,0 +1,1 @@
+"""Analyses: facts computed from a program that passes share (groups, statistics)."""

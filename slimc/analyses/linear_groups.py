@@ -1,0 +1,423 @@
+"""LinearGroups: the subgraphs a smoothing scale can be folded through, discovered from the graph."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import fx
+
+from slimc.ir.builder import is_constant, tensor_val
+from slimc.program import Program, layer_of, node_loc
+
+if TYPE_CHECKING:
+    from slimc.analysis import AnalysisManager
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+GroupKind = Literal["norm-linear", "ov", "up-down", "linear-linear"]
+GROUP_KINDS: tuple[GroupKind, ...] = ("norm-linear", "ov", "up-down", "linear-linear")
+PRIORITY: dict[str, int] = {"up-down": 0, "ov": 1, "linear-linear": 2, "norm-linear": 3}
+"""Order of folding inside one layer (msModelSlim's SUBGRAPH_PRIORITY)."""
+
+CASTS = frozenset({aten.type_as.default, aten._to_copy.default, aten.to.dtype, aten.clone.default})
+"""Ops that pass values through unchanged per channel (dtype casts, copies)."""
+
+MOVES = frozenset(
+    {
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.transpose.int,
+        aten.permute.default,
+        aten.unsqueeze.default,
+        aten.squeeze.dim,
+        aten.expand.default,
+        aten.slice.Tensor,
+        aten.contiguous.default,
+        *CASTS,
+    }
+)
+"""Ops that only move, replicate or cast elements: per-channel scales travel through them."""
+
+NORMS = frozenset({aten.layer_norm.default, aten.rms_norm.default})
+
+
+@dataclass(frozen=True)
+class ScaleCarrier:
+    """Where a norm-linear group's `1/s` is folded: a per-channel constant and optional bias.
+
+    `weight` is a constant node of the channel size; `offset` is a scalar added to it before use
+    (`x * (1 + w)` norms have offset 1.0); `bias` is a constant added after the multiply.
+    """
+
+    node: fx.Node
+    weight: fx.Node
+    offset: float = 0.0
+    bias: fx.Node | None = None
+
+
+@dataclass
+class LinearGroup:
+    """Linears that read one activation, and where a per-channel scale of it can be folded.
+
+    For `norm-linear`, `carrier` is the norm's weight; the input channels are scaled directly.
+    For the other kinds, `producer` is the linear whose output rows are divided by the scale and
+    `channel_map[j]` is the producer output channel that feeds input channel `j` of the targets
+    (for grouped-query attention several o_proj channels share one v_proj channel).
+    """
+
+    kind: GroupKind
+    input: fx.Node
+    targets: tuple[fx.Node, ...]
+    carrier: ScaleCarrier | None = None
+    producer: fx.Node | None = None
+    channel_map: torch.Tensor | None = None
+
+    @property
+    def layer(self) -> str | None:
+        return layer_of(node_loc(self.targets[0]))
+
+    @property
+    def name(self) -> str:
+        src = self.carrier.node if self.carrier else self.producer
+        head = node_loc(src) if src is not None else None
+        targets = ",".join(_short(node_loc(t) or t.name) for t in self.targets)
+        return f"{self.kind} {head or src.name if src is not None else '?'} -> {targets}"
+
+    @property
+    def channels(self) -> int:
+        """Size of the targets' input channel dimension."""
+        return int(tensor_val(self.targets[0].args[1]).shape[1])
+
+    def source_channels(self) -> int:
+        """Number of independent scale entries (producer output channels, or input channels)."""
+        if self.channel_map is None:
+            return self.channels
+        return int(tensor_val(self.producer.args[1]).shape[0])  # type: ignore[union-attr]
+
+    def reduce(self, per_input: torch.Tensor, how: Literal["mean", "max"] = "mean") -> torch.Tensor:
+        """Reduce a per-input-channel vector to one value per producer channel."""
+        if self.channel_map is None:
+            return per_input
+        out = torch.zeros(self.source_channels(), dtype=per_input.dtype)
+        reduce = "mean" if how == "mean" else "amax"
+        return out.scatter_reduce(0, self.channel_map, per_input, reduce, include_self=False)
+
+    def expand(self, per_source: torch.Tensor) -> torch.Tensor:
+        """Spread a per-producer-channel vector over the targets' input channels."""
+        return per_source if self.channel_map is None else per_source[self.channel_map]
+
+
+def _short(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+@dataclass
+class Refusal:
+    """A candidate subgraph where folding would not be exact, and why."""
+
+    kind: str
+    nodes: tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} at {', '.join(self.nodes)}: {self.reason}"
+
+
+@dataclass
+class LinearGroups:
+    """Every foldable group of the program, and the candidates refused with their reasons."""
+
+    name = "linear-groups"
+    groups: list[LinearGroup] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+
+    @classmethod
+    def compute(cls, program: Program, am: AnalysisManager | None = None) -> LinearGroups:
+        from slimc.analyses.channel_probe import probe_channel_maps
+
+        result = cls()
+        by_input: dict[fx.Node, list[fx.Node]] = {}
+        for node in program.graph.find_nodes(op="call_function", target=aten.linear.default):
+            w = node.args[1]
+            if is_constant(w) and tensor_val(w).is_floating_point() and tensor_val(w).dim() == 2:
+                x = node.args[0]
+                assert isinstance(x, fx.Node)
+                by_input.setdefault(x, []).append(node)
+        paths: list[LinearGroup] = []
+        for x, linears in by_input.items():
+            group = _norm_linear(x, linears, result) or _path_group(x, linears, by_input, result)
+            if group is None:
+                continue
+            if _weights_shared(group, result):
+                continue
+            (paths if group.producer is not None else result.groups).append(group)
+        if paths:
+            maps = probe_channel_maps(program, paths)
+            for group in paths:
+                problem = maps.get(group.input)
+                if isinstance(problem, str):
+                    result.refused.append(Refusal(group.kind, _names(group), problem))
+                    continue
+                group.channel_map = problem
+                result.groups.append(group)
+        order = {n: i for i, n in enumerate(program.graph.nodes)}
+        result.groups.sort(key=lambda g: order[g.targets[0]])
+        for r in result.refused:
+            log.info("linear-groups: not foldable: %s", r)
+        return result
+
+    def in_layer_order(self) -> list[LinearGroup]:
+        """Groups layer by layer (graph order), inside a layer in folding priority order."""
+        layers: dict[str | None, list[LinearGroup]] = {}
+        for g in self.groups:
+            layers.setdefault(g.layer, []).append(g)
+        out: list[LinearGroup] = []
+        for groups in layers.values():
+            out.extend(sorted(groups, key=lambda g: PRIORITY[g.kind]))
+        return out
+
+    def describe(self) -> str:
+        """One line per group and per refusal (what `slimc-opt --print-analyses` shows)."""
+        lines = [f"linear-groups: {len(self.groups)} groups, {len(self.refused)} refused"]
+        for g in self.groups:
+            extra = ""
+            if g.channel_map is not None and len(g.channel_map) != g.source_channels():
+                extra = f"  [{g.source_channels()} -> {len(g.channel_map)} channels]"
+            lines.append(f"  {g.name}{extra}")
+        lines.extend(f"  refused {r}" for r in self.refused)
+        return "\n".join(lines)
+
+
+def _names(group: LinearGroup) -> tuple[str, ...]:
+    src = group.carrier.node if group.carrier else group.producer
+    nodes = ([src] if src is not None else []) + list(group.targets)
+    return tuple(n.name for n in nodes)
+
+
+def _users_are(node: fx.Node, allowed: set[fx.Node]) -> bool:
+    return all(u in allowed for u in node.users)
+
+
+def _channel_constant(node: object, channels: int) -> tuple[fx.Node, float] | None:
+    """`w` or `w + c` (through casts) where `w` is a constant of `channels` elements."""
+    if not isinstance(node, fx.Node):
+        return None
+    offset = 0.0
+    while node.op == "call_function" and node.target in CASTS and len(node.users) == 1:
+        node = node.args[0]  # type: ignore[assignment]
+    if (
+        node.op == "call_function"
+        and node.target is aten.add.Tensor
+        and isinstance(node.args[1], (int, float))
+        and len(node.users) == 1
+    ):
+        offset = float(node.args[1])
+        node = node.args[0]  # type: ignore[assignment]
+        while node.op == "call_function" and node.target in CASTS and len(node.users) == 1:
+            node = node.args[0]  # type: ignore[assignment]
+    if not is_constant(node):
+        return None
+    shape = tuple(tensor_val(node).shape)
+    if not shape or shape[-1] != channels or any(d != 1 for d in shape[:-1]):
+        return None
+    return node, offset
+
+
+def _norm_linear(x: fx.Node, linears: list[fx.Node], result: LinearGroups) -> LinearGroup | None:
+    """A norm (or any per-channel multiply by a constant) whose output only these linears read."""
+    channels = int(tensor_val(linears[0].args[1]).shape[1])
+    chain = [x]
+    node = x
+    while node.op == "call_function" and node.target in CASTS:
+        node = node.args[0]  # type: ignore[assignment]
+        chain.append(node)
+    carrier = _carrier(node, channels)
+    if carrier is None:
+        return None
+    targets = set(linears)
+    inner_ok = all(_users_are(n, {chain[i - 1]}) for i, n in enumerate(chain) if i > 0)
+    if not (_users_are(x, targets) and inner_ok):
+        others = sorted(
+            {u.name for n in chain for u in n.users if u not in targets and u not in chain}
+        )
+        result.refused.append(
+            Refusal(
+                "norm-linear",
+                (carrier.node.name, *[t.name for t in linears]),
+                f"the scaled value is also read by {', '.join(others)}",
+            )
+        )
+        return None
+    for const in (carrier.weight, carrier.bias):
+        if const is not None and len(const.users) != 1:
+            result.refused.append(
+                Refusal(
+                    "norm-linear",
+                    (carrier.node.name, const.name),
+                    f"constant {const.target} is shared by {len(const.users)} nodes",
+                )
+            )
+            return None
+    return LinearGroup("norm-linear", x, tuple(linears), carrier=carrier)
+
+
+def _carrier(node: fx.Node, channels: int) -> ScaleCarrier | None:
+    if node.op != "call_function":
+        return None
+    if node.target in NORMS:
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        bias = None
+        if node.target is aten.layer_norm.default:
+            bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+        if not is_constant(weight) or (bias is not None and not is_constant(bias)):
+            return None
+        return ScaleCarrier(node, weight, 0.0, bias)  # type: ignore[arg-type]
+    if node.target is aten.add.Tensor and len(node.users) >= 1:
+        inner, other = node.args[0], node.args[1]
+        found = _channel_constant(other, channels)
+        if found and found[1] == 0.0 and isinstance(inner, fx.Node) and len(inner.users) == 1:
+            base = _carrier(inner, channels)
+            if base is not None and base.bias is None and base.node.target is aten.mul.Tensor:
+                return ScaleCarrier(node, base.weight, base.offset, found[0])
+        return None
+    if node.target is aten.mul.Tensor:
+        for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            found = _channel_constant(b, channels)
+            if found is not None and isinstance(a, fx.Node):
+                return ScaleCarrier(node, found[0], found[1])
+    return None
+
+
+def _depends_on(node: object, target: fx.Node, limit: int = 64) -> bool:
+    """Whether `node` is computed from `target` (bounded backward search)."""
+    if not isinstance(node, fx.Node):
+        return False
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack and len(seen) < 4096:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        stack.extend(a for a in n.all_input_nodes)
+    return False
+
+
+def _path_group(
+    x: fx.Node,
+    linears: list[fx.Node],
+    by_input: dict[fx.Node, list[fx.Node]],
+    result: LinearGroups,
+) -> LinearGroup | None:
+    """Walk back from `x` through channel-preserving ops to the single linear that produces it."""
+    path: list[fx.Node] = []
+    kind: GroupKind = "linear-linear"
+    node = x
+    while True:
+        if node.op != "call_function":
+            return None
+        if node.target is aten.linear.default and is_constant(node.args[1]):
+            break
+        path.append(node)
+        if node.target in MOVES:
+            node = node.args[0]  # type: ignore[assignment]
+        elif node.target is aten.mul.Tensor:
+            a, b = node.args[0], node.args[1]
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                return None
+            # follow the operand that is a linear's output (or leads to one); the other must not
+            a_lin, b_lin = _leads_to_linear(a), _leads_to_linear(b)
+            if a_lin == b_lin:
+                return None
+            node = a if a_lin else b
+            if kind == "linear-linear":
+                kind = "up-down"
+        elif node.target is aten.scaled_dot_product_attention.default:
+            node = node.args[2]  # type: ignore[assignment]
+            kind = "ov"
+        elif node.target in (aten.matmul.default, aten.bmm.default) and _is_probs(node.args[0]):
+            node = node.args[1]  # type: ignore[assignment]
+            kind = "ov"
+        else:
+            return None
+        if not isinstance(node, fx.Node):
+            return None
+    producer = node
+    allowed = set(path) | set(linears)
+    members = [producer, *path]
+    leaks = sorted({u.name for n in members for u in n.users if u not in allowed})
+    if leaks:
+        result.refused.append(
+            Refusal(
+                kind,
+                (producer.name, *[t.name for t in linears]),
+                f"values also read by {', '.join(leaks)}",
+            )
+        )
+        return None
+    for n in path:
+        if n.target is aten.mul.Tensor and _depends_on(
+            n.args[1] if _depends_on(n.args[0], producer) else n.args[0], producer
+        ):
+            result.refused.append(
+                Refusal(
+                    kind,
+                    (producer.name, n.name),
+                    "both factors of a product depend on the producer",
+                )
+            )
+            return None
+        if n.target is aten.scaled_dot_product_attention.default and (
+            _depends_on(n.args[0], producer) or _depends_on(n.args[1], producer)
+        ):
+            result.refused.append(
+                Refusal(kind, (producer.name, n.name), "attention scores depend on the producer")
+            )
+            return None
+    return LinearGroup(kind, x, tuple(linears), producer=producer)
+
+
+def _leads_to_linear(node: fx.Node) -> bool:
+    while node.op == "call_function" and node.target in MOVES:
+        node = node.args[0]  # type: ignore[assignment]
+    return node.op == "call_function" and node.target is aten.linear.default
+
+
+def _is_probs(node: object) -> bool:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in MOVES:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.target in (
+        aten.softmax.int,
+        aten._softmax.default,
+        aten.dropout.default,
+    )
+
+
+def _weights_shared(group: LinearGroup, result: LinearGroups) -> bool:
+    """Refuse a group whose scaled weights other nodes also read (tied embeddings)."""
+    nodes = list(group.targets) + ([group.producer] if group.producer is not None else [])
+    for lin in nodes:
+        w = lin.args[1]
+        assert isinstance(w, fx.Node)
+        others = [u.name for u in w.users if u is not lin]
+        bias = lin.args[2] if len(lin.args) > 2 else None
+        if isinstance(bias, fx.Node) and len(bias.users) > 1:
+            others.append(f"bias {bias.target}")
+        if others:
+            result.refused.append(
+                Refusal(
+                    group.kind,
+                    _names(group),
+                    f"weight {w.target} of {lin.name} is shared with {', '.join(others)} "
+                    "(tied weights)",
+                )
+            )
+            return True
+    return False

@@ -1,0 +1,1 @@
+"""Shared machinery of the smoothing passes: group selection, scale formulas, folding."""
