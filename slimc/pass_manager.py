@@ -49,7 +49,10 @@ def expand(specs: Sequence[PassSpec]) -> list[PassSpec]:
     out: list[PassSpec] = []
     for spec in specs:
         named = registry.PIPELINES.get(spec.name)
-        out.extend(named.expand(spec.options) if named else [spec])
+        try:
+            out.extend(named.expand(spec.options) if named else [spec])
+        except (registry.UnknownPassError, OptionError) as exc:
+            raise PipelineError(str(exc)) from None
     return out
 
 

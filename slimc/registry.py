@@ -24,6 +24,9 @@ PASSES: dict[str, str] = {
 }
 """Pass name -> `module:Class`. The single source of truth for in-tree passes."""
 
+ANTI_OUTLIER: tuple[str, ...] = ("smooth-quant", "iter-smooth")
+"""Smoothing passes `slimc quant --anti-outlier` accepts (each also usable in any pipeline)."""
+
 ANALYSES: dict[str, str] = {
     "linear-groups": "slimc.analyses.linear_groups:LinearGroups",
     "activation-stats": "slimc.analyses.activation_stats:ActivationStats",
@@ -35,24 +38,45 @@ ENTRY_POINT_GROUP = "slimc.passes"
 
 @dataclass(frozen=True)
 class NamedPipeline:
-    """A pipeline registered under a name; its options are forwarded to its first pass."""
+    """A pipeline registered under a name.
+
+    Options given to the name go to every pass of the pipeline that declares an option of that
+    name (`w4a16-awq{group-size=64}` sets the group size of both `awq` and `linear-quant`).
+    """
 
     name: str
     summary: str
     passes: tuple[PassSpec, ...]
 
     def expand(self, options: dict[str, OptionValue]) -> list[PassSpec]:
-        first, *rest = self.passes
-        merged = {**first.options, **options}
-        return [PassSpec(first.name, merged), *rest]
+        from slimc.pass_base import OptionError
+
+        declared = [
+            {f.name.replace("_", "-") for f in get_pass(p.name).option_fields()}
+            for p in self.passes
+        ]
+        unused = [k for k in options if not any(k in names for names in declared)]
+        if unused:
+            known = sorted(set().union(*declared))
+            raise OptionError(
+                f"pipeline {self.name!r} has no option {unused[0]!r} (options: {', '.join(known)})"
+            )
+        return [
+            PassSpec(p.name, {**p.options, **{k: v for k, v in options.items() if k in names}})
+            for p, names in zip(self.passes, declared, strict=True)
+        ]
+
+
+def _quantize(scheme: str) -> tuple[PassSpec, ...]:
+    return (PassSpec("linear-quant", {"scheme": (scheme,)}), PassSpec("fuse-quantized-linear"))
 
 
 def _plain(scheme: str, summary: str) -> NamedPipeline:
-    return NamedPipeline(
-        scheme,
-        summary,
-        (PassSpec("linear-quant", {"scheme": (scheme,)}), PassSpec("fuse-quantized-linear")),
-    )
+    return NamedPipeline(scheme, summary, _quantize(scheme))
+
+
+def _recipe(name: str, summary: str, smoothing: PassSpec, scheme: str) -> NamedPipeline:
+    return NamedPipeline(name, summary, (smoothing, *_quantize(scheme)))
 
 
 PIPELINES: dict[str, NamedPipeline] = {
@@ -63,8 +87,27 @@ PIPELINES: dict[str, NamedPipeline] = {
         _plain("w8a16", "int8 weights (per channel or group), float activations"),
         _plain("w4a16", "int4 weights, asymmetric integer zero point, per channel or group"),
         _plain("w4a8", "int4 weights per channel x dynamic per-token int8 activations"),
+        _recipe(
+            "w8a8-smooth-quant",
+            "SmoothQuant (alpha 0.5), then w8a8",
+            PassSpec("smooth-quant"),
+            "w8a8",
+        ),
+        _recipe(
+            "w8a8-iter-smooth",
+            "Iterative Smooth on all group kinds, then w8a8 (static per-tensor activations)",
+            PassSpec("iter-smooth"),
+            "w8a8",
+        ),
+        _recipe(
+            "w8a8-dynamic-iter-smooth",
+            "Iterative Smooth on all group kinds, then w8a8-dynamic",
+            PassSpec("iter-smooth"),
+            "w8a8-dynamic",
+        ),
     )
 }
+"""Named pipelines: plain schemes (no outlier suppression) and recipes that add it."""
 
 
 class UnknownPassError(KeyError):

@@ -194,9 +194,19 @@ def test_named_pipeline_option_overrides_its_default() -> None:
 @pytest.mark.parametrize("name", sorted(registry.PIPELINES))
 def test_every_named_pipeline_builds(name: str) -> None:
     pm = PassManager.parse(name)
-    assert [s.name for s in pm.steps] == ["linear-quant", "fuse-quantized-linear"]
-    assert pm.steps[0].scheme == name
+    names = [s.name for s in pm.steps]
+    assert names[-2:] == ["linear-quant", "fuse-quantized-linear"]
+    assert name.startswith(pm.steps[-2].scheme)
+    assert all(s.exact for s in pm.steps[:-2])  # anything before quantization is exact smoothing
     assert pm.end_stage is Stage.FUSED
+
+
+def test_recipe_options_reach_every_pass_that_declares_them() -> None:
+    pm = PassManager.parse("w8a8-iter-smooth{alpha=0.7 observer=minmax}")
+    assert pm.steps[0].alpha == 0.7
+    assert pm.steps[1].observer == "minmax" and pm.steps[1].scheme == "w8a8"
+    with pytest.raises(PipelineError, match="has no option 'bogus'"):
+        PassManager.parse("w8a8-iter-smooth{bogus=1}")
 
 
 def test_registry_names_match_classes() -> None:

@@ -11,13 +11,41 @@ from typing import Any
 
 from slimc.tools._cli_common import run_guarded, setup_logging
 
-from slimc.quant.scheme import SCHEMES
+from slimc.quant.scheme import SCHEMES, make_scheme
+from slimc.registry import ANTI_OUTLIER
 
 FORMATS = ("compressed-tensors", "pt2")
 
 
+def smoothing_options(args: argparse.Namespace) -> list[str]:
+    """Options of the `--anti-outlier` pass that follow from the quantization flags.
+
+    Passes that search against a quantizer (flex-smooth-quant, awq, flex-awq-ssz) get the
+    activation quantizer and weight format the chosen `--quant-type` will use.
+    """
+    scheme = make_scheme(args.quant_type)  # bits and default symmetry; group size checked later
+    weight, act = scheme.weight, scheme.activation
+    symmetric = args.symmetric or weight.symmetric
+    if args.anti_outlier == "flex-smooth-quant":
+        return [
+            "act-quant=" + ("per-tensor" if act is not None and not act.dynamic else "per-token")
+        ]
+    if args.anti_outlier == "awq":
+        opts = [f"bits={weight.bits}", f"symmetric={str(symmetric).lower()}"]
+        return opts + ([f"group-size={args.group_size}"] if args.group_size else [])
+    if args.anti_outlier == "flex-awq-ssz":
+        opts = [f"weight-bits={weight.bits}", f"symmetric={str(symmetric).lower()}"]
+        opts.append("act-quant=" + ("none" if act is None else "per-token"))
+        return opts + ([f"group-size={args.group_size}"] if args.group_size else [])
+    return []
+
+
 def build_pipeline(args: argparse.Namespace) -> str:
-    """The pipeline string `slimc quant` runs for its flags (a plain named scheme)."""
+    """The pipeline string `slimc quant` runs for its flags: optional smoothing, then the scheme."""
+    prefix = ""
+    if args.anti_outlier:
+        opts = smoothing_options(args)
+        prefix = args.anti_outlier + ("{" + " ".join(opts) + "}" if opts else "") + ","
     opts = []
     if args.group_size is not None:
         opts.append(f"group-size={args.group_size}")
@@ -27,7 +55,7 @@ def build_pipeline(args: argparse.Namespace) -> str:
         opts.append(f"observer={args.observer}")
     if args.ignore is not None:
         opts.append("ignore=" + ",".join(f'"{g}"' for g in args.ignore))
-    return args.quant_type + ("{" + " ".join(opts) + "}" if opts else "")
+    return prefix + args.quant_type + ("{" + " ".join(opts) + "}" if opts else "")
 
 
 def _peak_rss_mb() -> float:
@@ -77,7 +105,8 @@ def cmd_quant(args: argparse.Namespace) -> int:
     if ids is not None:
         q = perplexity(quantized, ids, windows=args.eval)
         qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
-    rows.append((args.quant_type, qppl, delta, f"{seconds:.1f}", f"{peak:.0f}"))
+    label = args.quant_type + (f" + {args.anti_outlier}" if args.anti_outlier else "")
+    rows.append((label, qppl, delta, f"{seconds:.1f}", f"{peak:.0f}"))
     if args.save is not None:
         save(
             quantized, args.save, format=args.format, tokenizer=tokenizer, overwrite=args.overwrite
@@ -148,6 +177,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--symmetric", action="store_true", help="symmetric weights (w4a16/w8a16)")
     q.add_argument(
+        "--anti-outlier",
+        choices=ANTI_OUTLIER,
+        default=None,
+        help="outlier suppression pass run before quantizing (default: none); searching "
+        "passes are set up for the chosen --quant-type",
+    )
+    q.add_argument(
         "--observer",
         choices=("minmax", "histogram"),
         default="histogram",
@@ -165,7 +201,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--calib-samples",
         type=int,
         default=128,
-        help="calibration documents for static activations (default 128)",
+        help="calibration documents for passes that need data: static activations, "
+        "smoothing (default 128)",
     )
     q.add_argument(
         "--format",
