@@ -29,6 +29,57 @@ def tiny_llama(seed: int = 0, layers: int = 2):
     return model.eval()
 
 
+def tiny_gemma2(seed: int = 0, layers: int = 2):
+    """A small random `Gemma2ForCausalLM`: `x * (1 + w)` RMSNorms and sandwich norms, GQA 4/2.
+
+    Every norm weight is randomized (Gemma initializes them to zero) so that folding a scale into
+    `1 + w` is exercised with non-trivial weights.
+    """
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5)
+    return model
+
+
+def tiny_opt(seed: int = 0, layers: int = 2):
+    """A small random `OPTForCausalLM`: LayerNorms with biases, linears with biases, tied head."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=128,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
+    )
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():  # norms start as (1, 0) and biases as 0: make them all matter
+        for name, param in model.named_parameters():
+            if "layer_norm" in name and name.endswith("weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.uniform_(-0.5, 0.5)
+    return model
+
+
 def tiny_tokenizer():
     """A small word-level `PreTrainedTokenizerFast` (vocab < 128) for tests that save tokenizers."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -66,3 +117,21 @@ def tiny_mlp(
     """A random `TinyMLP` (hidden -> intermediate -> hidden), fp32, eval mode."""
     torch.manual_seed(seed)
     return TinyMLP(hidden, intermediate, bias).eval()
+
+
+_CAPTURED: dict[str, object] = {}
+
+
+def captured(name: str):
+    """A fresh deep copy of a tiny model (`llama`, `gemma2`, `opt`; 2 layers, seed 0) captured once.
+
+    Capturing takes seconds; tests in several modules share one capture per session.
+    """
+    import copy
+
+    from slimc.capture import capture
+
+    builders = {"llama": tiny_llama, "gemma2": tiny_gemma2, "opt": tiny_opt}
+    if name not in _CAPTURED:
+        _CAPTURED[name] = capture(builders[name](seed=0, layers=2))
+    return copy.deepcopy(_CAPTURED[name])

@@ -38,11 +38,25 @@ def build():
 """
 
 
+LLAMA_CALIB_CASE = """\
+import torch
+
+from tests.models import tiny_llama
+
+
+def build():
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 128, (1, 16), generator=gen) for _ in range(2)]
+    return tiny_llama(seed=0, layers=2), None, calib
+"""
+
+
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("cases")
     (d / "mlp.py").write_text(MLP_CASE)
     (d / "llama.py").write_text(LLAMA_CASE)
+    (d / "llama_calib.py").write_text(LLAMA_CALIB_CASE)
     (d / "nobuild.py").write_text("def make():\n    return None\n")
     (d / "badreturn.py").write_text("def build():\n    return 42\n")
     (d / "raises.py").write_text("def build():\n    raise ValueError('no model today')\n")
@@ -173,8 +187,9 @@ def test_bad_case_files(slimc_opt, cases: Path, case: str, expected: str) -> Non
     assert expected in one_error_line(res.err)
 
 
-def test_missing_calibration_data(slimc_opt, cases: Path) -> None:
-    res = slimc_opt(str(cases / "mlp.py"), "-p", "w8a8")
+@pytest.mark.parametrize("pipeline", ["w8a8", "iter-smooth", "require<activation-stats>"])
+def test_missing_calibration_data(slimc_opt, cases: Path, pipeline: str) -> None:
+    res = slimc_opt(str(cases / "mlp.py"), "-p", pipeline)
     assert res.rc == 1
     assert "needs calibration data" in one_error_line(res.err)
 
@@ -222,6 +237,18 @@ def test_hf_model_dir_with_calibration(slimc_opt, tmp_path: Path) -> None:
     assert "loc(" not in res.out
 
 
+def test_hf_model_dir_calibrates_for_required_analyses(slimc_opt, tmp_path: Path) -> None:
+    from tests.models import tiny_llama, tiny_tokenizer
+
+    tiny_llama(seed=0, layers=2).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    res = slimc_opt(
+        str(tmp_path), "-p", "require<activation-stats>", "--print-analyses", "--calib-samples", "2"
+    )
+    assert res.rc == 0, res.err
+    assert "activation-stats: 9 linear inputs" in res.err
+
+
 def test_case_without_pipeline_prints_canonical_ir(slimc_opt, cases: Path) -> None:
     res = slimc_opt(str(cases / "mlp.py"))
     assert res.rc == 0
@@ -252,6 +279,47 @@ def test_time_passes_and_statistics(slimc_opt, cases: Path) -> None:
     assert "  (2) quantized linears (w4a16)" in res.err
     assert "  (2) fused linears" in res.err
     assert "Pass execution timing report" not in res.out
+
+
+def test_print_analyses_without_pipeline(slimc_opt, cases: Path) -> None:
+    res = slimc_opt(str(cases / "llama.py"), "--print-analyses")
+    assert res.rc == 0, res.err
+    assert res.out.startswith("// stage: aten\n") and "linear-groups" not in res.out
+    lines = res.err.splitlines()
+    assert lines[0] == "linear-groups: 8 groups, 1 refused"
+    assert "  norm-linear model.layers.0.input_layernorm -> q_proj,k_proj,v_proj" in lines
+    assert "  ov model.layers.0.self_attn.v_proj -> o_proj  [32 -> 64 channels]" in lines
+    assert "  norm-linear model.layers.1.post_attention_layernorm -> gate_proj,up_proj" in lines
+    assert "  up-down model.layers.1.mlp.up_proj -> down_proj" in lines
+    assert re.fullmatch(
+        r"  refused norm-linear at \w+, \w+: weight lm_head.weight of \w+ is shared with "
+        r"embedding \(tied weights\)",
+        lines[-1],
+    )
+    assert "activation-stats" not in res.err  # needs calibration: printed only when cached
+    assert slimc_opt(str(cases / "llama.py")).err == ""
+
+
+def test_print_analyses_after_smoothing(slimc_opt, cases: Path) -> None:
+    res = slimc_opt(
+        str(cases / "llama_calib.py"), "-p", "iter-smooth", "--print-analyses", "--pass-statistics"
+    )
+    assert res.rc == 0, res.err
+    assert "  (4) smoothed norm-linear groups" in res.err
+    groups, stats = res.err.index("linear-groups: 8 groups"), res.err.index("activation-stats:")
+    assert res.err.index("Pass statistics report") < groups < stats
+    assert "activation-stats: 9 linear inputs" in res.err
+    assert re.search(
+        r"^  mul_\d+ -> model.layers.0.mlp.gate_proj,model.layers.0.mlp.up_proj: "
+        r"absmax [0-9.e+-]+ \(max/median [0-9.]+\), tokens 32$",
+        res.err,
+        re.MULTILINE,
+    )
+    # a pipeline that drops the cached analyses: linear-groups recomputed on the quantized IR
+    res = slimc_opt(str(cases / "llama_calib.py"), "-p", "iter-smooth,w8a16", "--print-analyses")
+    assert res.rc == 0, res.err
+    assert "linear-groups: 0 groups, 1 refused" in res.err  # only the float, tied lm_head is left
+    assert "activation-stats" not in res.err
 
 
 def test_print_ir_flags(slimc_opt, cases: Path) -> None:

@@ -30,7 +30,8 @@ from slimc.stage import Stage
 if typing.TYPE_CHECKING:
     from torch import nn
 
-    from slimc.pass_manager import Step
+    from slimc.analysis import AnalysisManager
+    from slimc.pass_manager import PassManager, Step
     from slimc.program import Program
 
 PROG = "slimc-opt"
@@ -40,7 +41,8 @@ EPILOG = """\
 INPUT is an HF model directory, a Python file case.py[:builder] whose builder (default build)
 returns (nn.Module, example_inputs[, calib]), or a .pt2 file (slimc-opt -o output or a crash
 reproducer; without -p the pipeline stored in it runs). The final IR and --print-ir-* dumps go
-to stdout; reports (--time-passes, --pass-statistics, --track-error) and errors go to stderr.
+to stdout; reports (--time-passes, --pass-statistics, --track-error, --print-analyses) and errors
+go to stderr.
 """
 
 
@@ -108,6 +110,13 @@ def make_parser() -> argparse.ArgumentParser:
         "--track-error",
         action="store_true",
         help="report SQNR / max error vs the float program after each pass",
+    )
+    d.add_argument(
+        "--print-analyses",
+        action="store_true",
+        help="after the pipeline (or on the input, without -p), describe every cached analysis "
+        "and linear-groups (computed if not cached); add require<activation-stats> to the "
+        "pipeline to see activation statistics",
     )
     d.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N passes")
     d.add_argument("--no-verify", action="store_true", help="do not verify the IR after each pass")
@@ -276,7 +285,34 @@ def _instrumentations(
     return insts
 
 
+def _needs_calibration(pm: PassManager) -> bool:
+    """Whether a pass, or an analysis the pipeline requires, runs on calibration data."""
+    from slimc.pass_manager import AnalysisDirective
+
+    return pm.needs_calibration or any(
+        isinstance(s, AnalysisDirective)
+        and s.name == "require"
+        and getattr(registry.get_analysis(s.analysis), "needs_calibration", False)
+        for s in pm.steps
+    )
+
+
+def describe_analyses(am: AnalysisManager) -> str:
+    """`--print-analyses`: linear-groups (computed if not cached), then every other cached one."""
+    from slimc.analyses.linear_groups import LinearGroups
+
+    blocks = [am.get(LinearGroups).describe()]
+    for name in sorted(registry.ANALYSES):
+        cls = registry.get_analysis(name)
+        analysis = am.cached(cls) if cls is not LinearGroups else None
+        if analysis is not None:
+            describe = getattr(analysis, "describe", None)
+            blocks.append(describe() if callable(describe) else f"{name}: cached")
+    return "\n".join(blocks)
+
+
 def _run(args: argparse.Namespace) -> int:
+    from slimc.analysis import AnalysisManager
     from slimc.ir.printer import print_program
     from slimc.pass_manager import PassManager
 
@@ -301,8 +337,9 @@ def _run(args: argparse.Namespace) -> int:
         print(checked.pipeline_spec(include_defaults=True))
         if args.input is None:
             return 0
-    program = load_input(args, checked.needs_calibration)
+    program = load_input(args, _needs_calibration(checked))
     insts = _instrumentations(args, steps, program)
+    am = AnalysisManager(program)
     pm = PassManager(
         steps,
         start_stage=program.stage,
@@ -312,9 +349,11 @@ def _run(args: argparse.Namespace) -> int:
         crash_reproducer=args.crash_reproducer,
     )
     try:
-        pm.run(program)
+        pm.run(program, am)
     finally:
         _reports(args, insts, program)
+    if args.print_analyses:
+        print(describe_analyses(am), file=sys.stderr)
     print(print_program(program, loc=not args.no_loc))
     if args.output:
         from slimc.reproducer import save_program

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import fx
@@ -90,6 +90,7 @@ class ActivationStats:
     """
 
     name = "activation-stats"
+    needs_calibration: ClassVar[bool] = True
     stats: dict[fx.Node, ChannelStats] = field(default_factory=dict)
 
     def __getitem__(self, node: fx.Node) -> ChannelStats:

@@ -105,4 +105,8 @@ def _decode(value: torch.Tensor | None, group: LinearGroup) -> torch.Tensor | st
     sources = group.source_channels()
     if (ids - rounded).abs().max() > 1e-2 or rounded.min() < 1 or rounded.max() > sources:
         return "the path between producer and consumer mixes channels"
-    return rounded.long() - 1
+    channel_map = rounded.long() - 1
+    unread = sources - int(torch.unique(channel_map).numel())
+    if unread:
+        return f"the consumer reads only {sources - unread} of the producer's {sources} channels"
+    return channel_map

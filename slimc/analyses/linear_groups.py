@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -44,6 +45,11 @@ MOVES = frozenset(
 """Ops that only move, replicate or cast elements: per-channel scales travel through them."""
 
 NORMS = frozenset({aten.layer_norm.default, aten.rms_norm.default})
+
+SPLITS = frozenset(
+    {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
+)
+"""Ops whose parts (`getitem`) are slices of their input: a fused qkv's v part is one."""
 
 
 @dataclass(frozen=True)
@@ -95,9 +101,9 @@ class LinearGroup:
 
     def source_channels(self) -> int:
         """Number of independent scale entries (producer output channels, or input channels)."""
-        if self.channel_map is None:
+        if self.producer is None:
             return self.channels
-        return int(tensor_val(self.producer.args[1]).shape[0])  # type: ignore[union-attr]
+        return int(tensor_val(self.producer.args[1]).shape[0])
 
     def reduce(self, per_input: torch.Tensor, how: Literal["mean", "max"] = "mean") -> torch.Tensor:
         """Reduce a per-input-channel vector to one value per producer channel."""
@@ -233,7 +239,7 @@ def _norm_linear(x: fx.Node, linears: list[fx.Node], result: LinearGroups) -> Li
     channels = int(tensor_val(linears[0].args[1]).shape[1])
     chain = [x]
     node = x
-    while node.op == "call_function" and node.target in CASTS:
+    while _keeps_channels(node):
         node = node.args[0]  # type: ignore[assignment]
         chain.append(node)
     carrier = _carrier(node, channels)
@@ -259,11 +265,46 @@ def _norm_linear(x: fx.Node, linears: list[fx.Node], result: LinearGroups) -> Li
                 Refusal(
                     "norm-linear",
                     (carrier.node.name, const.name),
-                    f"constant {const.target} is shared by {len(const.users)} nodes",
+                    f"constant {const.target} is shared by {len(const.users)} nodes: "
+                    + ", ".join(u.name for u in const.users),
                 )
             )
             return None
     return LinearGroup("norm-linear", x, tuple(linears), carrier=carrier)
+
+
+def _keeps_channels(node: fx.Node) -> bool:
+    """A cast or move whose output element `[..., c]` comes from input element `[..., c]`.
+
+    Such ops (dtype casts, slices of the sequence, views keeping the last dim, transposes of
+    leading dims) sit between a norm and the linears reading it, e.g. the final norm and
+    `lm_head` (`hidden_states[:, -n:, :]`); a per-channel scale travels through them unchanged.
+    """
+    if node.op != "call_function" or node.target not in MOVES:
+        return False
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return False
+    if node.target in CASTS or node.target is aten.contiguous.default:
+        return True
+    try:
+        out, inp = tensor_val(node), tensor_val(src)
+    except TypeError:
+        return False
+    if out.dim() == 0 or inp.dim() == 0 or out.shape[-1] != inp.shape[-1]:
+        return False
+    last = inp.dim() - 1
+    if node.target is aten.transpose.int:
+        dims = {d % inp.dim() for d in node.args[1:3]}  # type: ignore[operator]
+        return last not in dims or len(dims) == 1
+    if node.target is aten.permute.default:
+        return node.args[1][-1] % inp.dim() == last  # type: ignore[index,operator]
+    if node.target is aten.slice.Tensor:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        return dim % inp.dim() != last or step == 1  # type: ignore[operator]
+    # views, reshapes, (un)squeezes and expands keeping the last dim's size keep its index
+    return True
 
 
 def _carrier(node: fx.Node, channels: int) -> ScaleCarrier | None:
@@ -330,15 +371,21 @@ def _path_group(
             node = node.args[0]  # type: ignore[assignment]
         elif node.target is aten.mul.Tensor:
             a, b = node.args[0], node.args[1]
+            if isinstance(a, fx.Node) and not isinstance(b, fx.Node):
+                node = a  # a scalar factor scales every channel alike
+                continue
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                 return None
             # follow the operand that is a linear's output (or leads to one); the other must not
             a_lin, b_lin = _leads_to_linear(a), _leads_to_linear(b)
             if a_lin == b_lin:
                 return None
-            node = a if a_lin else b
-            if kind == "linear-linear":
-                kind = "up-down"
+            node, other = (a, b) if a_lin else (b, a)
+            if kind == "linear-linear" and not is_constant(other):
+                kind = "up-down"  # the producer's output times a gate computed elsewhere
+        elif node.target is operator.getitem and _is_split(node.args[0]):
+            path.append(node.args[0])  # type: ignore[arg-type]
+            node = node.args[0].args[0]  # type: ignore[union-attr]
         elif node.target is aten.scaled_dot_product_attention.default:
             node = node.args[2]  # type: ignore[assignment]
             kind = "ov"
@@ -382,6 +429,10 @@ def _path_group(
             )
             return None
     return LinearGroup(kind, x, tuple(linears), producer=producer)
+
+
+def _is_split(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.target in SPLITS
 
 
 def _leads_to_linear(node: fx.Node) -> bool:
