@@ -13,6 +13,7 @@ from slimc.program import Program
 from slimc.smooth.base import SmoothingPass
 from slimc.smooth.fold import fold_scale, weight_column_absmax
 from slimc.smooth.scales import smoothquant_scale
+from slimc.smooth.shift import fold_shift
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ class IterSmooth(SmoothingPass):
     group (the column maximum over all its linears) and the activation statistics as updated by
     the scales folded before it. For grouped-query attention the o_proj scale is reduced to one
     value per v_proj channel (`ov-reduce`: mean over the query heads sharing it, or max) and
-    repeated per head. Exact.
+    repeated per head. With `symmetric=false` each norm-linear input channel is also centred
+    (msModelSlim's asymmetric mode): the norm gains an output bias and the linears a bias, which
+    `slimc.compile` writes back as `slimc.nn.OutputBias` around the norm module. Exact.
     """
 
     name = "iter-smooth"
@@ -36,19 +39,35 @@ class IterSmooth(SmoothingPass):
     ov_reduce: Literal["mean", "max"] = option(
         "mean", "How o_proj channels sharing one v_proj channel (GQA) combine their scales."
     )
+    symmetric: bool = option(
+        True,
+        "false: centre each norm-linear input channel first (shift = (max+min)/2, folded into "
+        "a bias after the norm and into the linears' biases); other kinds stay symmetric.",
+    )
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         groups = self.select(program, am)
         if not groups:
             return PassResult(changed=False, preserved=self.preserved())
         stats = am.get(ActivationStats)
+        shifted = False
         for group in groups:
+            st = stats[group.input]
+            centre = not self.symmetric and group.kind == "norm-linear"
             scale = smoothquant_scale(
-                stats[group.input].absmax,
+                (st.max - st.min) / 2 if centre else st.absmax,
                 weight_column_absmax(program, group),
                 self.alpha,
                 1.0 - self.alpha,
                 self.scale_min,
             )
-            fold_scale(program, group, group.reduce(scale, self.ov_reduce), stats)
+            scale = group.reduce(scale, self.ov_reduce)
+            shift = (st.max + st.min) / 2
+            fold_scale(program, group, scale, stats)
+            if centre:
+                fold_shift(program, group, shift / scale, stats, origin=str(self))
+                self.stat(program, "shifts folded into biases")
+                shifted = True
+        if shifted:
+            program.recompile()
         return PassResult(changed=True, preserved=self.preserved())

@@ -13,10 +13,11 @@ from torch import fx, nn
 from slimc.capture import capture, is_hf_causal_lm
 from slimc.errors import UserError
 from slimc.instrumentation import Instrumentation
-from slimc.nn import QuantizedLinear
+from slimc.nn import OutputBias, QuantizedLinear
 from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
 from slimc.program import SCHEME_KEY, Program, node_loc
+from slimc.smooth.shift import NORM_BIAS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,43 @@ def _replacement(program: Program, node: fx.Node) -> QuantizedLinear | None:
     return None
 
 
+def _module_at(model: nn.Module, path: str | None) -> tuple[nn.Module, str, nn.Module | None]:
+    parent_path, _, leaf = (path or "").rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path) if parent_path else model
+        return parent, leaf, getattr(parent, leaf, None)
+    except AttributeError:
+        return model, leaf, None
+
+
+def _wrap_with_bias(model: nn.Module, program: Program, node: fx.Node) -> None:
+    """Write back a bias a smoothing shift added after a norm: wrap the norm module."""
+    path = node_loc(node)
+    parent, leaf, module = _module_at(model, path)
+    if module is None or not leaf:
+        raise UserError(f"cannot write back the bias added after {path!r}: no such module")
+    bias = _const(program, node.args[1])
+    assert bias is not None
+    if isinstance(module, OutputBias):
+        module.bias.copy_(bias)
+    else:
+        setattr(parent, leaf, OutputBias(module, bias))
+
+
+def _add_missing_bias(
+    model: nn.Module, program: Program, node: fx.Node, params: dict[str, torch.Tensor]
+) -> None:
+    """Give a float nn.Linear the bias a pass created for it in the graph."""
+    bias = node.args[2] if len(node.args) > 2 else None
+    if not isinstance(bias, fx.Node) or str(bias.target) in params:
+        return
+    _, _, module = _module_at(model, node_loc(node))
+    if isinstance(module, nn.Linear) and module.bias is None:
+        value = _const(program, bias)
+        assert value is not None
+        module.bias = nn.Parameter(value.detach().clone().to(module.weight.dtype))
+
+
 def write_back(model: nn.Module, program: Program) -> None:
     """Copy transformed weights into `model` and swap quantized linears for QuantizedLinear.
 
@@ -218,6 +256,11 @@ def write_back(model: nn.Module, program: Program) -> None:
         with torch.no_grad():
             param.copy_(tensor)
     for node in program.graph.nodes:
+        if node.meta.get(NORM_BIAS_KEY):
+            _wrap_with_bias(model, program, node)
+            continue
+        if node.target is torch.ops.aten.linear.default:
+            _add_missing_bias(model, program, node, params)
         new = _replacement(program, node)
         if new is None:
             continue

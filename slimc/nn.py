@@ -103,3 +103,19 @@ class QuantizedLinear(nn.Module):
             spec.qmax,
             torch.float32,
         )
+
+
+class OutputBias(nn.Module):
+    """A module followed by a per-channel bias: what asymmetric smoothing adds after a norm.
+
+    The wrapped module keeps its own parameters (`module.weight` etc.); `bias` is added to its
+    output along the last dimension.
+    """
+
+    def __init__(self, module: nn.Module, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("bias", bias.detach().clone())
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self.module(*args, **kwargs) + self.bias

@@ -67,6 +67,16 @@ class ChannelStats:
         self.token_absmax_max = max(self.token_absmax_max, float(per_token.max()))
         self.tokens = total
 
+    def subtract(self, shift: torch.Tensor) -> None:
+        """The statistics of `x - shift` (per channel). The mean |x| becomes unknown (NaN)."""
+        shift = shift.double()
+        self.min = self.min - shift
+        self.max = self.max - shift
+        self.absmax = torch.maximum(self.min.abs(), self.max.abs())
+        self.absmean = torch.full_like(self.absmean, float("nan"))
+        self.token_absmax_mean = None
+        self.token_absmax_max = None
+
     def divide(self, s: torch.Tensor) -> None:
         """The statistics of `x / s` (s > 0 per channel), without recomputing.
 

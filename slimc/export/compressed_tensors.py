@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from slimc.errors import UserError, first_line
-from slimc.nn import QuantizedLinear
+from slimc.nn import OutputBias, QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 
 __all__ = ["quantization_scheme", "save_compressed_tensors"]
@@ -182,6 +182,12 @@ def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) 
         raise UserError(
             "the compressed-tensors format needs a Hugging Face model, got "
             f"{type(model).__name__}; {PT2_HINT}"
+        )
+    biased = [n for n, m in model.named_modules() if isinstance(m, OutputBias)]
+    if biased:
+        raise UserError(
+            f"asymmetric smoothing added a bias after {biased[0]} (and {len(biased) - 1} more), "
+            f"which a Hugging Face model of this class cannot load; {PT2_HINT}"
         )
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not quantized:
