@@ -21,10 +21,11 @@ PASSES: dict[str, str] = {
     "fuse-quantized-linear": "slimc.passes.fuse_quantized_linear:FuseQuantizedLinear",
     "smooth-quant": "slimc.passes.smooth_quant:SmoothQuant",
     "iter-smooth": "slimc.passes.iter_smooth:IterSmooth",
+    "awq": "slimc.passes.awq:AWQ",
 }
 """Pass name -> `module:Class`. The single source of truth for in-tree passes."""
 
-ANTI_OUTLIER: tuple[str, ...] = ("smooth-quant", "iter-smooth")
+ANTI_OUTLIER: tuple[str, ...] = ("smooth-quant", "iter-smooth", "awq")
 """Smoothing passes `slimc quant --anti-outlier` accepts (each also usable in any pipeline)."""
 
 ANALYSES: dict[str, str] = {
@@ -104,6 +105,12 @@ PIPELINES: dict[str, NamedPipeline] = {
             "Iterative Smooth on all group kinds, then w8a8-dynamic",
             PassSpec("iter-smooth"),
             "w8a8-dynamic",
+        ),
+        _recipe(
+            "w4a16-awq",
+            "AWQ scale search against the int4 weight quantizer, then w4a16",
+            PassSpec("awq"),
+            "w4a16",
         ),
     )
 }
