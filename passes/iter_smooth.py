@@ -27,7 +27,7 @@ class IterSmooth(SmoothingPass):
     group (the column maximum over all its linears) and the activation statistics as updated by
     the scales folded before it. For grouped-query attention the o_proj scale is reduced to one
     value per v_proj channel (`ov-reduce`: mean over the query heads sharing it, or max) and
-    repeated per head. With `symmetric=false` each norm-linear input channel is also centred
+    repeated per head. With `shift=true` each norm-linear input channel is also centred
     (msModelSlim's asymmetric mode): the norm gains an output bias and the linears a bias, which
     `slimc.compile` writes back as `slimc.nn.OutputBias` around the norm module. Exact.
     """
@@ -39,10 +39,10 @@ class IterSmooth(SmoothingPass):
     ov_reduce: Literal["mean", "max"] = option(
         "mean", "How o_proj channels sharing one v_proj channel (GQA) combine their scales."
     )
-    symmetric: bool = option(
-        True,
-        "false: centre each norm-linear input channel first (shift = (max+min)/2, folded into "
-        "a bias after the norm and into the linears' biases); other kinds stay symmetric.",
+    shift: bool = option(
+        False,
+        "Centre each norm-linear input channel first (msModelSlim's symmetric=false): shift = "
+        "(max+min)/2, folded into a bias after the norm and into the linears' biases.",
     )
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
@@ -53,7 +53,7 @@ class IterSmooth(SmoothingPass):
         shifted = False
         for group in groups:
             st = stats[group.input]
-            centre = not self.symmetric and group.kind == "norm-linear"
+            centre = self.shift and group.kind == "norm-linear"
             scale = smoothquant_scale(
                 (st.max - st.min) / 2 if centre else st.absmax,
                 weight_column_absmax(program, group),

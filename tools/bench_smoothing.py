@@ -24,6 +24,7 @@ SECTIONS: dict[str, dict[str, str]] = {
         "no smoothing": "w8a8",
         "smooth-quant (alpha 0.5, norm-linear)": "smooth-quant,w8a8",
         "iter-smooth (alpha 0.9, all kinds)": "iter-smooth,w8a8",
+        "iter-smooth + channel shift (asymmetric)": "iter-smooth{shift=true},w8a8",
         "flex-smooth-quant (searched, per-tensor target)": (
             "flex-smooth-quant{act-quant=per-tensor},w8a8"
         ),

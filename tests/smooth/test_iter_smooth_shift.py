@@ -1,4 +1,4 @@
-"""iter-smooth symmetric=false: channel shifts folded into a norm output bias and linear biases."""
+"""iter-smooth shift=true: channel shifts folded into a norm output bias and linear biases."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def calib() -> list[torch.Tensor]:
 
 def test_shift_keeps_float_outputs_and_writes_back_norm_biases() -> None:
     model = tiny_llama(layers=2)
-    smoothed = slimc.compile(model, "iter-smooth{symmetric=false}", calib=calib(), progress=False)
+    smoothed = slimc.compile(model, "iter-smooth{shift=true}", calib=calib(), progress=False)
     with torch.no_grad():
         ref, out = model(IDS).logits, smoothed(IDS).logits
         graph = smoothed.slimc_program(IDS)
@@ -46,7 +46,7 @@ def test_shifted_inputs_are_centred_and_statistics_follow() -> None:
     program.calibration = [(ids,) for ids in calib()]
     program.metadata["progress"] = False
     am = AnalysisManager(program)
-    PassManager.parse("iter-smooth{symmetric=false}").run(program, am)
+    PassManager.parse("iter-smooth{shift=true}").run(program, am)
     # the analytically updated statistics match a fresh computation on the shifted program
     updated = am.get(ActivationStats)
     shifted = [n for n in program.graph.nodes if n.meta.get(NORM_BIAS_KEY)]
@@ -62,7 +62,7 @@ def test_shifted_inputs_are_centred_and_statistics_follow() -> None:
 
 def test_compressed_tensors_refuses_norm_biases_and_pt2_keeps_them(tmp_path) -> None:
     model = tiny_llama(layers=1)
-    q = slimc.compile(model, "iter-smooth{symmetric=false},w8a8", calib=calib(), progress=False)
+    q = slimc.compile(model, "iter-smooth{shift=true},w8a8", calib=calib(), progress=False)
     assert any(isinstance(m, QuantizedLinear) for m in q.modules())
     with pytest.raises(UserError, match="bias after model.layers.0.input_layernorm.*pt2"):
         slimc.save(q, tmp_path / "ct")
