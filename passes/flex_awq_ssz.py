@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,7 +52,7 @@ class FlexAWQSSZ(SmoothingPass):
     alpha: float | None = option(None, "Exponent of mean |X|; none = searched per group.")
     grid_step: float = option(0.05, "Step of the alpha search grid over [0, 1].")
     max_tokens: int = option(
-        4096, "Calibration tokens per group kept for the search (spread over samples); -1 = all."
+        2048, "Calibration tokens per group kept for the search (spread over samples); -1 = all."
     )
     act_quant: Literal["per-token", "per-tensor", "none"] = option(
         "per-token",
@@ -69,19 +70,20 @@ class FlexAWQSSZ(SmoothingPass):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_search_options(self.name, self.grid_step, self.max_tokens, alpha=self.alpha)
-        try:
-            self.weight_spec()
-        except ValueError as exc:
-            raise OptionError(
-                f"pass {self.name!r}: options 'weight-bits' / 'group-size': {exc}"
-            ) from None
-
-    def weight_spec(self, k: int | None = None) -> TensorQuantSpec:
-        """The weight quantizer's spec; per channel when `group-size` does not divide `k`."""
-        if self.group_size > 0 and (k is None or k % self.group_size == 0):
-            return TensorQuantSpec(self.weight_bits, self.symmetric, "group", self.group_size)
         if self.group_size == 0 or self.group_size < -1:
-            raise ValueError(f"group size must be -1 or positive, got {self.group_size}")
+            raise OptionError(
+                f"pass {self.name!r}: option 'group-size' must be -1 or positive, "
+                f"got {self.group_size}"
+            )
+        if self.weight_bits not in (4, 8):
+            raise OptionError(
+                f"pass {self.name!r}: option 'weight-bits' must be 4 or 8, got {self.weight_bits}"
+            )
+
+    def weight_spec(self, k: int) -> TensorQuantSpec:
+        """The weight quantizer for K input channels; per channel when `group-size` does not divide K."""
+        if self.group_size > 0 and k % self.group_size == 0:
+            return TensorQuantSpec(self.weight_bits, self.symmetric, "group", self.group_size)
         return TensorQuantSpec(self.weight_bits, self.symmetric, "channel")
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
@@ -128,10 +130,13 @@ class FlexAWQSSZ(SmoothingPass):
         return PassResult(changed=True, preserved=preserved)
 
     def _search(
-        self, program: Program, group: LinearGroup, inputs: GroupInput, scale: object
+        self,
+        program: Program,
+        group: LinearGroup,
+        inputs: GroupInput,
+        scale: Callable[[float], torch.Tensor],
     ) -> tuple[float, float, float]:
         """(best alpha, error unsmoothed, error at best alpha)."""
-        assert callable(scale)
         spec = self.weight_spec(group.channels)
         if spec.granularity == "channel" and self.group_size > 0:
             log.info(

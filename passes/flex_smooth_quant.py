@@ -53,7 +53,7 @@ class FlexSmoothQuant(SmoothingPass):
     beta: float | None = option(None, "Weight exponent; none = searched per group.")
     grid_step: float = option(0.05, "Step of the alpha / beta search grid over [0, 1].")
     max_tokens: int = option(
-        4096, "Calibration tokens per group kept for the search (spread over samples); -1 = all."
+        2048, "Calibration tokens per group kept for the search (spread over samples); -1 = all."
     )
     act_quant: Literal["per-token", "per-tensor"] = option(
         "per-token",

@@ -22,10 +22,18 @@ PASSES: dict[str, str] = {
     "smooth-quant": "slimc.passes.smooth_quant:SmoothQuant",
     "iter-smooth": "slimc.passes.iter_smooth:IterSmooth",
     "awq": "slimc.passes.awq:AWQ",
+    "flex-smooth-quant": "slimc.passes.flex_smooth_quant:FlexSmoothQuant",
+    "flex-awq-ssz": "slimc.passes.flex_awq_ssz:FlexAWQSSZ",
 }
 """Pass name -> `module:Class`. The single source of truth for in-tree passes."""
 
-ANTI_OUTLIER: tuple[str, ...] = ("smooth-quant", "iter-smooth", "awq")
+ANTI_OUTLIER: tuple[str, ...] = (
+    "smooth-quant",
+    "iter-smooth",
+    "flex-smooth-quant",
+    "awq",
+    "flex-awq-ssz",
+)
 """Smoothing passes `slimc quant --anti-outlier` accepts (each also usable in any pipeline)."""
 
 ANALYSES: dict[str, str] = {
@@ -105,6 +113,24 @@ PIPELINES: dict[str, NamedPipeline] = {
             "Iterative Smooth on all group kinds, then w8a8-dynamic",
             PassSpec("iter-smooth"),
             "w8a8-dynamic",
+        ),
+        _recipe(
+            "w8a8-flex-smooth",
+            "Flex Smooth Quant (alpha/beta searched against per-tensor int8), then w8a8",
+            PassSpec("flex-smooth-quant", {"act-quant": ("per-tensor",)}),
+            "w8a8",
+        ),
+        _recipe(
+            "w8a8-dynamic-flex-smooth",
+            "Flex Smooth Quant (alpha/beta searched against per-token int8), then w8a8-dynamic",
+            PassSpec("flex-smooth-quant", {"act-quant": ("per-token",)}),
+            "w8a8-dynamic",
+        ),
+        _recipe(
+            "w4a8-flex-awq-ssz",
+            "Flex AWQ SSZ (alpha searched against int4 weights x per-token int8), then w4a8",
+            PassSpec("flex-awq-ssz", {"act-quant": ("per-token",), "weight-bits": ("4",)}),
+            "w4a8",
         ),
         _recipe(
             "w4a16-awq",

@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--peer-results", type=Path, default=None, help="peer_bench results dir")
     parser.add_argument("--render-only", action="store_true", help="only rewrite the table")
+    parser.add_argument(
+        "--missing-only", action="store_true", help="measure only rows not in the cache yet"
+    )
     parser.add_argument("--pipeline", default=None, help=argparse.SUPPRESS)  # internal: one run
     parser.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -192,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.sections and not any(s in section for s in args.sections):
                 continue
             todo += [(f"{section}|{name}", pipe) for name, pipe in configs.items()]
+        if args.missing_only:
+            todo = [(key, pipe) for key, pipe in todo if key not in cache]
         for key, pipe in todo:
             out = args.cache.with_suffix(".one.json")
             cmd = [sys.executable, "-m", "slimc.tools.bench_smoothing", "--pipeline", pipe]
