@@ -144,3 +144,42 @@ def test_occupied_save_dir_is_refused_before_quantizing(model_dir, tmp_path, cap
     assert (out / "keep.txt").read_text() == "user data"
     assert main([*argv, "--overwrite"]) == 0
     assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_anti_outlier_smooths_before_quantizing(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "w8a8-iter"
+    argv = ["quant", "--model", str(model_dir), "--quant-type", "w8a8"]
+    argv += ["--anti-outlier", "iter-smooth", "--calib-samples", "4", "--eval", "1"]
+    rc = main([*argv, "--save", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "pipeline: iter-smooth{" in captured.err
+    assert any(line.startswith("w8a8 + iter-smooth") for line in captured.out.splitlines())
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded(torch.randint(0, 128, (1, 8))).logits.shape == (1, 8, 128)
+
+
+@pytest.mark.parametrize("quant_type", ["w8a8", "w8a8-dynamic", "w4a16", "w4a8", "w8a16"])
+def test_every_anti_outlier_pass_composes_with_every_scheme(quant_type: str) -> None:
+    from slimc.pass_manager import PassManager
+    from slimc.registry import ANTI_OUTLIER
+    from slimc.tools.cli import build_pipeline, make_parser
+
+    for name in ANTI_OUTLIER:
+        args = make_parser().parse_args(
+            ["quant", "--quant-type", quant_type, "--anti-outlier", name, "--eval", "1"]
+        )
+        steps = PassManager.parse(build_pipeline(args)).steps
+        assert steps[0].name == name and steps[-2].scheme == quant_type
+        if name == "flex-smooth-quant":  # searched against the activation quantizer used later
+            want = "per-tensor" if quant_type == "w8a8" else "per-token"
+            assert steps[0].act_quant == want
+        if name in ("awq", "flex-awq-ssz"):  # ... and against the final weight quantizer
+            bits = steps[0].bits if name == "awq" else steps[0].weight_bits
+            assert bits == (4 if quant_type.startswith("w4") else 8)
+            assert steps[0].symmetric == steps[-2].quant_scheme().weight.symmetric
+        if name == "flex-awq-ssz":
+            want = {"w8a8": "per-tensor", "w4a16": "none", "w8a16": "none"}.get(quant_type)
+            assert steps[0].act_quant == (want or "per-token")

@@ -35,7 +35,10 @@ def smoothing_options(args: argparse.Namespace) -> list[str]:
         return opts + ([f"group-size={args.group_size}"] if args.group_size else [])
     if args.anti_outlier == "flex-awq-ssz":
         opts = [f"weight-bits={weight.bits}", f"symmetric={str(symmetric).lower()}"]
-        opts.append("act-quant=" + ("none" if act is None else "per-token"))
+        static = act is not None and not act.dynamic
+        opts.append(
+            "act-quant=" + ("none" if act is None else "per-tensor" if static else "per-token")
+        )
         return opts + ([f"group-size={args.group_size}"] if args.group_size else [])
     return []
 

@@ -185,7 +185,7 @@ def test_iter_smooth_ov_reduces_over_grouped_query_heads(programs) -> None:
 # -- SmolLM2 ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smoothing_keeps_smollm2_logits() -> None:
-    """iter-smooth, then smooth-quant on top (reusing the statistics iter-smooth kept valid)."""
+    """Every smoothing pass in turn on SmolLM2 keeps fp32 logits (each on top of the last)."""
     from slimc.capture import capture
     from slimc.data import calibration_samples, eval_token_ids, load_model
 
@@ -196,9 +196,18 @@ def test_smoothing_keeps_smollm2_logits() -> None:
     window = eval_token_ids(tok)[:512].unsqueeze(0)
     ref = logits(program, window)
     am = AnalysisManager(program)
-    for pipeline, kind, count in (("iter-smooth", "ov", 30), ("smooth-quant", "norm-linear", 60)):
+    steps = (
+        ("iter-smooth", "ov", 30),
+        ("smooth-quant", "norm-linear", 60),
+        # the searching passes, with small grids so the test stays short
+        ("flex-smooth-quant{grid-step=0.25 max-tokens=256}", "up-down", 30),
+        ("awq{group-size=64 n-grid=4 search-samples=2}", "ov", 30),
+        ("flex-awq-ssz{grid-step=0.25 max-tokens=256 act-quant=none}", "norm-linear", 60),
+    )
+    for pipeline, kind, count in steps:
         PassManager.parse(pipeline).run(program, am)
-        assert program.statistics[pipeline][f"smoothed {kind} groups"] == count
+        name = pipeline.split("{")[0]
+        assert program.statistics[name][f"smoothed {kind} groups"] == count
         err = rel_err(logits(program, window), ref)
         print(f"\nSmolLM2 after {pipeline}: max relative logit error {err:.3g}")
         assert err < TOLERANCE
