@@ -163,9 +163,10 @@ def test_anti_outlier_smooths_before_quantizing(model_dir, tmp_path, capsys) -> 
 
 @pytest.mark.parametrize("quant_type", ["w8a8", "w8a8-dynamic", "w4a16", "w4a8", "w8a16"])
 def test_every_anti_outlier_pass_composes_with_every_scheme(quant_type: str) -> None:
+    from slimc.tools.cli import build_pipeline, make_parser
+
     from slimc.pass_manager import PassManager
     from slimc.registry import ANTI_OUTLIER
-    from slimc.tools.cli import build_pipeline, make_parser
 
     for name in ANTI_OUTLIER:
         args = make_parser().parse_args(
