@@ -31,7 +31,6 @@ SECTIONS: dict[str, dict[str, str]] = {
     },
     "W8A8 dynamic per-token": {
         "no smoothing": "w8a8-dynamic",
-        "smooth-quant (alpha 0.5)": "smooth-quant,w8a8-dynamic",
         "iter-smooth (alpha 0.9)": "iter-smooth,w8a8-dynamic",
         "flex-smooth-quant (searched, per-token target)": "flex-smooth-quant,w8a8-dynamic",
     },
@@ -43,7 +42,6 @@ SECTIONS: dict[str, dict[str, str]] = {
     "W4A16 per-channel asymmetric": {
         "no smoothing (RTN)": "w4a16",
         "awq": "awq,w4a16",
-        "flex-awq-ssz": "flex-awq-ssz{act-quant=none},w4a16",
     },
 }
 PEERS: dict[str, tuple[str, ...]] = {

@@ -52,7 +52,7 @@ def probe_channel_maps(
 
     Returns a reason string instead of a map when the probe shows the path mixes channels.
     """
-    from slimc.analyses.linear_groups import _depends_on
+    from slimc.analyses.group_discovery import _depends_on
 
     producers = {g.producer for g in groups if g.producer is not None}
     products: set[fx.Node] = set()

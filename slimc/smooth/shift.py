@@ -8,7 +8,7 @@ from torch import fx
 from slimc.analyses.activation_stats import ActivationStats
 from slimc.analyses.linear_groups import LinearGroup
 from slimc.ir.builder import call
-from slimc.program import Program, node_loc
+from slimc.program import LOC_KEY, Program, node_loc
 
 NORM_BIAS_KEY = "slimc_norm_bias"
 """`node.meta` flag on the `add` a shift inserts after a norm (a bias the norm module lacks)."""
@@ -40,6 +40,7 @@ def fold_shift(
     bias_const = program.constant_node(
         program.unique_target(f"{loc}.shift_bias"), (-shift).to(dtype), first
     )
+    bias_const.meta[LOC_KEY] = loc
     new_x = call(program, aten.add.Tensor, (x, bias_const), before=first, loc=loc, origin=origin)
     new_x.meta[NORM_BIAS_KEY] = True
     for t in group.targets:
@@ -55,6 +56,7 @@ def fold_shift(
             new_bias = program.constant_node(
                 program.unique_target(f"{path}.bias"), delta.to(w.dtype), first
             )
+            new_bias.meta[LOC_KEY] = path
         t.args = (new_x, t.args[1], new_bias, *t.args[3:])
     if stats is not None and x in stats:
         stats.stats[new_x] = stats.stats.pop(x)

@@ -1,0 +1,269 @@
+"""How LinearGroups finds groups: norm scale carriers and channel-preserving producer paths."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from slimc.analyses.linear_groups import (
+    CASTS,
+    MOVES,
+    NORMS,
+    SPLITS,
+    GroupKind,
+    LinearGroup,
+    LinearGroups,
+    Refusal,
+    ScaleCarrier,
+)
+from slimc.ir.builder import is_constant, tensor_val
+
+aten = torch.ops.aten
+
+
+def _users_are(node: fx.Node, allowed: set[fx.Node]) -> bool:
+    return all(u in allowed for u in node.users)
+
+
+def _channel_constant(node: object, channels: int) -> tuple[fx.Node, float] | None:
+    """`w` or `w + c` (through casts) where `w` is a constant of `channels` elements."""
+    if not isinstance(node, fx.Node):
+        return None
+    offset = 0.0
+    while node.op == "call_function" and node.target in CASTS and len(node.users) == 1:
+        node = node.args[0]  # type: ignore[assignment]
+    if (
+        node.op == "call_function"
+        and node.target is aten.add.Tensor
+        and isinstance(node.args[1], (int, float))
+        and len(node.users) == 1
+    ):
+        offset = float(node.args[1])
+        node = node.args[0]  # type: ignore[assignment]
+        while node.op == "call_function" and node.target in CASTS and len(node.users) == 1:
+            node = node.args[0]  # type: ignore[assignment]
+    if not is_constant(node):
+        return None
+    shape = tuple(tensor_val(node).shape)
+    if not shape or shape[-1] != channels or any(d != 1 for d in shape[:-1]):
+        return None
+    return node, offset
+
+
+def _norm_linear(x: fx.Node, linears: list[fx.Node], result: LinearGroups) -> LinearGroup | None:
+    """A norm (or any per-channel multiply by a constant) whose output only these linears read."""
+    channels = int(tensor_val(linears[0].args[1]).shape[1])
+    chain = [x]
+    node = x
+    while _keeps_channels(node):
+        node = node.args[0]  # type: ignore[assignment]
+        chain.append(node)
+    carrier = _carrier(node, channels)
+    if carrier is None:
+        return None
+    targets = set(linears)
+    inner_ok = all(_users_are(n, {chain[i - 1]}) for i, n in enumerate(chain) if i > 0)
+    if not (_users_are(x, targets) and inner_ok):
+        others = sorted(
+            {u.name for n in chain for u in n.users if u not in targets and u not in chain}
+        )
+        result.refused.append(
+            Refusal(
+                "norm-linear",
+                (carrier.node.name, *[t.name for t in linears]),
+                f"the scaled value is also read by {', '.join(others)}",
+            )
+        )
+        return None
+    for const in (carrier.weight, carrier.bias):
+        if const is not None and len(const.users) != 1:
+            result.refused.append(
+                Refusal(
+                    "norm-linear",
+                    (carrier.node.name, const.name),
+                    f"constant {const.target} is shared by {len(const.users)} nodes: "
+                    + ", ".join(u.name for u in const.users),
+                )
+            )
+            return None
+    return LinearGroup("norm-linear", x, tuple(linears), carrier=carrier)
+
+
+def _keeps_channels(node: fx.Node) -> bool:
+    """A cast or move whose output element `[..., c]` comes from input element `[..., c]`.
+
+    Such ops (dtype casts, slices of the sequence, views keeping the last dim, transposes of
+    leading dims) sit between a norm and the linears reading it, e.g. the final norm and
+    `lm_head` (`hidden_states[:, -n:, :]`); a per-channel scale travels through them unchanged.
+    """
+    if node.op != "call_function" or node.target not in MOVES:
+        return False
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return False
+    if node.target in CASTS or node.target is aten.contiguous.default:
+        return True
+    try:
+        out, inp = tensor_val(node), tensor_val(src)
+    except TypeError:
+        return False
+    if out.dim() == 0 or inp.dim() == 0 or out.shape[-1] != inp.shape[-1]:
+        return False
+    last = inp.dim() - 1
+    if node.target is aten.transpose.int:
+        dims = {d % inp.dim() for d in node.args[1:3]}  # type: ignore[operator]
+        return last not in dims or len(dims) == 1
+    if node.target is aten.permute.default:
+        return node.args[1][-1] % inp.dim() == last  # type: ignore[index,operator]
+    if node.target is aten.slice.Tensor:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        return dim % inp.dim() != last or step == 1  # type: ignore[operator]
+    # views, reshapes, (un)squeezes and expands keeping the last dim's size keep its index
+    return True
+
+
+def _carrier(node: fx.Node, channels: int) -> ScaleCarrier | None:
+    if node.op != "call_function":
+        return None
+    if node.target in NORMS:
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        bias = None
+        if node.target is aten.layer_norm.default:
+            bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+        if not is_constant(weight) or (bias is not None and not is_constant(bias)):
+            return None
+        return ScaleCarrier(node, weight, 0.0, bias)  # type: ignore[arg-type]
+    if node.target is aten.add.Tensor and len(node.users) >= 1:
+        inner, other = node.args[0], node.args[1]
+        found = _channel_constant(other, channels)
+        if found and found[1] == 0.0 and isinstance(inner, fx.Node) and len(inner.users) == 1:
+            base = _carrier(inner, channels)
+            if base is not None and base.bias is None and base.node.target is aten.mul.Tensor:
+                return ScaleCarrier(node, base.weight, base.offset, found[0])
+        return None
+    if node.target is aten.mul.Tensor:
+        for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            found = _channel_constant(b, channels)
+            if found is not None and isinstance(a, fx.Node):
+                return ScaleCarrier(node, found[0], found[1])
+    return None
+
+
+def _depends_on(node: object, target: fx.Node, limit: int = 64) -> bool:
+    """Whether `node` is computed from `target` (bounded backward search)."""
+    if not isinstance(node, fx.Node):
+        return False
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack and len(seen) < 4096:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        stack.extend(a for a in n.all_input_nodes)
+    return False
+
+
+def _path_group(
+    x: fx.Node,
+    linears: list[fx.Node],
+    by_input: dict[fx.Node, list[fx.Node]],
+    result: LinearGroups,
+) -> LinearGroup | None:
+    """Walk back from `x` through channel-preserving ops to the single linear that produces it."""
+    path: list[fx.Node] = []
+    kind: GroupKind = "linear-linear"
+    node = x
+    while True:
+        if node.op != "call_function":
+            return None
+        if node.target is aten.linear.default and is_constant(node.args[1]):
+            break
+        path.append(node)
+        if node.target in MOVES:
+            node = node.args[0]  # type: ignore[assignment]
+        elif node.target is aten.mul.Tensor:
+            a, b = node.args[0], node.args[1]
+            if isinstance(a, fx.Node) and not isinstance(b, fx.Node):
+                node = a  # a scalar factor scales every channel alike
+                continue
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                return None
+            # follow the operand that is a linear's output (or leads to one); the other must not
+            a_lin, b_lin = _leads_to_linear(a), _leads_to_linear(b)
+            if a_lin == b_lin:
+                return None
+            node, other = (a, b) if a_lin else (b, a)
+            if kind == "linear-linear" and not is_constant(other):
+                kind = "up-down"  # the producer's output times a gate computed elsewhere
+        elif node.target is operator.getitem and _is_split(node.args[0]):
+            path.append(node.args[0])  # type: ignore[arg-type]
+            node = node.args[0].args[0]  # type: ignore[union-attr]
+        elif node.target is aten.scaled_dot_product_attention.default:
+            node = node.args[2]  # type: ignore[assignment]
+            kind = "ov"
+        elif node.target in (aten.matmul.default, aten.bmm.default) and _is_probs(node.args[0]):
+            node = node.args[1]  # type: ignore[assignment]
+            kind = "ov"
+        else:
+            return None
+        if not isinstance(node, fx.Node):
+            return None
+    producer = node
+    allowed = set(path) | set(linears)
+    members = [producer, *path]
+    leaks = sorted({u.name for n in members for u in n.users if u not in allowed})
+    if leaks:
+        result.refused.append(
+            Refusal(
+                kind,
+                (producer.name, *[t.name for t in linears]),
+                f"values also read by {', '.join(leaks)}",
+            )
+        )
+        return None
+    for n in path:
+        if n.target is aten.mul.Tensor and _depends_on(
+            n.args[1] if _depends_on(n.args[0], producer) else n.args[0], producer
+        ):
+            result.refused.append(
+                Refusal(
+                    kind,
+                    (producer.name, n.name),
+                    "both factors of a product depend on the producer",
+                )
+            )
+            return None
+        if n.target is aten.scaled_dot_product_attention.default and (
+            _depends_on(n.args[0], producer) or _depends_on(n.args[1], producer)
+        ):
+            result.refused.append(
+                Refusal(kind, (producer.name, n.name), "attention scores depend on the producer")
+            )
+            return None
+    return LinearGroup(kind, x, tuple(linears), producer=producer)
+
+
+def _is_split(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.target in SPLITS
+
+
+def _leads_to_linear(node: fx.Node) -> bool:
+    while node.op == "call_function" and node.target in MOVES:
+        node = node.args[0]  # type: ignore[assignment]
+    return node.op == "call_function" and node.target is aten.linear.default
+
+
+def _is_probs(node: object) -> bool:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in MOVES:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.target in (
+        aten.softmax.int,
+        aten._softmax.default,
+        aten.dropout.default,
+    )
