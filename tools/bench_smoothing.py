@@ -31,6 +31,9 @@ SECTIONS: dict[str, dict[str, str]] = {
     },
     "W8A8 dynamic per-token": {
         "no smoothing": "w8a8-dynamic",
+        "smooth-quant (alpha 0.5, all kinds)": (
+            "smooth-quant{enable-subgraph-type=norm-linear,ov,up-down},w8a8-dynamic"
+        ),
         "iter-smooth (alpha 0.9)": "iter-smooth,w8a8-dynamic",
         "flex-smooth-quant (searched, per-token target)": "flex-smooth-quant,w8a8-dynamic",
     },
@@ -115,7 +118,9 @@ def render(cache: dict[str, dict[str, object]], peers_dir: Path | None) -> str:
         BEGIN,
         "## Smoothing on SmolLM2-135M-Instruct",
         "",
-        f"Command: `{meta.get('command', '')}`  ",
+        "Command: `python -m slimc.tools.bench_smoothing --peer-results <peer_bench results dir>` "
+        "(sections were measured one at a time with `--sections NAME`; each section's rows "
+        "in one invocation)  ",
         f"Date: {meta.get('date', '')}  ",
         f"Machine: {meta.get('machine', '')}  ",
         f"Protocol: data.md, first {meta.get('windows')} windows of 512 tokens; calibration on the "
