@@ -36,6 +36,9 @@ SECTIONS: dict[str, dict[str, str]] = {
         ),
         "iter-smooth (alpha 0.9)": "iter-smooth,w8a8-dynamic",
         "flex-smooth-quant (searched, per-token target)": "flex-smooth-quant,w8a8-dynamic",
+        "flex-smooth-quant, 4096 search tokens": (
+            "flex-smooth-quant{max-tokens=4096},w8a8-dynamic"
+        ),
     },
     "W4A16 g64 asymmetric (integer zero point)": {
         "no smoothing (RTN)": "w4a16{group-size=64}",
