@@ -128,7 +128,10 @@ def render(cache: dict[str, dict[str, object]], peers_dir: Path | None) -> str:
         f"Machine: {meta.get('machine', '')}  ",
         f"Protocol: data.md, first {meta.get('windows')} windows of 512 tokens; calibration on the "
         f"last {meta.get('calib_samples')} documents (smoothing statistics and static ranges). "
-        "Each section's baseline ran in the same invocation as its smoothed rows. "
+        "A section's baseline ran in the same invocation as its first smoothed rows; rows added "
+        "to a section later were run with `--missing-only` the same day on the same code. "
+        "Times are wall clock on a 2-core machine that was at times shared with other jobs "
+        "(test runs, other benchmark processes), so read them as upper bounds. "
         '"smoothing s" is the wall time of the smoothing pass (statistics + search + fold); '
         '"total s" adds capture and quantization. Peak RSS is the whole process.',
         "",
