@@ -97,12 +97,12 @@ _REAL_CAPTURE: list[Any] = []
 
 
 def _memoize_capture() -> None:
-    """Capture each distinct model once per session; every run gets its own deep copy.
+    """Capture each distinct model once per session (slimc-opt input loading); every run gets its own deep copy.
 
     Installed on the first in-process run (custom FileCheck items take no fixtures) and
     removed in `pytest_unconfigure`.
     """
-    from slimc.tools import opt
+    from slimc.tools import opt_inputs as opt
 
     if _REAL_CAPTURE:
         return
@@ -121,7 +121,7 @@ def _memoize_capture() -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _REAL_CAPTURE:
-        from slimc.tools import opt
+        from slimc.tools import opt_inputs as opt
 
         opt.capture_model = _REAL_CAPTURE.pop()
 

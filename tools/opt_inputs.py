@@ -1,0 +1,130 @@
+"""slimc-opt's inputs: an HF model directory, a case file with a builder, or a .pt2 program."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import os
+import re
+import sys
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from slimc.errors import UserError
+
+if typing.TYPE_CHECKING:
+    from torch import nn
+
+    from slimc.program import Program
+
+log = logging.getLogger("slimc.tools.opt")
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def capture_model(model: nn.Module, example_inputs: Any, canonicalize: bool = True) -> Program:
+    """Capture a model as a Program (a module-level seam: tests memoize it)."""
+    from slimc.capture import capture
+
+    return capture(model, example_inputs, canonicalize=canonicalize)
+
+
+def _split_input(text: str) -> tuple[str, Path, str]:
+    path, sep, builder = text.partition(":")
+    if sep and path.endswith(".py"):
+        return "case", Path(path), builder or "build"
+    p = Path(text)
+    if text.endswith(".py"):
+        return "case", p, "build"
+    if text.endswith(".pt2"):
+        return "pt2", p, ""
+    if p.is_dir():
+        return "hf", p, ""
+    if not p.exists():
+        raise UserError(f"input {text} does not exist")
+    raise UserError(
+        f"cannot tell what {text} is: expected an HF model directory, "
+        "case.py[:builder] or a .pt2 file"
+    )
+
+
+@contextlib.contextmanager
+def _extra_sys_path(paths: Sequence[str]) -> Iterator[None]:
+    added = [p for p in paths if p not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for p in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(p)
+
+
+def _load_case(path: Path, builder: str) -> tuple[Any, Any, Any]:
+    from torch import nn
+
+    if not path.is_file():
+        raise UserError(f"input {path} does not exist")
+    name = "_slimc_case_" + re.sub(r"\W", "_", str(path.resolve()))
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with _extra_sys_path([str(path.resolve().parent), os.getcwd()]):
+        try:
+            spec.loader.exec_module(module)
+            fn = getattr(module, builder, None)
+            if not callable(fn):
+                raise UserError(f"{path} has no function {builder}()")
+            result = fn()
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"{path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    if isinstance(result, nn.Module):
+        return result, None, None
+    if isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], nn.Module):
+        inputs = result[1]
+        if inputs is not None and not isinstance(inputs, (tuple, list)):
+            inputs = (inputs,)
+        return result[0], inputs, result[2] if len(result) == 3 else None
+    raise UserError(
+        f"{path}:{builder}() must return (nn.Module, example_inputs[, calib]), "
+        f"got {type(result).__name__}"
+    )
+
+
+def load_input(args: argparse.Namespace, needs_calibration: bool) -> Program:
+    """The program named by INPUT, captured (or loaded) and with calibration data if needed."""
+    kind, path, builder = _split_input(args.input)
+    if kind == "pt2":
+        from slimc.reproducer import load_program
+
+        program, _ = load_program(path)
+        if needs_calibration:
+            log.warning("%s holds no calibration data; calibrating on its example inputs", path)
+            program.calibration = [tuple(program.example_inputs)]
+    elif kind == "case":
+        from slimc.compiler import normalize_calibration
+
+        model, inputs, calib = _load_case(path, builder)
+        program = capture_model(model, inputs, canonicalize=not args.raw_capture)
+        program.calibration = normalize_calibration(calib)
+        if needs_calibration and program.calibration is None:
+            raise UserError(
+                f"the pipeline needs calibration data: make {path}:{builder}() "
+                "return (model, example_inputs, calib)"
+            )
+    else:
+        from slimc.data import calibration_samples, load_model
+
+        model, tokenizer = load_model(path)
+        program = capture_model(model, None, canonicalize=not args.raw_capture)
+        if needs_calibration:
+            samples = calibration_samples(tokenizer, n=args.calib_samples)
+            program.calibration = [(ids,) for ids in samples]
+    program.statistics.clear()
+    program.metadata["progress"] = sys.stderr.isatty()
+    return program
