@@ -24,6 +24,7 @@ from slimc.smooth.search import (
     argmin_later,
     check_search_options,
     grid,
+    record_errors,
     smooth_layerwise,
 )
 
@@ -123,10 +124,7 @@ class FlexAWQSSZ(SmoothingPass):
             seed=self.seed,
         )
         self.stat(program, "mean alpha", sum(chosen) / len(chosen))
-        if errors:
-            m = len(errors)
-            self.stat(program, "mean relative error unsmoothed", sum(e[0] for e in errors) / m)
-            self.stat(program, "mean relative error smoothed", sum(e[1] for e in errors) / m)
+        record_errors(self, program, errors)
         return PassResult(changed=True, preserved=preserved)
 
     def _search(

@@ -23,6 +23,7 @@ from slimc.smooth.search import (
     check_search_options,
     grid,
     minmax_weight,
+    record_errors,
     smooth_layerwise,
 )
 
@@ -107,10 +108,7 @@ class FlexSmoothQuant(SmoothingPass):
         n = len(chosen)
         self.stat(program, "mean alpha", sum(a for a, _ in chosen) / n)
         self.stat(program, "mean beta", sum(b for _, b in chosen) / n)
-        if errors:
-            m = len(errors)
-            self.stat(program, "mean relative error unsmoothed", sum(e[0] for e in errors) / m)
-            self.stat(program, "mean relative error smoothed", sum(e[1] for e in errors) / m)
+        record_errors(self, program, errors)
         return PassResult(changed=True, preserved=preserved)
 
     def _scale(

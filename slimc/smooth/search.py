@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, fx
 
 from slimc.analyses.linear_groups import LinearGroup
+from slimc.pass_base import Pass
 from slimc.program import Program
 from slimc.quant.qparams import qparams_from_minmax, quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
@@ -284,3 +285,11 @@ def check_search_options(
     for key, value in fractions.items():
         if value is not None and not 0.0 <= value <= 1.0:
             raise OptionError(f"pass {pass_name!r}: option {key!r} must be in [0, 1], got {value}")
+
+
+def record_errors(p: Pass, program: Program, errors: list[tuple[float, float]]) -> None:
+    """Pass statistics: mean relative error of the searched groups before and after smoothing."""
+    if errors:
+        m = len(errors)
+        p.stat(program, "mean relative error unsmoothed", sum(e[0] for e in errors) / m)
+        p.stat(program, "mean relative error smoothed", sum(e[1] for e in errors) / m)
