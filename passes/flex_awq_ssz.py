@@ -60,8 +60,9 @@ class FlexAWQSSZ(SmoothingPass):
         "Activation quantizer the search measures: int8 symmetric per-token (W4A8), int8 "
         "asymmetric per-tensor MinMax, or none (weight-only, W4A16).",
     )
-    weight_method: Literal["minmax"] = option(
-        "minmax", "Weight quantizer the search measures: minmax."
+    weight_method: Literal["minmax", "ssz"] = option(
+        "minmax",
+        "Weight quantizer the search measures: minmax, or ssz (use the ssz quantizer pass after).",
     )
     weight_bits: int = option(4, "Bits of the weight quantizer (4 or 8).")
     group_size: int = option(-1, "Weight group size along K; -1 = per output channel.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import fx
@@ -17,13 +17,15 @@ from slimc.ir.builder import call, getitems, is_constant, tensor_val
 from slimc.pass_base import OptionError, Pass, PassResult, option
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
-from slimc.quant.qparams import quantize_weight
+from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.scheme import SCHEMES, LinearQuantScheme, TensorQuantSpec, make_scheme
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
+SchemeName = Literal["w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8", "w4a4"]
+SCHEME_HELP = f"Quantization scheme: {', '.join(SCHEMES)}."
 slimc_ops = torch.ops.slimc
 
 
@@ -62,10 +64,10 @@ class LinearQuant(Pass):
     accepts = frozenset({Stage.ATEN, Stage.QDQ})
     produces = Stage.QDQ
     exact = False
+    reads_inputs: ClassVar[bool] = False
+    """Whether the weight method needs each linear's calibration inputs (GPTQ's Hessian)."""
 
-    scheme: Literal["w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8"] = option(
-        "w8a8-dynamic", f"Quantization scheme: {', '.join(SCHEMES)}."
-    )
+    scheme: SchemeName = option("w8a8-dynamic", SCHEME_HELP)
     group_size: int = option(-1, "Weight group size along K; -1 = per output channel.")
     symmetric: bool | None = option(None, "Symmetric weights (default: the scheme's own).")
     observer: Literal["minmax", "histogram"] = option(
@@ -82,12 +84,12 @@ class LinearQuant(Pass):
         try:
             make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
         except ValueError as exc:
-            raise OptionError(f"pass 'linear-quant': {exc}") from None
+            raise OptionError(f"pass {self.name!r}: {exc}") from None
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         act = self.quant_scheme().activation
-        return act is not None and not act.dynamic
+        return self.reads_inputs or (act is not None and not act.dynamic)
 
     def quant_scheme(self) -> LinearQuantScheme:
         """The scheme the options describe (validated when the pass was built)."""
@@ -109,17 +111,31 @@ class LinearQuant(Pass):
         targets = self.targets(program)
         if not targets:
             log.warning(
-                "linear-quant: no linear matched (only=%s ignore=%s)", self.only, self.ignore
+                "%s: no linear matched (only=%s ignore=%s)", self.name, self.only, self.ignore
             )
             return PassResult(changed=False)
-        act = scheme.activation
-        if act is None or act.dynamic:
+        if self.needs_calibration:
+            self._calibrate_and_rewrite(program, targets, scheme)
+        else:
             for node in targets:
                 self._rewrite(program, node, scheme, None)
-        else:
-            self._calibrate_and_rewrite(program, targets, scheme)
         program.recompile()
         return PassResult(changed=True)
+
+    # -- the weight method: MinMax rounding here, GPTQ / SSZ / AutoRound in subclasses ------
+    def input_collector(self, scheme: LinearQuantScheme, k: int) -> Any:
+        """An object whose `update(x)` sees every calibration input of a linear (or None).
+
+        Linears reading the same value share one collector. Only called when `reads_inputs`.
+        """
+        return None
+
+    def quantize_linear_weight(
+        self, program: Program, node: fx.Node, weight: torch.Tensor, spec: TensorQuantSpec,
+        collected: Any,
+    ) -> QuantizedWeight:
+        """Quantize one linear's weight [N, K]; `collected` is its input collector (or None)."""
+        return quantize_weight(weight, spec)
 
     # -- static activations: layer by layer ------------------------------------------------
     def _calibrate_and_rewrite(
@@ -128,28 +144,37 @@ class LinearQuant(Pass):
         samples = program.require_calibration(self.name)
         wanted = set(targets)
         act = scheme.activation
-        assert act is not None
+        static = act is not None and not act.dynamic
 
         def visit(seg: Segment, runner: LayerwiseRunner) -> None:
             here = [n for n in seg.nodes if n in wanted]
             if not here:
                 return
             observers: dict[fx.Node, Any] = {}
+            collectors: dict[fx.Node, Any] = {}
             for node in here:
                 x = node.args[0]
-                if x not in observers:
+                if static and x not in observers:
+                    assert act is not None
                     observers[x] = self._make_observer(act)
+                if self.reads_inputs and x not in collectors:
+                    collectors[x] = self.input_collector(scheme, tensor_val(x).shape[-1])
 
             def hook(node: fx.Node, args: tuple[Any, ...]) -> None:
+                x = node.args[0]
                 try:
-                    observers[node.args[0]].update(args[0])
+                    if x in observers:
+                        observers[x].update(args[0])
+                    if collectors.get(x) is not None:
+                        collectors[x].update(args[0])
                 except ValueError as exc:
-                    raise UserError(f"linear-quant: input of {node_loc(node)}: {exc}") from None
+                    raise UserError(f"{self.name}: input of {node_loc(node)}: {exc}") from None
 
             runner.forward(seg.nodes, {n: hook for n in here})
             for node in here:
-                scale, zp = observers[node.args[0]].calculate_qparams()
-                self._rewrite(program, node, scheme, (scale, zp))
+                x = node.args[0]
+                qparams = observers[x].calculate_qparams() if static else None
+                self._rewrite(program, node, scheme, qparams, collectors.get(x))
 
         LayerwiseRunner(program, samples, progress=program.metadata.get("progress", True)).run(
             visit
@@ -168,8 +193,8 @@ class LinearQuant(Pass):
         if spec.granularity == "group" and k % spec.group_size:
             msg = f"group size {spec.group_size} does not divide K={k} of {path}"
             if self.on_bad_group == "error":
-                raise UserError(f"linear-quant: {msg} (on-bad-group=error)")
-            log.info("linear-quant: %s; quantizing it per channel", msg)
+                raise UserError(f"{self.name}: {msg} (on-bad-group=error)")
+            log.info("%s: %s; quantizing it per channel", self.name, msg)
             self.stat(program, "group-size fallbacks to per-channel")
             return scheme.with_weight(granularity="channel", group_size=-1)
         return scheme
@@ -180,16 +205,17 @@ class LinearQuant(Pass):
         node: fx.Node,
         scheme: LinearQuantScheme,
         static_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+        collected: Any = None,
     ) -> None:
         x, w_node = node.args[0], node.args[1]
         assert isinstance(x, fx.Node) and isinstance(w_node, fx.Node)
         path = node_loc(node) or node.name
         weight = program.weights.get(str(w_node.target))
         if not bool(torch.isfinite(weight).all()):
-            raise UserError(f"linear-quant: weight {w_node.target} holds NaN or inf")
+            raise UserError(f"{self.name}: weight {w_node.target} holds NaN or inf")
         scheme = self._weight_scheme(program, scheme, weight.shape[1], path)
         spec = scheme.weight
-        qw = quantize_weight(weight, spec)
+        qw = self.quantize_linear_weight(program, node, weight, spec, collected)
         origin = str(self)
         consts = {
             "q": program.constant_node(program.unique_target(f"{path}.weight_q"), qw.qdata, node),

@@ -13,10 +13,11 @@ from torch import fx, nn
 from slimc.capture import capture, is_hf_causal_lm
 from slimc.errors import UserError
 from slimc.instrumentation import Instrumentation
-from slimc.nn import OutputBias, QuantizedLinear
+from slimc.nn import HadamardRotation, OutputBias, QuantizedLinear
 from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
 from slimc.program import SCHEME_KEY, Program, node_loc
+from slimc.rotate.online import ONLINE_ROTATION_KEY
 from slimc.smooth.shift import NORM_BIAS_KEY
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,28 @@ def _wrap_with_bias(model: nn.Module, program: Program, node: fx.Node) -> None:
         setattr(parent, leaf, OutputBias(module, bias))
 
 
+def _wrap_with_rotation(model: nn.Module, program: Program, node: fx.Node) -> None:
+    """Write back an online rotation of a module's output: wrap the module.
+
+    Raises:
+        UserError: the rotated value is not the output of a module of `model`.
+    """
+    path = node_loc(node)
+    value = node.args[0]
+    parent, leaf, module = _module_at(model, path)
+    readers = [u for u in node.users if node_loc(u) == path]
+    if module is None or not leaf or not isinstance(value, fx.Node) or readers:
+        raise UserError(
+            f"cannot write back the online rotation after {path!r}: not a module's output"
+        )
+    signs = _const(program, node.args[1])
+    assert signs is not None
+    if isinstance(module, HadamardRotation):
+        module.signs.copy_(signs)
+    else:
+        setattr(parent, leaf, HadamardRotation(module, signs))
+
+
 def _add_missing_bias(
     model: nn.Module, program: Program, node: fx.Node, params: dict[str, torch.Tensor]
 ) -> None:
@@ -236,12 +259,43 @@ def _add_missing_bias(
         module.bias = nn.Parameter(value.detach().clone().to(module.weight.dtype))
 
 
+def _untie_parameters(model: nn.Module, program: Program) -> None:
+    """Give each name of a shared (tied) parameter its own copy when the program now holds
+    different values under those names (a rotation untied `lm_head` from the embedding), and
+    record in the config that the embeddings are no longer tied, so that a save reloads both."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    by_param: dict[int, list[str]] = {}
+    for target in dict(program.weights.items()):
+        if target in named:
+            by_param.setdefault(id(named[target]), []).append(target)
+    untied = False
+    for names in by_param.values():
+        values = [program.weights.get(n) for n in names]
+        if len(names) < 2 or all(torch.equal(v, values[0]) for v in values[1:]):
+            continue
+        for name in names[1:]:
+            parent, leaf, old = _module_at(model, name)
+            assert isinstance(old, nn.Parameter)
+            setattr(parent, leaf, nn.Parameter(old.detach().clone(), old.requires_grad))
+            log.info("untied %s from %s", name, names[0])
+        untied = True
+    config = getattr(model, "config", None)
+    if untied and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # type: ignore[union-attr]
+        text_config = getattr(config, "get_text_config", lambda: None)()
+        if text_config is not None and text_config is not config:
+            text_config.tie_word_embeddings = False
+        if hasattr(model, "all_tied_weights_keys"):
+            model.all_tied_weights_keys = {}
+
+
 def write_back(model: nn.Module, program: Program) -> None:
     """Copy transformed weights into `model` and swap quantized linears for QuantizedLinear.
 
     Raises:
         UserError: a fused linear whose module path is not an `nn.Linear` of `model`.
     """
+    _untie_parameters(model, program)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     for target, tensor in program.weights.items():
@@ -258,6 +312,9 @@ def write_back(model: nn.Module, program: Program) -> None:
     for node in program.graph.nodes:
         if node.meta.get(NORM_BIAS_KEY):
             _wrap_with_bias(model, program, node)
+            continue
+        if node.meta.get(ONLINE_ROTATION_KEY):
+            _wrap_with_rotation(model, program, node)
             continue
         if node.target is torch.ops.aten.linear.default:
             _add_missing_bias(model, program, node, params)

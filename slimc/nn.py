@@ -119,3 +119,21 @@ class OutputBias(nn.Module):
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         return self.module(*args, **kwargs) + self.bias
+
+
+class HadamardRotation(nn.Module):
+    """A module whose output is rotated at run time: `slimc::hadamard(module(x), signs)`.
+
+    What `quarot{online=true}` adds after a module whose output enters the residual stream but
+    that no weight can rotate (a sandwich norm). The wrapped module keeps its own parameters.
+    """
+
+    def __init__(self, module: nn.Module, signs: torch.Tensor) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("signs", signs.detach().clone())
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        import slimc.ops  # noqa: F401  (registers slimc::hadamard)
+
+        return torch.ops.slimc.hadamard(self.module(*args, **kwargs), self.signs)

@@ -19,11 +19,14 @@ PASSES: dict[str, str] = {
     "canonicalize": "slimc.passes.canonicalize:Canonicalize",
     "linear-quant": "slimc.passes.linear_quant:LinearQuant",
     "fuse-quantized-linear": "slimc.passes.fuse_quantized_linear:FuseQuantizedLinear",
+    "gptq": "slimc.passes.gptq:GPTQ",
+    "ssz": "slimc.passes.ssz:SSZ",
     "smooth-quant": "slimc.passes.smooth_quant:SmoothQuant",
     "iter-smooth": "slimc.passes.iter_smooth:IterSmooth",
     "awq": "slimc.passes.awq:AWQ",
     "flex-smooth-quant": "slimc.passes.flex_smooth_quant:FlexSmoothQuant",
     "flex-awq-ssz": "slimc.passes.flex_awq_ssz:FlexAWQSSZ",
+    "quarot": "slimc.passes.quarot:QuaRot",
 }
 """Pass name -> `module:Class`. The single source of truth for in-tree passes."""
 
@@ -36,9 +39,13 @@ ANTI_OUTLIER: tuple[str, ...] = (
 )
 """Smoothing passes `slimc quant --anti-outlier` accepts (each also usable in any pipeline)."""
 
+WEIGHT_METHODS: dict[str, str] = {"rtn": "linear-quant", "gptq": "gptq", "ssz": "ssz"}
+"""`slimc quant --weight-method` choice -> the quantizer pass it runs (rtn: MinMax rounding)."""
+
 ANALYSES: dict[str, str] = {
     "linear-groups": "slimc.analyses.linear_groups:LinearGroups",
     "activation-stats": "slimc.analyses.activation_stats:ActivationStats",
+    "residual-stream": "slimc.analyses.residual_stream:ResidualStream",
 }
 """Analysis name -> `module:Class`, for `require<name>` in pipelines."""
 
@@ -96,6 +103,7 @@ PIPELINES: dict[str, NamedPipeline] = {
         _plain("w8a16", "int8 weights (per channel or group), float activations"),
         _plain("w4a16", "int4 weights, asymmetric integer zero point, per channel or group"),
         _plain("w4a8", "int4 weights per channel x dynamic per-token int8 activations"),
+        _plain("w4a4", "int4 weights per channel x dynamic per-token int4 activations"),
         _recipe(
             "w8a8-smooth-quant",
             "SmoothQuant (alpha 0.5), then w8a8",

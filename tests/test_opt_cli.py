@@ -83,7 +83,7 @@ def test_list_passes_names_every_pass_and_pipeline(slimc_opt) -> None:
     for name, named in registry.PIPELINES.items():
         assert f"  {name} - {named.summary}" in res.out
     assert "group-size: int = -1" in res.out
-    assert "scheme: w8a8|w8a8-dynamic|w8a16|w4a16|w4a8 = w8a8-dynamic" in res.out
+    assert "scheme: w8a8|w8a8-dynamic|w8a16|w4a16|w4a8|w4a4 = w8a8-dynamic" in res.out
 
 
 def test_docs_passes_md_is_up_to_date(slimc_opt) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from slimc.tools._cli_common import run_guarded, setup_logging
 
 from slimc.quant.scheme import SCHEMES, make_scheme
-from slimc.registry import ANTI_OUTLIER
+from slimc.registry import ANTI_OUTLIER, WEIGHT_METHODS
 
 FORMATS = ("compressed-tensors", "pt2")
 
@@ -44,7 +44,11 @@ def smoothing_options(args: argparse.Namespace) -> list[str]:
 
 
 def build_pipeline(args: argparse.Namespace) -> str:
-    """The pipeline string `slimc quant` runs for its flags: optional smoothing, then the scheme."""
+    """The pipeline string `slimc quant` runs for its flags.
+
+    Optional smoothing, then the scheme: the named plain pipeline for `--weight-method rtn`, or
+    the weight method's quantizer pass (`gptq{scheme=...}`) followed by fusion.
+    """
     prefix = ""
     if args.anti_outlier:
         opts = smoothing_options(args)
@@ -58,7 +62,11 @@ def build_pipeline(args: argparse.Namespace) -> str:
         opts.append(f"observer={args.observer}")
     if args.ignore is not None:
         opts.append("ignore=" + ",".join(f'"{g}"' for g in args.ignore))
-    return prefix + args.quant_type + ("{" + " ".join(opts) + "}" if opts else "")
+    method = WEIGHT_METHODS[args.weight_method]
+    if method == "linear-quant":
+        return prefix + args.quant_type + ("{" + " ".join(opts) + "}" if opts else "")
+    opts.insert(0, f"scheme={args.quant_type}")
+    return prefix + method + "{" + " ".join(opts) + "},fuse-quantized-linear"
 
 
 def _peak_rss_mb() -> float:
@@ -108,7 +116,11 @@ def cmd_quant(args: argparse.Namespace) -> int:
     if ids is not None:
         q = perplexity(quantized, ids, windows=args.eval)
         qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
-    label = args.quant_type + (f" + {args.anti_outlier}" if args.anti_outlier else "")
+    label = " + ".join(
+        [args.quant_type]
+        + ([args.anti_outlier] if args.anti_outlier else [])
+        + ([args.weight_method] if args.weight_method != "rtn" else [])
+    )
     rows.append((label, qppl, delta, f"{seconds:.1f}", f"{peak:.0f}"))
     if args.save is not None:
         save(
@@ -187,6 +199,13 @@ def make_parser() -> argparse.ArgumentParser:
         "passes are set up for the chosen --quant-type",
     )
     q.add_argument(
+        "--weight-method",
+        choices=tuple(WEIGHT_METHODS),
+        default="rtn",
+        help="how weights are rounded: rtn (MinMax round-to-nearest, default), gptq (Hessian "
+        "error compensation on calibration data), ssz (data-free least-squares range refit)",
+    )
+    q.add_argument(
         "--observer",
         choices=("minmax", "histogram"),
         default="histogram",
@@ -205,7 +224,7 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         default=128,
         help="calibration documents for passes that need data: static activations, "
-        "smoothing (default 128)",
+        "smoothing, gptq (default 128)",
     )
     q.add_argument(
         "--format",

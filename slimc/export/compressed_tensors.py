@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from slimc.errors import UserError, first_line
-from slimc.nn import OutputBias, QuantizedLinear
+from slimc.nn import HadamardRotation, OutputBias, QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 
 __all__ = ["quantization_scheme", "save_compressed_tensors"]
@@ -188,6 +188,12 @@ def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) 
         raise UserError(
             f"asymmetric smoothing added a bias after {biased[0]} (and {len(biased) - 1} more), "
             f"which a Hugging Face model of this class cannot load; {PT2_HINT}"
+        )
+    rotated = [n for n, m in model.named_modules() if isinstance(m, HadamardRotation)]
+    if rotated:
+        raise UserError(
+            f"quarot rotates the output of {rotated[0]} (and {len(rotated) - 1} more) at run "
+            f"time, which a Hugging Face model of this class cannot load; {PT2_HINT}"
         )
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not quantized:

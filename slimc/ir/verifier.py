@@ -20,6 +20,8 @@ QDQ_OPS = frozenset({"quantize_affine", "dequantize_affine", "choose_qparams_aff
 FUSED_OPS = frozenset(
     {"linear_w8a8", "linear_w8a16", "linear_w4a16", "linear_w4a8", "quantize_per_token"}
 )
+FLOAT_OPS = frozenset({"hadamard"})
+"""slimc ops on float values (online rotations), allowed at every stage."""
 
 
 class VerificationError(AssertionError):
@@ -94,7 +96,7 @@ def _check_stage(node: fx.Node, stage: Stage, fail: object) -> None:
             if isinstance(w, fx.Node) and _slimc_op(w) == "dequantize_affine":
                 raise fail(node, "unfused quantized linear at the fused stage")  # type: ignore[operator]
         return
-    if stage == Stage.ATEN:
+    if stage == Stage.ATEN and op not in FLOAT_OPS:
         raise fail(node, "slimc op in a float (aten) stage program")  # type: ignore[operator]
     if stage == Stage.QDQ and op in FUSED_OPS:
         raise fail(node, "fused op in a qdq stage program")  # type: ignore[operator]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slimc.ops import linear, packing, quant
+from slimc.ops import linear, packing, quant, rotate
 from slimc.ops.linear import dequantize_weight, int8_matmul
 from slimc.ops.packing import pack_int4, unpack_int4
 from slimc.ops.quant import block_grid_shape, expand_blocks, resolve_block_size
@@ -11,6 +11,7 @@ __all__ = [
     "linear",
     "packing",
     "quant",
+    "rotate",
     "block_grid_shape",
     "dequantize_weight",
     "expand_blocks",

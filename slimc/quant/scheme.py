@@ -83,7 +83,7 @@ def _w(bits: int, symmetric: bool, group_size: int) -> TensorQuantSpec:
 def make_scheme(
     name: str, *, group_size: int = -1, symmetric: bool | None = None
 ) -> LinearQuantScheme:
-    """Build one of the named plain schemes (w8a8, w8a8-dynamic, w8a16, w4a16, w4a8).
+    """Build one of the named plain schemes (w8a8, w8a8-dynamic, w8a16, w4a16, w4a8, w4a4).
 
     Raises:
         ValueError: unknown scheme name or an option the scheme does not take.
@@ -103,6 +103,10 @@ def make_scheme(
         _no_group(name, group_size)
         act = TensorQuantSpec(8, True, "token", dynamic=True)
         return LinearQuantScheme(name, _w(4, True, -1), act)
+    if name == "w4a4":
+        _no_group(name, group_size)
+        act = TensorQuantSpec(4, True, "token", dynamic=True)
+        return LinearQuantScheme(name, _w(4, True, -1), act)
     raise ValueError(f"unknown quantization scheme {name!r}; expected one of {', '.join(SCHEMES)}")
 
 
@@ -113,4 +117,4 @@ def _no_group(name: str, group_size: int) -> None:
         )
 
 
-SCHEMES = ("w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8")
+SCHEMES = ("w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8", "w4a4")

@@ -15,6 +15,7 @@ from slimc.analyses.linear_groups import LinearGroup
 from slimc.pass_base import Pass
 from slimc.program import Program
 from slimc.quant.qparams import qparams_from_minmax, quantize_weight
+from slimc.quant.ssz import ssz_quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
 from slimc.runner import LayerwiseRunner, Segment
 
@@ -93,8 +94,13 @@ def minmax_weight(w: Tensor, spec: TensorQuantSpec) -> Tensor:
 
 
 WeightQuantizer = Callable[[Tensor, TensorQuantSpec], Tensor]
-WEIGHT_METHODS: dict[str, WeightQuantizer] = {"minmax": minmax_weight}
-"""Weight quantize-dequantize functions by `weight-method` name (add `ssz` here)."""
+def ssz_weight(w: Tensor, spec: TensorQuantSpec) -> Tensor:
+    """SSZ quantize-dequantize of a weight [N, K] (least-squares refit of the MinMax range)."""
+    return ssz_quantize_weight(w, spec).dequantize(torch.float32)
+
+
+WEIGHT_METHODS: dict[str, WeightQuantizer] = {"minmax": minmax_weight, "ssz": ssz_weight}
+"""Weight quantize-dequantize functions by `weight-method` name."""
 
 
 def relative_error(y_hat: Tensor, y: Tensor, y_norm: float | None = None) -> float:

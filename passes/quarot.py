@@ -1,0 +1,158 @@
+"""quarot: QuaRot, a random Hadamard rotation of the residual stream folded into the weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from slimc.analyses.linear_groups import LinearGroup, LinearGroups
+from slimc.analyses.residual_stream import ResidualStream
+from slimc.analysis import AnalysisManager
+from slimc.errors import UserError
+from slimc.pass_base import Pass, PassResult, option
+from slimc.program import Program, node_loc
+from slimc.rotate import fold
+from slimc.rotate.hadamard import DEFAULT_SEED, random_hadamard, random_signs
+from slimc.stage import Stage
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+class RotationRefused(UserError):
+    """The program has a part where the rotation would not be exact; the message names the node."""
+
+
+@dataclass(frozen=True)
+class HeadRotation:
+    """A v -> o pair rotated per head: head size and the first v row of every head."""
+
+    group: LinearGroup
+    size: int
+    starts: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuaRot(Pass):
+    """QuaRot: rotate the residual stream by a random Hadamard matrix Q folded into the weights.
+
+    The residual stream is found in the graph (the ResidualStream analysis): the token embedding,
+    the residual adds, the norms reading it, the linears writing into it (o_proj, down_proj) and
+    those reading it (q/k/v, gate/up, lm_head). Each norm's scale is first fused into the linears
+    that read it (RMSNorm `w -> 1`, `x * (1 + w)` norms `w -> 0`), which makes the norm commute
+    with any orthogonal Q; then `E -> E Q` (embedding), `W -> Q^T W`, `b -> Q^T b` (writers) and
+    `W -> W Q` (readers). An embedding table tied to lm_head is untied first (the two now differ).
+    With `rotate-heads`, every attention head's value is also rotated by a head-size Hadamard
+    (`W_v -> H^T W_v` per head, `W_o -> W_o H` per head block; grouped-query heads share v heads,
+    which the ov channel map of LinearGroups confirms). Q = H diag(+-1) / sqrt(n) with seeded
+    signs (msModelSlim's `random_hadamard_matrix`, seed 1234); non-power-of-two sizes use
+    Paley x Sylvester Hadamard matrices. Reference: Ashkboos et al., QuaRot (2024).
+    Exact: float outputs are unchanged. Models whose stream cannot be rotated offline
+    (LayerNorm's mean, values added to the stream that no linear produces, such as Gemma2's
+    sandwich norms) are refused with the node named; with `online=true` the latter are rotated
+    at run time by a `slimc.hadamard` op instead (written back as `slimc.nn.HadamardRotation`).
+    """
+
+    name = "quarot"
+    accepts = frozenset({Stage.ATEN})
+    produces = Stage.ATEN
+    exact = True
+
+    seed: int = option(DEFAULT_SEED, "Seed of the random sign flips of the Hadamard rotations.")
+    rotate_heads: bool = option(
+        True, "Also rotate each attention head's values (v_proj rows, o_proj columns)."
+    )
+    online: bool = option(
+        False,
+        "Rotate values added to the stream that no weight absorbs (e.g. sandwich norms' "
+        "outputs) at run time with slimc.hadamard; without it such models are refused.",
+    )
+
+    def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        stream = am.get(ResidualStream)
+        self._check(stream)
+        try:
+            q = random_hadamard(stream.hidden, self.seed)
+        except ValueError as exc:
+            raise RotationRefused(f"quarot: hidden size {stream.hidden}: {exc}") from None
+        heads = self._head_rotations(am) if self.rotate_heads else []
+        head_matrices = {h.size: random_hadamard(h.size, self.seed) for h in heads}
+
+        self._untie(program, stream, heads)
+        for norm in stream.norms:
+            fold.fuse_norm(program, norm)
+        for embedding in stream.embeddings:
+            fold.rotate_embedding(program, embedding, q)
+        for linear in stream.readers:
+            fold.rotate_input(program, linear, q)
+        for linear in stream.writers:
+            fold.rotate_output(program, linear, q)
+        for head in heads:
+            fold.rotate_heads(program, head.group, head_matrices[head.size], head.starts)
+        if stream.online:
+            from slimc.rotate.online import insert_online_rotation
+
+            signs = random_signs(stream.hidden, self.seed)
+            for point in stream.online:
+                insert_online_rotation(program, point, signs, origin=str(self))
+        program.recompile()
+
+        self.stat(program, "fused norms", len(stream.norms))
+        self.stat(program, "rotated embeddings", len(stream.embeddings))
+        self.stat(program, "rotated linears", len({*stream.readers, *stream.writers}))
+        self.stat(program, "rotated attention heads (v/o pairs)", len(heads))
+        if stream.online:
+            self.stat(program, "online rotations", len(stream.online))
+        return PassResult(changed=True)
+
+    def _check(self, stream: ResidualStream) -> None:
+        if stream.refused:
+            first = stream.refused[0]
+            more = f" (and {len(stream.refused) - 1} more)" if len(stream.refused) > 1 else ""
+            raise RotationRefused(f"quarot: cannot rotate the residual stream: {first}{more}")
+        if stream.online and not self.online:
+            point = stream.online[0]
+            raise RotationRefused(
+                f"quarot: {point.value.name} ({node_loc(point.value) or '?'}) is added to the "
+                f"residual stream at {point.add.name}, but {point.reason}: no weight can absorb "
+                "the rotation offline (use quarot{online=true} to rotate it at run time)"
+            )
+        for norm in stream.norms:
+            users = [u.name for u in norm.carrier.weight.users]
+            if len(users) > 1:
+                raise RotationRefused(
+                    f"quarot: norm weight {norm.carrier.weight.target} is shared by "
+                    f"{', '.join(users)}; its scale cannot be fused into one norm's readers"
+                )
+
+    def _head_rotations(self, am: AnalysisManager) -> list[HeadRotation]:
+        """The v -> o groups whose value path moves whole heads; others are left unrotated."""
+        out = []
+        for group in am.get(LinearGroups).groups:
+            if group.kind != "ov" or group.producer is None:
+                continue
+            size = fold.head_dim(group)
+            starts = fold.head_blocks(group, size) if size else None
+            if size is None or starts is None:
+                log.info("quarot: heads of %s are not rotated (no per-head value path)", group.name)
+                continue
+            out.append(HeadRotation(group, size, starts))
+        return out
+
+    def _untie(self, program: Program, stream: ResidualStream, heads: list[HeadRotation]) -> None:
+        uses: list[tuple[fx.Node, int]] = [(e, 0) for e in stream.embeddings]
+        uses += [(linear, fold.WEIGHT) for linear in (*stream.readers, *stream.writers)]
+        uses += [(linear, fold.BIAS) for linear in stream.writers]
+        for head in heads:
+            assert head.group.producer is not None
+            uses += [(head.group.producer, fold.WEIGHT), (head.group.producer, fold.BIAS)]
+            uses += [(t, fold.WEIGHT) for t in head.group.targets]
+        moved = fold.untie(program, uses)
+        tables = sum(n.target is aten.embedding.default for n in moved)
+        if tables:
+            self.stat(program, "untied embeddings", tables)
+        if len(moved) > tables:
+            self.stat(program, "untied weights", len(moved) - tables)

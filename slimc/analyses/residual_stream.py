@@ -1,0 +1,378 @@
+"""ResidualStream: the tensors a hidden-size rotation must cover, and who writes and reads them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx
+
+from slimc.analyses.group_discovery import _carrier, _keeps_channels
+from slimc.analyses.linear_groups import CASTS, MOVES, ScaleCarrier
+from slimc.ir.builder import is_constant
+from slimc.program import Program, node_loc
+
+if TYPE_CHECKING:
+    from slimc.analysis import AnalysisManager
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+SHAPE_ONLY = frozenset({aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int})
+"""Ops that read only a tensor's shape, never its values."""
+
+CHANNEL_SUMS = frozenset({aten.mean.dim, aten.sum.dim_IntList})
+"""Reductions that, over the channel dim of `x * x`, give a rotation-invariant `|x|^2` (RMS)."""
+
+
+@dataclass
+class NormScale:
+    """A norm's per-channel scale applied to the stream; fused into the linears reading it."""
+
+    carrier: ScaleCarrier
+    readers: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OnlinePoint:
+    """A value added into the stream that no weight can rotate (e.g. a sandwich norm's output)."""
+
+    value: fx.Node
+    add: fx.Node
+    reason: str
+
+
+@dataclass(frozen=True)
+class StreamRefusal:
+    """A node reading the stream where a rotation would not be exact, and why."""
+
+    node: fx.Node | None
+    reason: str
+
+    def __str__(self) -> str:
+        if self.node is None:
+            return self.reason
+        loc = node_loc(self.node)
+        return f"{self.node.name}{f' ({loc})' if loc else ''}: {self.reason}"
+
+
+@dataclass
+class ResidualStream:
+    """The residual stream of a decoder, found by following the token embedding's output.
+
+    A rotation `x -> x Q` of every tensor in `nodes` is exact when: the `embeddings` tables are
+    right-rotated (`E Q`), the `writers` (linears whose output is added into the stream: o_proj,
+    down_proj) left-rotated (`Q^T W`, bias too), the `readers` (linears reading the stream
+    through its norms: q/k/v, gate/up, lm_head) right-rotated (`W Q`) after each of the `norms`
+    scales is fused into its readers, and each of the `online` values is rotated at run time.
+    What lets the rotation through: channel sums of squares (RMSNorm statistics), per-token
+    factors, residual adds, casts and moves that keep the channel dim. Anything else reading the
+    stream is refused with the node named (LayerNorm's mean, a graph output of hidden states).
+    """
+
+    name = "residual-stream"
+    hidden: int = 0
+    start: fx.Node | None = None
+    nodes: set[fx.Node] = field(default_factory=set)
+    embeddings: list[fx.Node] = field(default_factory=list)
+    writers: list[fx.Node] = field(default_factory=list)
+    readers: list[fx.Node] = field(default_factory=list)
+    norms: list[NormScale] = field(default_factory=list)
+    online: list[OnlinePoint] = field(default_factory=list)
+    refused: list[StreamRefusal] = field(default_factory=list)
+
+    @classmethod
+    def compute(cls, program: Program, am: AnalysisManager | None = None) -> ResidualStream:
+        result = cls()
+        start = next(
+            (
+                n
+                for n in program.graph.find_nodes(op="call_function", target=aten.embedding.default)
+                if is_constant(n.args[0]) and n.args[0].meta["val"].dim() == 2  # type: ignore[union-attr]
+            ),
+            None,
+        )
+        if start is None:
+            result.refused.append(StreamRefusal(None, "no embedding lookup starts a stream"))
+            return result
+        result.start = start
+        result.hidden = int(start.meta["val"].shape[-1])
+        _Walker(result).run(program.graph, start)
+        for r in result.refused:
+            log.info("residual-stream: %s", r)
+        return result
+
+    def describe(self) -> str:
+        """One line per writer, reader, norm and refusal (what `--print-analyses` shows)."""
+        lines = [
+            f"residual-stream: hidden {self.hidden}, {len(self.writers)} writers, "
+            f"{len(self.readers)} readers, {len(self.norms)} norms, {len(self.online)} online, "
+            f"{len(self.refused)} refused"
+        ]
+        lines += [f"  embedding {_where(n)}" for n in self.embeddings]
+        lines += [f"  writer {_where(n)}" for n in self.writers]
+        for norm in self.norms:
+            readers = ",".join(_where(r).rsplit(".", 1)[-1] for r in norm.readers)
+            lines.append(f"  norm {_where(norm.carrier.node)} -> {readers}")
+        lines += [f"  online {_where(p.value)}: {p.reason}" for p in self.online]
+        lines += [f"  refused {r}" for r in self.refused]
+        return "\n".join(lines)
+
+
+def _where(node: fx.Node) -> str:
+    return node_loc(node) or node.name
+
+
+def _tensor(value: object) -> torch.Tensor | None:
+    val = value.meta.get("val") if isinstance(value, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _per_token(value: object) -> bool:
+    """A Python number, or a tensor that is one value across the channel dim (0-d or `[..., 1]`)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    val = _tensor(value)
+    return val is not None and (val.dim() == 0 or val.shape[-1] == 1)
+
+
+def _is_last_dim(dims: object, rank: int) -> bool:
+    return isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] % rank == rank - 1
+
+
+class _Walker:
+    """Classifies every node after the embedding, in graph order, as rotated or not.
+
+    `rot` holds the stream tensors (their channels are rotated); `norm_of` tags those that still
+    carry a norm's scale (only linears may read them); `squares` holds `x * x` of stream tensors
+    (only channel sums may read them). Every other node keeps its value.
+    """
+
+    def __init__(self, result: ResidualStream) -> None:
+        self.result = result
+        self.rot: set[fx.Node] = result.nodes
+        self.norm_of: dict[fx.Node, NormScale] = {}
+        self.squares: set[fx.Node] = set()
+
+    def refuse(self, node: fx.Node, reason: str) -> None:
+        self.result.refused.append(StreamRefusal(node, reason))
+
+    def run(self, graph: fx.Graph, start: fx.Node) -> None:
+        self.result.embeddings.append(start)
+        self.rot.add(start)
+        seen = False
+        for node in graph.nodes:
+            if node is start:
+                seen = True
+                continue
+            if not seen:
+                continue
+            if node.op == "output":
+                leaked = [a.name for a in node.all_input_nodes if a in self.rot | self.squares]
+                if leaked:
+                    self.refuse(node, f"the stream is a graph output ({', '.join(leaked)})")
+                continue
+            if node.op == "call_function":
+                self.visit(node)
+
+    # -- one node ----------------------------------------------------------------------------
+    def visit(self, node: fx.Node) -> None:
+        t = node.target
+        inputs = node.all_input_nodes
+        if any(a in self.squares for a in inputs):
+            self.visit_square_user(node)
+            return
+        if t is aten.type_as.default:
+            inputs = inputs[:1]  # the second operand gives only the dtype
+        if not any(a in self.rot for a in inputs) or t in SHAPE_ONLY:
+            return
+        x = node.args[0]
+        others = [a for a in inputs if a is not x]
+        tags = {id(self.norm_of[a]): self.norm_of[a] for a in inputs if a in self.norm_of}
+        tag = next(iter(tags.values()), None)
+        channel_op = x in self.rot and not any(a in self.rot for a in others)
+        if t in MOVES and channel_op:
+            if t is not aten.type_as.default and not _keeps_channels(node):
+                self.refuse(node, f"{_op(node)} moves channels of the stream")
+                return
+            self.mark(node, tag)
+        elif t is aten.linear.default and channel_op:
+            if not is_constant(node.args[1]):
+                self.refuse(node, "a linear reading the stream has no constant weight")
+                return
+            self.result.readers.append(node)
+            if tag is not None:
+                tag.readers.append(node)
+        elif tag is not None and self.per_token_scaling(node):
+            self.mark(node, tag)  # commutes with the norm scale and with the rotation
+        elif tag is not None:
+            norm = tag.carrier.node.name
+            self.refuse(node, f"reads the output of norm {norm}, whose scale only linears absorb")
+        elif t is aten.pow.Tensor_Scalar and node.args[1] == 2:
+            self.squares.add(node)
+        elif t is aten.linalg_vector_norm.default and _is_l2_over_channels(node):
+            return  # |x| per token: unchanged by the rotation
+        elif t in (aten.mul.Tensor, aten.div.Tensor):
+            self.visit_product(node)
+        elif t in (aten.add.Tensor, aten.sub.Tensor):
+            self.visit_sum(node)
+        elif t is aten.rms_norm.default:
+            self.visit_rms_norm(node)
+        elif t in (aten.layer_norm.default, aten.native_layer_norm.default):
+            self.refuse(
+                node,
+                "LayerNorm subtracts the channel mean, which a rotation does not keep "
+                "(the model would need mean-baking)",
+            )
+        elif t in CHANNEL_SUMS:
+            self.refuse(node, f"{_op(node)} of the stream's channels is not rotation-invariant")
+        else:
+            self.refuse(node, f"{_op(node)} reads the stream; a rotation through it is not exact")
+
+    def mark(self, node: fx.Node, tag: NormScale | None) -> None:
+        self.rot.add(node)
+        if tag is not None:
+            self.norm_of[node] = tag
+
+    def visit_square_user(self, node: fx.Node) -> None:
+        square = node.args[0]
+        if node.target in CASTS and square in self.squares:
+            self.squares.add(node)
+            return
+        val = _tensor(square)
+        if (
+            node.target in CHANNEL_SUMS
+            and val is not None
+            and _is_last_dim(node.args[1], val.dim())
+        ):
+            return  # |x|^2 per token: unchanged by the rotation
+        self.refuse(node, f"{_op(node)} reads the square of the stream, not only a channel sum")
+
+    def per_token_scaling(self, node: fx.Node) -> bool:
+        """`x * s` or `x / s` of a stream tensor x by a per-token (or scalar) s."""
+        if node.target not in (aten.mul.Tensor, aten.div.Tensor):
+            return False
+        a, b = node.args[0], node.args[1]
+        if a in self.rot and b not in self.rot:
+            return _per_token(b)
+        return (
+            node.target is aten.mul.Tensor and b in self.rot and a not in self.rot and _per_token(a)
+        )
+
+    def visit_product(self, node: fx.Node) -> None:
+        a, b = node.args[0], node.args[1]
+        if node.target is aten.mul.Tensor and a is b:
+            self.squares.add(node)
+            return
+        if a in self.rot and b in self.rot:
+            self.refuse(node, "multiplies two stream tensors")
+            return
+        if node.target is aten.div.Tensor and a not in self.rot:
+            self.refuse(node, "divides by the stream")
+            return
+        if self.per_token_scaling(node):
+            self.mark(node, None)
+            return
+        carrier = _carrier(node, self.result.hidden) if node.target is aten.mul.Tensor else None
+        if carrier is not None and carrier.node is node:
+            norm = NormScale(carrier)
+            self.result.norms.append(norm)
+            self.mark(node, norm)
+            return
+        self.refuse(node, "multiplies the stream by per-channel values that are not a norm scale")
+
+    def visit_sum(self, node: fx.Node) -> None:
+        a, b = node.args[0], node.args[1]
+        if "alpha" in node.kwargs or len(node.args) > 2:
+            self.refuse(node, f"{_op(node)} with alpha is not supported")
+            return
+        if a in self.rot and b in self.rot:
+            self.mark(node, None)
+            return
+        other = b if a in self.rot else a
+        val = _tensor(other)
+        if val is None or val.dim() == 0 or val.shape[-1] != self.result.hidden:
+            self.refuse(node, "adds a value that is not a hidden-size tensor to the stream")
+            return
+        assert isinstance(other, fx.Node)
+        writer, path, why = self.trace_writer(other, node)
+        if writer is None:
+            self.result.online.append(OnlinePoint(other, node, why))
+        else:
+            bucket = self.result.embeddings if writer.target is aten.embedding.default else None
+            (bucket if bucket is not None else self.result.writers).append(writer)
+            self.rot.update([writer, *path])
+        self.mark(node, None)
+
+    def visit_rms_norm(self, node: fx.Node) -> None:
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        if weight is None:
+            self.mark(node, None)
+            return
+        carrier = _carrier(node, self.result.hidden)
+        if carrier is None:
+            self.refuse(node, "rms_norm with a weight that is not a constant")
+            return
+        norm = NormScale(carrier)
+        self.result.norms.append(norm)
+        self.mark(node, norm)
+
+    # -- writers -----------------------------------------------------------------------------
+    def trace_writer(
+        self, value: fx.Node, add: fx.Node
+    ) -> tuple[fx.Node | None, list[fx.Node], str]:
+        """The linear (or embedding) whose output reaches `add` as `value`, through casts, moves
+        and scalar factors read by nothing else; or None and the reason."""
+        path: list[fx.Node] = []
+        node = value
+        while True:
+            if node.op != "call_function":
+                return None, [], f"{node.name} is not computed by a linear"
+            t = node.target
+            if t is aten.linear.default and is_constant(node.args[1]):
+                break
+            if t is aten.embedding.default and is_constant(node.args[0]):
+                break
+            scalar_factor = t in (aten.mul.Tensor, aten.div.Tensor) and isinstance(
+                node.args[1], (int, float)
+            )
+            if scalar_factor or (t in MOVES and _keeps_channels(node)):
+                path.append(node)
+                node = node.args[0]  # type: ignore[assignment]
+            else:
+                return None, [], f"{_op(node)} at {_where(node)} is not a linear, cast or move"
+        allowed = {add, *path}
+        leaks = sorted(
+            u.name
+            for n in (node, *path)
+            for u in n.users
+            if u not in allowed and _reads_value(u, n)
+        )
+        if leaks:
+            return None, [], f"the output of {node.name} is also read by {', '.join(leaks)}"
+        return node, path, ""
+
+
+def _reads_value(user: fx.Node, node: fx.Node) -> bool:
+    """Whether `user` depends on `node`'s values (not only on its shape or dtype)."""
+    if user.target in SHAPE_ONLY:
+        return False
+    return not (user.target is aten.type_as.default and user.args[0] is not node)
+
+
+def _is_l2_over_channels(node: fx.Node) -> bool:
+    val = _tensor(node.args[0])
+    ord_ = node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    return val is not None and ord_ == 2 and _is_last_dim(dims, val.dim())
+
+
+def _op(node: fx.Node) -> str:
+    t = node.target
+    name = getattr(t, "__name__", str(t))
+    if isinstance(t, torch._ops.OpOverload):
+        pkt = t.overloadpacket.__name__
+        name = f"{t.namespace}.{pkt}"
+    return name

@@ -1,0 +1,42 @@
+"""Online rotation custom op (`slimc::hadamard`): the PyTorch reference and its fake impl."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from slimc.rotate.hadamard import hadamard as hadamard_matrix
+
+__all__ = ["hadamard"]
+
+
+@functools.lru_cache(maxsize=8)
+def _scaled(n: int) -> Tensor:
+    return hadamard_matrix(n) / math.sqrt(n)
+
+
+@torch.library.custom_op(
+    "slimc::hadamard", mutates_args=(), schema="(Tensor x, Tensor signs) -> Tensor"
+)
+def hadamard(x: Tensor, signs: Tensor) -> Tensor:
+    """`x @ (H diag(signs) / sqrt(n))` over the last dim (n = x.shape[-1]).
+
+    H is `slimc.rotate.hadamard(n)` (Paley x Sylvester for n = m * 2^k), so with signs from
+    `random_signs(n, seed)` this is the rotation `x Q` by `random_hadamard(n, seed)`. Computed in
+    float64 and returned in x's dtype; a kernel may use a fast Walsh-Hadamard transform for the
+    power-of-two factor.
+    """
+    n = x.shape[-1]
+    if signs.shape != (n,):
+        raise ValueError(f"signs must have shape [{n}], got {list(signs.shape)}")
+    h = _scaled(n).to(x.device)
+    return ((x.to(torch.float64) @ h) * signs.to(torch.float64)).to(x.dtype)
+
+
+@hadamard.register_fake
+def _(x: Tensor, signs: Tensor) -> Tensor:
+    torch._check(signs.dim() == 1 and signs.shape[0] == x.shape[-1], lambda: "signs: shape [n]")
+    return torch.empty_like(x)

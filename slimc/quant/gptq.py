@@ -1,0 +1,160 @@
+"""GPTQ: quantize a weight column by column, pushing each column's error onto the columns left."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from slimc.quant.qparams import QuantizedWeight, calculate_qparams
+from slimc.quant.scheme import TensorQuantSpec
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 8
+"""How many times the dampening is multiplied by 10 when the Hessian is not positive definite."""
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """A GPTQ-quantized weight and what the solve took.
+
+    Attributes:
+        weight: the quantized weight (integer codes, scales, zero points).
+        damp: the dampening finally added to the Hessian's diagonal (relative to its mean).
+        dead_columns: input channels that never saw a non-zero input (their weights are zeroed).
+    """
+
+    weight: QuantizedWeight
+    damp: float
+    dead_columns: int
+
+
+def hessian_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
+    """The layer output error GPTQ minimizes: `tr((W - W_hat) H (W - W_hat)^T) / 2`."""
+    d = w.detach().to(torch.float64) - w_hat.detach().to(torch.float64)
+    return float(0.5 * torch.einsum("nk,kj,nj->", d, hessian.to(torch.float64), d))
+
+
+def _inverse_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of `(H + damp * mean(diag H) * I)^-1`, retrying larger damps.
+
+    Raises:
+        ValueError: the Hessian stays indefinite after `MAX_DAMP_RETRIES` retries.
+    """
+    h = hessian.to(torch.float64)
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    damp = percdamp
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                if attempt:
+                    log.info("gptq: Hessian needed dampening %.3g (asked %.3g)", damp, percdamp)
+                return upper, damp
+        damp = damp * 10 if damp > 0 else 1e-6
+    raise ValueError(
+        f"Hessian is not positive definite even with dampening {damp / 10:.3g} x mean(diag H)"
+    )
+
+
+class _GroupParams:
+    """Scale / zero point of each group along K, filled as the sweep reaches the group."""
+
+    def __init__(self, n: int, groups: int) -> None:
+        self.scale = torch.zeros(n, groups, dtype=torch.float32)
+        self.zero_point = torch.zeros(n, groups, dtype=torch.int32)
+
+    def set(self, g: int, block: Tensor, spec: TensorQuantSpec) -> None:
+        lo, hi = torch.aminmax(block, dim=1)
+        s, z = calculate_qparams(lo, hi, spec)
+        self.scale[:, g] = s
+        self.zero_point[:, g] = z
+
+
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    spec: TensorQuantSpec,
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+) -> GPTQResult:
+    """Quantize `weight` [N, K] with GPTQ against the input Hessian [K, K].
+
+    Columns are quantized in blocks of `block_size`; inside a block each column's rounding error,
+    scaled by the inverse Hessian, is subtracted from the block's remaining columns, and the
+    block's accumulated error is applied to all later columns at once (lazy batch updates).
+    Per-group ranges are taken when the sweep reaches a group, from the already-updated weights.
+    With `act_order`, columns are visited by decreasing Hessian diagonal; group ranges are then
+    fixed up front from the original weights so groups stay contiguous along K (the layout the
+    fused kernels read). Dead input channels (zero diagonal) are zeroed.
+
+    Raises:
+        ValueError: shapes disagree, the weight or Hessian holds NaN / inf, the group size does
+            not divide K, or the Hessian cannot be made positive definite.
+    """
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match"
+        )
+    if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(hessian).all())):
+        raise ValueError("weight or Hessian holds NaN or inf")
+    n, k = weight.shape
+    group = spec.group_size if spec.granularity == "group" else k
+    if k % group:
+        raise ValueError(f"group_size={group} does not divide the weight's input dim K={k}")
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    params = _GroupParams(n, k // group)
+    perm = torch.arange(k)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        for g in range(k // group):  # static groups, from the original (dead-zeroed) weights
+            params.set(g, w[:, g * group : (g + 1) * group], spec)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    elif group == k:
+        params.set(0, w, spec)
+    hinv, damp = _inverse_cholesky(h, percdamp)
+    hinv = hinv.to(torch.float32)
+
+    codes = torch.zeros(n, k, dtype=torch.int32)
+    qmin, qmax = spec.qmin, spec.qmax
+    for b0 in range(0, k, block_size):
+        b1 = min(b0 + block_size, k)
+        block = w[:, b0:b1].clone()
+        errors = torch.zeros_like(block)
+        hblock = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            g = int(perm[col]) // group
+            if not act_order and group < k and col % group == 0:
+                ahead = torch.cat([block[:, i:], w[:, b1 : col + group]], dim=1)[:, :group]
+                params.set(g, ahead, spec)
+            scale, zp = params.scale[:, g], params.zero_point[:, g].to(torch.float32)
+            column = block[:, i]
+            q = torch.clamp(torch.round(column / scale) + zp, qmin, qmax)
+            codes[:, col] = q.to(torch.int32)
+            err = (column - (q - zp) * scale) / hblock[i, i]
+            block[:, i:] -= err.unsqueeze(1) * hblock[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
+
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    zero_point = None if spec.symmetric else params.zero_point.to(torch.int8)
+    qw = QuantizedWeight(
+        qdata=codes.to(torch.int8), scale=params.scale, zero_point=zero_point, spec=spec
+    )
+    return GPTQResult(weight=qw, damp=damp, dead_columns=int(dead.sum()))

@@ -1,0 +1,181 @@
+"""Folding orthogonal rotations and norm scales into a program's constants (exact in float)."""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import fx
+
+from slimc.analyses.linear_groups import MOVES, SPLITS, LinearGroup
+from slimc.analyses.residual_stream import NormScale
+from slimc.program import Program, node_loc
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+WEIGHT, BIAS = 1, 2
+"""Argument positions of `aten.linear`'s weight and bias."""
+
+
+# -- constants -------------------------------------------------------------------------------------
+def _const(user: fx.Node, index: int) -> fx.Node | None:
+    arg = user.args[index] if len(user.args) > index else None
+    return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+def _preferred_target(user: fx.Node, const: fx.Node) -> str:
+    """`<module path>.<weight|bias>` of the user, the name the user's model gives the tensor."""
+    loc = node_loc(user)
+    leaf = str(const.target).rsplit(".", 1)[-1]
+    return f"{loc}.{leaf}" if loc else str(const.target)
+
+
+def untie(program: Program, uses: Iterable[tuple[fx.Node, int]]) -> list[fx.Node]:
+    """Give every constant read at `(user, arg index)` that other nodes also read one copy per user.
+
+    The user whose module path names the constant (`lm_head` for `lm_head.weight`) keeps it; the
+    others get a copy named after their own module (`model.embed_tokens.weight`), so writing
+    back finds the tensor under the name the model uses. Returns the users given a copy.
+    """
+    moved: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    for user, index in uses:
+        const = _const(user, index)
+        if const is None or const in seen or len(const.users) < 2:
+            continue
+        seen.add(const)
+        users = list(const.users)
+        keeper = next(
+            (u for u in users if _preferred_target(u, const) == str(const.target)), users[0]
+        )
+        value = program.weights.get(str(const.target))
+        for other in users:
+            if other is keeper:
+                continue
+            target = program.unique_target(_preferred_target(other, const))
+            copy = program.constant_node(target, value.detach().clone(), before=const)
+            other.replace_input_with(const, copy)
+            moved.append(other)
+            log.debug("untied %s: %s now reads %s", const.target, other.name, target)
+    return moved
+
+
+def _get(program: Program, node: fx.Node) -> torch.Tensor:
+    return program.weights.get(str(node.target))
+
+
+def _set(program: Program, node: fx.Node, value: torch.Tensor, like: torch.Tensor) -> None:
+    program.weights.set(str(node.target), value.to(like.dtype))
+
+
+def _update(program: Program, node: fx.Node, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace constant `node` by `fn(value as float64)`, stored back in its dtype."""
+    old = _get(program, node)
+    _set(program, node, fn(old.detach().double()), old)
+
+
+# -- norms and rotations ---------------------------------------------------------------------------
+def fuse_norm(program: Program, norm: NormScale) -> None:
+    """Multiply the readers' columns by the norm scale (`c + w` for `x * (c + w)` norms), and set
+    the scale to one (`w = 1 - c`), so the norm output is the plain normalized stream."""
+    carrier = norm.carrier
+    stored = _get(program, carrier.weight)
+    weight = stored.detach().double()
+    scale = (weight + carrier.offset).reshape(-1)
+    for reader in norm.readers:
+        const = _const(reader, WEIGHT)
+        assert const is not None
+        _update(program, const, lambda w: w * scale)
+    _set(program, carrier.weight, torch.full_like(weight, 1.0 - carrier.offset), stored)
+
+
+def rotate_input(program: Program, linear: fx.Node, q: torch.Tensor) -> None:
+    """`W -> W Q`: the linear reads `x Q` and computes the same output."""
+    const = _const(linear, WEIGHT)
+    assert const is not None
+    _update(program, const, lambda w: w @ q)
+
+
+def rotate_output(program: Program, linear: fx.Node, q: torch.Tensor) -> None:
+    """`W -> Q^T W`, `b -> Q^T b`: the linear's output becomes `y Q`."""
+    const = _const(linear, WEIGHT)
+    assert const is not None
+    _update(program, const, lambda w: q.T @ w)
+    bias = _const(linear, BIAS)
+    if bias is not None:
+        _update(program, bias, lambda b: b @ q)
+
+
+def rotate_embedding(program: Program, embedding: fx.Node, q: torch.Tensor) -> None:
+    """`E -> E Q`: every looked-up row comes out rotated."""
+    const = _const(embedding, 0)
+    assert const is not None
+    _update(program, const, lambda e: e @ q)
+
+
+# -- attention heads ------------------------------------------------------------------------------
+def head_dim(group: LinearGroup) -> int | None:
+    """The head size on the ov path (the value's last dim at the attention), if the path between
+    v and o only moves elements and attends; None when it does anything else (a per-channel
+    factor would not commute with a rotation)."""
+    node = group.input
+    found: int | None = None
+    while node is not group.producer:
+        t = node.target
+        if t is aten.scaled_dot_product_attention.default:
+            node = node.args[2]  # type: ignore[assignment]
+            found = int(node.meta["val"].shape[-1])
+        elif t in (aten.matmul.default, aten.bmm.default):
+            node = node.args[1]  # type: ignore[assignment]
+            found = int(node.meta["val"].shape[-1])
+        elif t in MOVES or (t is aten.mul.Tensor and isinstance(node.args[1], (int, float))):
+            node = node.args[0]  # type: ignore[assignment]
+        elif t is operator.getitem and node.args[0].target in SPLITS:  # type: ignore[union-attr]
+            node = node.args[0].args[0]  # type: ignore[union-attr,assignment]
+        else:
+            return None
+    return found
+
+
+def head_blocks(group: LinearGroup, size: int) -> torch.Tensor | None:
+    """First producer row of each target head block when every block of `size` target input
+    channels reads `size` consecutive producer rows in order (also under grouped-query sharing);
+    None otherwise."""
+    cmap = group.channel_map
+    if cmap is None or cmap.numel() % size:
+        return None
+    blocks = cmap.reshape(-1, size)
+    if not bool((blocks - blocks[:, :1] == torch.arange(size)).all()):
+        return None
+    return blocks[:, 0]
+
+
+def rotate_heads(
+    program: Program, group: LinearGroup, h: torch.Tensor, starts: torch.Tensor
+) -> None:
+    """Rotate each head of the value by `h` (v rows: `H^T W_v`, bias too) and undo it in o_proj's
+    input columns (`W_o H`), so attention output `z_h H` meets `W_o H` per head."""
+    size = h.shape[0]
+    producer = group.producer
+    assert producer is not None
+    rows = sorted({int(s) for s in starts.tolist()})
+
+    def left(w: torch.Tensor) -> torch.Tensor:
+        out = w.clone()
+        for r in rows:
+            out[r : r + size] = h.T @ w[r : r + size]
+        return out
+
+    const = _const(producer, WEIGHT)
+    assert const is not None
+    _update(program, const, left)
+    bias = _const(producer, BIAS)
+    if bias is not None:
+        _update(program, bias, lambda b: left(b[:, None])[:, 0])
+    for target in group.targets:
+        t_const = _const(target, WEIGHT)
+        assert t_const is not None
+        _update(program, t_const, lambda w: (w.reshape(w.shape[0], -1, size) @ h).reshape(w.shape))

@@ -1,0 +1,42 @@
+"""Online rotations: `slimc.hadamard` nodes for stream values that no weight can rotate."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+import slimc.ops  # noqa: F401  (registers slimc::hadamard)
+from slimc.analyses.residual_stream import OnlinePoint
+from slimc.ir.builder import call
+from slimc.program import LOC_KEY, Program, node_loc
+
+ONLINE_ROTATION_KEY = "slimc_online_rotation"
+"""`node.meta` flag on a `slimc.hadamard` quarot inserted (written back as a module wrapper)."""
+
+
+def insert_online_rotation(
+    program: Program, point: OnlinePoint, signs: torch.Tensor, origin: str | None = None
+) -> fx.Node:
+    """Rotate `point.value` by `random_hadamard(n)` (given by its `signs`) before it is added.
+
+    The new node carries the value's module path, so `slimc.compile` can wrap that module with
+    `slimc.nn.HadamardRotation`. Returns the `slimc.hadamard` node.
+    """
+    value, add = point.value, point.add
+    loc = node_loc(value) or value.name
+    dtype = value.meta["val"].dtype
+    const = program.constant_node(
+        program.unique_target(f"{loc}.rotation_signs"), signs.to(dtype), before=add
+    )
+    const.meta[LOC_KEY] = loc
+    node = call(
+        program,
+        torch.ops.slimc.hadamard.default,
+        (value, const),
+        before=add,
+        loc=loc,
+        origin=origin,
+    )
+    node.meta[ONLINE_ROTATION_KEY] = True
+    add.replace_input_with(value, node)
+    return node
