@@ -39,6 +39,9 @@ ANTI_OUTLIER: tuple[str, ...] = (
 )
 """Smoothing passes `slimc quant --anti-outlier` accepts (each also usable in any pipeline)."""
 
+ROTATIONS: tuple[str, ...] = ("quarot",)
+"""Rotation passes `slimc quant --rotation` accepts (run first, before smoothing)."""
+
 WEIGHT_METHODS: dict[str, str] = {"rtn": "linear-quant", "gptq": "gptq", "ssz": "ssz"}
 """`slimc quant --weight-method` choice -> the quantizer pass it runs (rtn: MinMax rounding)."""
 

@@ -184,3 +184,55 @@ def test_every_anti_outlier_pass_composes_with_every_scheme(quant_type: str) -> 
         if name == "flex-awq-ssz":
             want = {"w8a8": "per-tensor", "w4a16": "none", "w8a16": "none"}.get(quant_type)
             assert steps[0].act_quant == (want or "per-token")
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "ssz"])
+@pytest.mark.parametrize("quant_type", ["w8a8", "w4a16", "w4a4"])
+def test_weight_method_and_rotation_build_the_pipeline(method: str, quant_type: str) -> None:
+    from slimc.tools.cli import build_pipeline, make_parser
+
+    from slimc.pass_manager import PassManager
+
+    argv = ["quant", "--quant-type", quant_type, "--weight-method", method, "--group-size", "32"]
+    if quant_type != "w4a16":
+        argv = argv[:-2]
+    args = make_parser().parse_args([*argv, "--rotation", "quarot", "--anti-outlier", "awq"])
+    steps = PassManager.parse(build_pipeline(args)).steps
+    names = [s.name for s in steps]
+    quantizer = "linear-quant" if method == "rtn" else method
+    assert names == ["quarot", "awq", quantizer, "fuse-quantized-linear"]
+    assert steps[2].scheme == quant_type
+    assert steps[2].group_size == (32 if quant_type == "w4a16" else -1)
+
+
+def test_gptq_with_quarot_saves_compressed_tensors_that_transformers_loads(
+    model_dir, tmp_path, capsys
+) -> None:
+    out = tmp_path / "w4a16-quarot-gptq"
+    argv = ["quant", "--model", str(model_dir), "--quant-type", "w4a16", "--group-size", "32"]
+    argv += ["--rotation", "quarot", "--weight-method", "gptq", "--calib-samples", "8"]
+    rc = main([*argv, "--eval", "1", "--save", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "pipeline: quarot{" in captured.err and "gptq{" in captured.err
+    assert "saved compressed-tensors model" in captured.err
+    row = next(r for r in captured.out.splitlines() if r.startswith("w4a16 + quarot + gptq"))
+    assert float(row.split()[5]) > 0
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded(torch.randint(0, 128, (1, 8))).logits.shape == (1, 8, 128)
+
+
+def test_format_auto_falls_back_to_pt2_when_compressed_tensors_cannot_hold_it(capsys) -> None:
+    import slimc
+    from slimc.tools.cli import choose_format
+
+    model = tiny_llama(layers=1)
+    calib = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plain = slimc.compile(model, "w4a4")
+    assert choose_format(plain, "auto") == "compressed-tensors"
+    shifted = slimc.compile(model, "iter-smooth{shift=true},w8a8-dynamic", calib=calib)
+    assert choose_format(shifted, "auto") == "pt2"
+    assert "saving as pt2: asymmetric smoothing added a bias" in capsys.readouterr().err
+    assert choose_format(shifted, "compressed-tensors") == "compressed-tensors"  # asked: refused later

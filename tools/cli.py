@@ -12,9 +12,9 @@ from typing import Any
 from slimc.tools._cli_common import run_guarded, setup_logging
 
 from slimc.quant.scheme import SCHEMES, make_scheme
-from slimc.registry import ANTI_OUTLIER, WEIGHT_METHODS
+from slimc.registry import ANTI_OUTLIER, ROTATIONS, WEIGHT_METHODS
 
-FORMATS = ("compressed-tensors", "pt2")
+FORMATS = ("auto", "compressed-tensors", "pt2")
 
 
 def smoothing_options(args: argparse.Namespace) -> list[str]:
@@ -49,10 +49,10 @@ def build_pipeline(args: argparse.Namespace) -> str:
     Optional smoothing, then the scheme: the named plain pipeline for `--weight-method rtn`, or
     the weight method's quantizer pass (`gptq{scheme=...}`) followed by fusion.
     """
-    prefix = ""
+    prefix = f"{args.rotation}," if args.rotation else ""
     if args.anti_outlier:
         opts = smoothing_options(args)
-        prefix = args.anti_outlier + ("{" + " ".join(opts) + "}" if opts else "") + ","
+        prefix += args.anti_outlier + ("{" + " ".join(opts) + "}" if opts else "") + ","
     opts = []
     if args.group_size is not None:
         opts.append(f"group-size={args.group_size}")
@@ -67,6 +67,22 @@ def build_pipeline(args: argparse.Namespace) -> str:
         return prefix + args.quant_type + ("{" + " ".join(opts) + "}" if opts else "")
     opts.insert(0, f"scheme={args.quant_type}")
     return prefix + method + "{" + " ".join(opts) + "},fuse-quantized-linear"
+
+
+def choose_format(model: Any, requested: str) -> str:
+    """`--format auto`: compressed-tensors when it can hold the model, else slimc's pt2."""
+    if requested != "auto":
+        return requested
+    from slimc.errors import UserError
+    from slimc.export.compressed_tensors import check_expressible
+
+    try:
+        check_expressible(model)
+    except UserError as exc:
+        reason = str(exc).split(";")[0]
+        print(f"saving as pt2: {reason}", file=sys.stderr)
+        return "pt2"
+    return "compressed-tensors"
 
 
 def _peak_rss_mb() -> float:
@@ -118,14 +134,15 @@ def cmd_quant(args: argparse.Namespace) -> int:
         qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
     label = " + ".join(
         [args.quant_type]
+        + ([args.rotation] if args.rotation else [])
         + ([args.anti_outlier] if args.anti_outlier else [])
         + ([args.weight_method] if args.weight_method != "rtn" else [])
     )
     rows.append((label, qppl, delta, f"{seconds:.1f}", f"{peak:.0f}"))
     if args.save is not None:
-        save(
-            quantized, args.save, format=args.format, tokenizer=tokenizer, overwrite=args.overwrite
-        )
+        fmt = choose_format(quantized, args.format)
+        save(quantized, args.save, format=fmt, tokenizer=tokenizer, overwrite=args.overwrite)
+        print(f"saved {fmt} model to {args.save}", file=sys.stderr)
     if ids is not None:
         print(f"\nPPL on {args.eval} windows of 512 tokens (wiki):")
     print(_table(rows))
@@ -199,6 +216,13 @@ def make_parser() -> argparse.ArgumentParser:
         "passes are set up for the chosen --quant-type",
     )
     q.add_argument(
+        "--rotation",
+        choices=ROTATIONS,
+        default=None,
+        help="rotate the residual stream first (exact): quarot = seeded random Hadamard "
+        "(default: none)",
+    )
+    q.add_argument(
         "--weight-method",
         choices=tuple(WEIGHT_METHODS),
         default="rtn",
@@ -229,8 +253,9 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--format",
         choices=FORMATS,
-        default="compressed-tensors",
-        help="output format (default compressed-tensors, loadable by transformers)",
+        default="auto",
+        help="output format: auto (default) = compressed-tensors, loadable by transformers, "
+        "when it can express the model, else pt2 (read by slimc eval and slimc.load)",
     )
     q.add_argument("--save", type=Path, default=None, metavar="DIR", help="output directory")
     q.add_argument(

@@ -161,21 +161,14 @@ def _group_schemes(quantized: dict[str, QuantizedLinear]) -> dict[LinearQuantSch
     return groups
 
 
-def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[str, Any]:
-    """Write `model` (with `QuantizedLinear` layers) as a compressed-tensors HF directory in `out`.
-
-    `out` must be an existing empty directory (the caller makes the write atomic). Weights are
-    compressed by compressed-tensors' own compressors (`ModelCompressor` builds the
-    `quantization_config`); float linears go to its `ignore` list.
-
-    Returns:
-        The `quantization_config` written to config.json.
+def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """The model's quantized linears, if compressed-tensors can hold the model.
 
     Raises:
-        UserError: not a Hugging Face model, no quantized layers, or a scheme compressed-tensors
-            cannot express.
+        UserError: not a Hugging Face model, run-time pieces a plain HF model cannot load
+            (norm output biases, online rotations), no quantized layers, or a scheme that
+            compressed-tensors cannot express; the message names the reason and points to pt2.
     """
-    from compressed_tensors.compressors import ModelCompressor
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -200,6 +193,28 @@ def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) 
         raise UserError(
             "the model has no quantized linear layers (compile it with slimc.compile first)"
         )
+    for scheme in _group_schemes(quantized):
+        quantization_scheme(scheme, ["Linear"])
+    return quantized
+
+
+def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[str, Any]:
+    """Write `model` (with `QuantizedLinear` layers) as a compressed-tensors HF directory in `out`.
+
+    `out` must be an existing empty directory (the caller makes the write atomic). Weights are
+    compressed by compressed-tensors' own compressors (`ModelCompressor` builds the
+    `quantization_config`); float linears go to its `ignore` list.
+
+    Returns:
+        The `quantization_config` written to config.json.
+
+    Raises:
+        UserError: not a Hugging Face model, no quantized layers, or a scheme compressed-tensors
+            cannot express.
+    """
+    from compressed_tensors.compressors import ModelCompressor
+
+    quantized = check_expressible(model)
     groups = _group_schemes(quantized)
     single = len(groups) == 1
     ct_schemes = {
