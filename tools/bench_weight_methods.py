@@ -1,0 +1,111 @@
+"""Benchmark weight methods, rotations and sparsity on SmolLM2 next to RTN; writes docs/benchmarks.md.
+
+Run: python -m slimc.tools.bench_weight_methods [--sections NAME ...] [--rows NAME ...]
+     [--peer-results DIR]
+Each row runs in its own process (its peak RSS is its own); results accumulate in a JSON cache
+(`--cache`) and the table is rendered from it. The first row of a section is its baseline.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from slimc.tools._bench_suite import Row, Suite, peer_rows, section_table
+
+FUSE = "fuse-quantized-linear"
+
+SECTIONS: dict[str, dict[str, str]] = {
+    "W4A16 g64 asymmetric (integer zero point)": {
+        "RTN": "w4a16{group-size=64}",
+        "gptq": f"gptq{{group-size=64}},{FUSE}",
+        "ssz": f"ssz{{group-size=64}},{FUSE}",
+        "autoround": f"autoround{{group-size=64}},{FUSE}",
+        "awq + gptq": f"awq{{group-size=64}},gptq{{group-size=64}},{FUSE}",
+    },
+    "W4A16 per-channel asymmetric": {
+        "RTN": "w4a16",
+        "gptq": f"gptq,{FUSE}",
+        "ssz": f"ssz,{FUSE}",
+        "autoround": f"autoround,{FUSE}",
+    },
+    "W8A8 static per-tensor (Histogram observer)": {
+        "no rotation": "w8a8",
+        "quarot": "quarot,w8a8",
+        "quarot + gptq": f"quarot,gptq{{scheme=w8a8}},{FUSE}",
+    },
+    "W4A4 (int4 weights per channel x dynamic per-token int4 activations)": {
+        "RTN, no rotation": "w4a4",
+        "quarot + RTN": "quarot,w4a4",
+        "quarot + gptq": f"quarot,gptq{{scheme=w4a4}},{FUSE}",
+        "laos (adapt-rotation + autoround, W8A8 on attention and down_proj)": "laos",
+    },
+    "Float sparse (ADMM, ratio 0.3, fp16 2-bit-mantissa protection)": {
+        "float-sparse": "float-sparse{sparse-ratio=0.3}",
+    },
+}
+PEERS: dict[str, tuple[str, ...]] = {
+    "W4A16 g64 asymmetric (integer zero point)": (
+        "lc_rtn_w4a16_g64_asym",
+        "lc_gptq_w4a16_g64_asym",
+        "ar_light_w4a16_g64_asym",
+    ),
+}
+RECORDED: dict[str, tuple[str, float]] = {
+    "lc_gptq_w4a16_g64_asym": ("llm-compressor 0.14 GPTQ W4A16 g64 asym", 14.821),
+    "ar_light_w4a16_g64_asym": ("auto-round 0.16 light recipe W4A16 g64 asym", 14.481),
+}
+"""Peer figures recorded in the project's data notes (same protocol and machine kind), shown
+only where the peer was not re-run into `--peer-results`, and labelled as such."""
+
+BEGIN, END = "<!-- bench_weight_methods:begin -->", "<!-- bench_weight_methods:end -->"
+
+
+def render(cache: dict[str, Row], peers_dir: Path | None) -> str:
+    fp32 = cache.get("fp32")
+    meta = cache.get("_meta", {})
+    lines = [
+        BEGIN,
+        "## Weight methods, rotations and sparsity on SmolLM2-135M-Instruct",
+        "",
+        "Command: `python -m slimc.tools.bench_weight_methods --peer-results <peer_bench results "
+        "dir>` (rows measured a section or a row at a time with `--sections` / `--rows`; the "
+        "date of each row is in the cache)  ",
+        f"Date: {meta.get('date', '')}  ",
+        f"Machine: {meta.get('machine', '')}  ",
+        f"Protocol: data.md, first {meta.get('windows')} windows of 512 tokens; calibration on "
+        f"the last {meta.get('calib_samples')} documents. The first row of each section is its "
+        'baseline; "gap to fp32 closed" is the share of that baseline\'s PPL gap to fp32 a row removes. '
+        '"transform s" is the wall time of every pass other than plain rounding and fusion '
+        '(rotation, smoothing, GPTQ / SSZ / AutoRound, sparsification); "total s" adds capture '
+        "and quantization. Wall times come from a 2-core machine that other jobs shared at times "
+        "(read them as upper bounds). Peak RSS is the whole process.",
+        "",
+    ]
+    if fp32:
+        lines += [f"fp32: PPL {fp32['ppl']:.3f}", ""]
+    for section, configs in SECTIONS.items():
+        peers = []
+        if peers_dir is not None:
+            peers = peer_rows(peers_dir, PEERS.get(section, ()), RECORDED, width=8)
+        lines += section_table(section, configs, cache, "transform s", peers)
+    lines.append(END)
+    return "\n".join(lines)
+
+
+SUITE = Suite(
+    module="slimc.tools.bench_weight_methods",
+    sections=SECTIONS,
+    render=render,
+    begin=BEGIN,
+    end=END,
+    cache=Path("out/bench_weight_methods.json"),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return SUITE.main(argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
