@@ -131,7 +131,11 @@ class LinearQuant(Pass):
         return None
 
     def quantize_linear_weight(
-        self, program: Program, node: fx.Node, weight: torch.Tensor, spec: TensorQuantSpec,
+        self,
+        program: Program,
+        node: fx.Node,
+        weight: torch.Tensor,
+        spec: TensorQuantSpec,
         collected: Any,
     ) -> QuantizedWeight:
         """Quantize one linear's weight [N, K]; `collected` is its input collector (or None)."""

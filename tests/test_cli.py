@@ -229,10 +229,14 @@ def test_format_auto_falls_back_to_pt2_when_compressed_tensors_cannot_hold_it(ca
     from slimc.tools.cli import choose_format
 
     model = tiny_llama(layers=1)
-    calib = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calib = [
+        torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)
+    ]
     plain = slimc.compile(model, "w4a4")
     assert choose_format(plain, "auto") == "compressed-tensors"
     shifted = slimc.compile(model, "iter-smooth{shift=true},w8a8-dynamic", calib=calib)
     assert choose_format(shifted, "auto") == "pt2"
     assert "saving as pt2: asymmetric smoothing added a bias" in capsys.readouterr().err
-    assert choose_format(shifted, "compressed-tensors") == "compressed-tensors"  # asked: refused later
+    assert (
+        choose_format(shifted, "compressed-tensors") == "compressed-tensors"
+    )  # asked: refused later

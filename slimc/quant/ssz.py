@@ -45,7 +45,9 @@ def _refit(blocks: Tensor, codes: Tensor, spec: TensorQuantSpec) -> tuple[Tensor
     return a, zp
 
 
-def ssz_quantize_weight(w: Tensor, spec: TensorQuantSpec, iters: int = SSZ_ITERS) -> QuantizedWeight:
+def ssz_quantize_weight(
+    w: Tensor, spec: TensorQuantSpec, iters: int = SSZ_ITERS
+) -> QuantizedWeight:
     """Quantize a weight [N, K] per channel or per group, refitting the ranges to the codes.
 
     Starts from MinMax; each round fits the least-squares scale (and, asymmetric, zero point)
@@ -60,7 +62,9 @@ def ssz_quantize_weight(w: Tensor, spec: TensorQuantSpec, iters: int = SSZ_ITERS
         raise ValueError(f"ssz expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
     n, k = w.shape
     if spec.granularity not in ("channel", "group"):
-        raise ValueError(f"weights are quantized per channel or per group, not {spec.granularity!r}")
+        raise ValueError(
+            f"weights are quantized per channel or per group, not {spec.granularity!r}"
+        )
     group = spec.group_size if spec.granularity == "group" else k
     if k % group:
         raise ValueError(f"group_size={group} does not divide the weight's input dim K={k}")

@@ -30,7 +30,9 @@ def correlated_inputs(k: int, rows: int = 2048, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     mix = torch.randn(k, k, generator=gen) * 0.2
     scales = torch.linspace(0.2, 3.0, k)
-    return (torch.randn(rows, k, generator=gen) @ mix + torch.randn(rows, k, generator=gen)) * scales
+    return (
+        torch.randn(rows, k, generator=gen) @ mix + torch.randn(rows, k, generator=gen)
+    ) * scales
 
 
 def test_hessian_accumulator_is_the_running_average_of_2xxT() -> None:
@@ -131,7 +133,9 @@ def test_gptq_pass_is_closer_to_float_than_rtn(captured: Program, scheme: str) -
         errors[pipeline.split("{")[0]] = float((logits(p, ids) - ref).pow(2).mean())
     assert errors["gptq"] < errors["linear-quant"]
     stats = p.statistics["gptq"]
-    assert stats["output error (sum over linears)"] < stats["output error of RTN (sum over linears)"]
+    assert (
+        stats["output error (sum over linears)"] < stats["output error of RTN (sum over linears)"]
+    )
 
 
 def test_gptq_needs_calibration_and_checks_options() -> None:
