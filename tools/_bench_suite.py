@@ -144,7 +144,8 @@ class Suite:
         self, args: argparse.Namespace, cache: dict[str, Row], argv: list[str] | None
     ) -> None:
         args.cache.parent.mkdir(parents=True, exist_ok=True)
-        todo = [("fp32", "")]
+        partial = bool(args.sections or args.rows)
+        todo = [] if partial and "fp32" in cache else [("fp32", "")]
         for section, configs in self.sections.items():
             if args.sections and not any(s in section for s in args.sections):
                 continue
