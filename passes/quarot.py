@@ -77,13 +77,14 @@ class QuaRot(Pass):
         try:
             q = random_hadamard(stream.hidden, self.seed)
         except ValueError as exc:
-            raise RotationRefused(f"quarot: hidden size {stream.hidden}: {exc}") from None
+            raise RotationRefused(f"{self.name}: hidden size {stream.hidden}: {exc}") from None
         heads = self._head_rotations(am) if self.rotate_heads else []
         head_matrices = {h.size: random_hadamard(h.size, self.seed) for h in heads}
 
         self._untie(program, stream, heads)
         for norm in stream.norms:
             fold.fuse_norm(program, norm)
+        q = self.hidden_rotation(program, stream, q)
         for embedding in stream.embeddings:
             fold.rotate_embedding(program, embedding, q)
         for linear in stream.readers:
@@ -108,15 +109,25 @@ class QuaRot(Pass):
             self.stat(program, "online rotations", len(stream.online))
         return PassResult(changed=True)
 
+    def hidden_rotation(
+        self, program: Program, stream: ResidualStream, hadamard: torch.Tensor
+    ) -> torch.Tensor:
+        """The orthogonal hidden-size rotation to fold (float64), given the random Hadamard.
+
+        Called once the norms are fused into their readers and before anything is rotated, so
+        the program still computes the float model's function. QuaRot folds the Hadamard itself.
+        """
+        return hadamard
+
     def _check(self, stream: ResidualStream) -> None:
         if stream.refused:
             first = stream.refused[0]
             more = f" (and {len(stream.refused) - 1} more)" if len(stream.refused) > 1 else ""
-            raise RotationRefused(f"quarot: cannot rotate the residual stream: {first}{more}")
+            raise RotationRefused(f"{self.name}: cannot rotate the residual stream: {first}{more}")
         if stream.online and not self.online:
             point = stream.online[0]
             raise RotationRefused(
-                f"quarot: {point.value.name} ({node_loc(point.value) or '?'}) is added to the "
+                f"{self.name}: {point.value.name} ({node_loc(point.value) or '?'}) is added to the "
                 f"residual stream at {point.add.name}, but {point.reason}: no weight can absorb "
                 "the rotation offline (use quarot{online=true} to rotate it at run time)"
             )
@@ -124,7 +135,7 @@ class QuaRot(Pass):
             users = [u.name for u in norm.carrier.weight.users]
             if len(users) > 1:
                 raise RotationRefused(
-                    f"quarot: norm weight {norm.carrier.weight.target} is shared by "
+                    f"{self.name}: norm weight {norm.carrier.weight.target} is shared by "
                     f"{', '.join(users)}; its scale cannot be fused into one norm's readers"
                 )
 
@@ -137,7 +148,11 @@ class QuaRot(Pass):
             size = fold.head_dim(group)
             starts = fold.head_blocks(group, size) if size else None
             if size is None or starts is None:
-                log.info("quarot: heads of %s are not rotated (no per-head value path)", group.name)
+                log.info(
+                    "%s: heads of %s are not rotated (no per-head value path)",
+                    self.name,
+                    group.name,
+                )
                 continue
             out.append(HeadRotation(group, size, starts))
         return out
