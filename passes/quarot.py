@@ -54,6 +54,8 @@ class QuaRot(Pass):
     (LayerNorm's mean, values added to the stream that no linear produces, such as Gemma2's
     sandwich norms) are refused with the node named; with `online=true` the latter are rotated
     at run time by a `slimc.hadamard` op instead (written back as `slimc.nn.HadamardRotation`).
+    `online-inputs` adds QuaRot's run-time rotation of chosen linears' inputs (down_proj): the
+    input is rotated by a Hadamard of its width and the weight absorbs the inverse.
     """
 
     name = "quarot"
@@ -70,6 +72,11 @@ class QuaRot(Pass):
         "Rotate values added to the stream that no weight absorbs (e.g. sandwich norms' "
         "outputs) at run time with slimc.hadamard; without it such models are refused.",
     )
+    online_inputs: tuple[str, ...] = option(
+        (),
+        "Module-path globs of linears whose input is also rotated at run time by a Hadamard "
+        "of its width (QuaRot's down_proj rotation for 4-bit activations); W -> W Q is folded.",
+    )
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         stream = am.get(ResidualStream)
@@ -81,7 +88,17 @@ class QuaRot(Pass):
         heads = self._head_rotations(am) if self.rotate_heads else []
         head_matrices = {h.size: random_hadamard(h.size, self.seed) for h in heads}
 
-        self._untie(program, stream, heads)
+        inputs = self._online_input_linears(program)
+        input_signs = {}
+        for linear in inputs:
+            k = int(linear.args[0].meta["val"].shape[-1])  # type: ignore[union-attr]
+            try:
+                input_signs.setdefault(k, random_signs(k, self.seed))
+                random_hadamard(k, self.seed)
+            except ValueError as exc:
+                where = node_loc(linear) or linear.name
+                raise RotationRefused(f"{self.name}: input of {where}: {exc}") from None
+        self._untie(program, stream, heads, inputs)
         for norm in stream.norms:
             fold.fuse_norm(program, norm)
         q = self.hidden_rotation(program, stream, q)
@@ -93,6 +110,11 @@ class QuaRot(Pass):
             fold.rotate_output(program, linear, q)
         for head in heads:
             fold.rotate_heads(program, head.group, head_matrices[head.size], head.starts)
+        for linear in inputs:
+            from slimc.rotate.online import insert_input_rotation
+
+            k = int(linear.args[0].meta["val"].shape[-1])  # type: ignore[union-attr]
+            insert_input_rotation(program, linear, input_signs[k], origin=str(self))
         if stream.online:
             from slimc.rotate.online import insert_online_rotation
 
@@ -107,7 +129,22 @@ class QuaRot(Pass):
         self.stat(program, "rotated attention heads (v/o pairs)", len(heads))
         if stream.online:
             self.stat(program, "online rotations", len(stream.online))
+        if inputs:
+            self.stat(program, "online input rotations", len(inputs))
         return PassResult(changed=True)
+
+    def _online_input_linears(self, program: Program) -> list[fx.Node]:
+        """The float linears `online-inputs` names (a glob matching none is an error)."""
+        if not self.online_inputs:
+            return []
+        from slimc.passes.linear_quant import float_linears, matches
+
+        chosen = [n for n in float_linears(program) if matches(node_loc(n), self.online_inputs)]
+        if not chosen:
+            raise UserError(
+                f"{self.name}: online-inputs={','.join(self.online_inputs)} matches no linear"
+            )
+        return chosen
 
     def hidden_rotation(
         self, program: Program, stream: ResidualStream, hadamard: torch.Tensor
@@ -157,8 +194,15 @@ class QuaRot(Pass):
             out.append(HeadRotation(group, size, starts))
         return out
 
-    def _untie(self, program: Program, stream: ResidualStream, heads: list[HeadRotation]) -> None:
+    def _untie(
+        self,
+        program: Program,
+        stream: ResidualStream,
+        heads: list[HeadRotation],
+        inputs: list[fx.Node],
+    ) -> None:
         uses: list[tuple[fx.Node, int]] = [(e, 0) for e in stream.embeddings]
+        uses += [(linear, fold.WEIGHT) for linear in inputs]
         uses += [(linear, fold.WEIGHT) for linear in (*stream.readers, *stream.writers)]
         uses += [(linear, fold.BIAS) for linear in stream.writers]
         for head in heads:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant, SchemeName
 from torch import fx
 
 from slimc.errors import UserError
 from slimc.pass_base import OptionError, option
-from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant, SchemeName
 from slimc.program import Program, node_loc
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.scheme import TensorQuantSpec

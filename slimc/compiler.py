@@ -13,11 +13,11 @@ from torch import fx, nn
 from slimc.capture import capture, is_hf_causal_lm
 from slimc.errors import UserError
 from slimc.instrumentation import Instrumentation
-from slimc.nn import HadamardRotation, OutputBias, QuantizedLinear
+from slimc.nn import HadamardInputRotation, HadamardRotation, OutputBias, QuantizedLinear
 from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
 from slimc.program import SCHEME_KEY, Program, node_loc
-from slimc.rotate.online import ONLINE_ROTATION_KEY
+from slimc.rotate.online import ONLINE_INPUT_ROTATION_KEY, ONLINE_ROTATION_KEY
 from slimc.smooth.shift import NORM_BIAS_KEY
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,24 @@ def _wrap_with_rotation(model: nn.Module, program: Program, node: fx.Node) -> No
         setattr(parent, leaf, HadamardRotation(module, signs))
 
 
+def _wrap_with_input_rotation(model: nn.Module, program: Program, node: fx.Node) -> None:
+    """Write back an online rotation of a linear's input: wrap the linear (after it was replaced).
+
+    Raises:
+        UserError: the rotation's reader is not a module of `model`.
+    """
+    path = node_loc(node)
+    parent, leaf, module = _module_at(model, path)
+    if module is None or not leaf:
+        raise UserError(f"cannot write back the input rotation of {path!r}: no such module")
+    signs = _const(program, node.args[1])
+    assert signs is not None
+    if isinstance(module, HadamardInputRotation):
+        module.signs.copy_(signs)
+    else:
+        setattr(parent, leaf, HadamardInputRotation(module, signs))
+
+
 def _add_missing_bias(
     model: nn.Module, program: Program, node: fx.Node, params: dict[str, torch.Tensor]
 ) -> None:
@@ -309,7 +327,11 @@ def write_back(model: nn.Module, program: Program) -> None:
             )
         with torch.no_grad():
             param.copy_(tensor)
+    input_rotations = []
     for node in program.graph.nodes:
+        if node.meta.get(ONLINE_INPUT_ROTATION_KEY):
+            input_rotations.append(node)  # wrapped once the linear itself is replaced
+            continue
         if node.meta.get(NORM_BIAS_KEY):
             _wrap_with_bias(model, program, node)
             continue
@@ -328,8 +350,12 @@ def write_back(model: nn.Module, program: Program) -> None:
             old = getattr(parent, leaf)
         except AttributeError:
             old = None
+        if isinstance(old, HadamardInputRotation):
+            parent, leaf, old = old, "module", old.module
         if not isinstance(old, (nn.Linear, QuantizedLinear)):
             raise UserError(
                 f"cannot write back quantized linear {path!r}: not an nn.Linear in the model"
             )
         setattr(parent, leaf, new)
+    for node in input_rotations:
+        _wrap_with_input_rotation(model, program, node)

@@ -137,3 +137,21 @@ class HadamardRotation(nn.Module):
         import slimc.ops  # noqa: F401  (registers slimc::hadamard)
 
         return torch.ops.slimc.hadamard(self.module(*args, **kwargs), self.signs)
+
+
+class HadamardInputRotation(nn.Module):
+    """A linear whose input is rotated at run time: `module(slimc::hadamard(x, signs))`.
+
+    What `quarot{online-inputs=...}` adds in front of a linear (down_proj) whose weight absorbed
+    the inverse rotation; the wrapped module may be a float or a quantized linear.
+    """
+
+    def __init__(self, module: nn.Module, signs: torch.Tensor) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("signs", signs.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import slimc.ops  # noqa: F401  (registers slimc::hadamard)
+
+        return self.module(torch.ops.slimc.hadamard(x, self.signs))

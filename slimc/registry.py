@@ -21,12 +21,15 @@ PASSES: dict[str, str] = {
     "fuse-quantized-linear": "slimc.passes.fuse_quantized_linear:FuseQuantizedLinear",
     "gptq": "slimc.passes.gptq:GPTQ",
     "ssz": "slimc.passes.ssz:SSZ",
+    "autoround": "slimc.passes.autoround:AutoRound",
     "smooth-quant": "slimc.passes.smooth_quant:SmoothQuant",
     "iter-smooth": "slimc.passes.iter_smooth:IterSmooth",
     "awq": "slimc.passes.awq:AWQ",
     "flex-smooth-quant": "slimc.passes.flex_smooth_quant:FlexSmoothQuant",
     "flex-awq-ssz": "slimc.passes.flex_awq_ssz:FlexAWQSSZ",
     "quarot": "slimc.passes.quarot:QuaRot",
+    "adapt-rotation": "slimc.passes.adapt_rotation:AdaptRotation",
+    "float-sparse": "slimc.passes.float_sparse:FloatSparse",
 }
 """Pass name -> `module:Class`. The single source of truth for in-tree passes."""
 
@@ -39,10 +42,15 @@ ANTI_OUTLIER: tuple[str, ...] = (
 )
 """Smoothing passes `slimc quant --anti-outlier` accepts (each also usable in any pipeline)."""
 
-ROTATIONS: tuple[str, ...] = ("quarot",)
+ROTATIONS: tuple[str, ...] = ("quarot", "adapt-rotation")
 """Rotation passes `slimc quant --rotation` accepts (run first, before smoothing)."""
 
-WEIGHT_METHODS: dict[str, str] = {"rtn": "linear-quant", "gptq": "gptq", "ssz": "ssz"}
+WEIGHT_METHODS: dict[str, str] = {
+    "rtn": "linear-quant",
+    "gptq": "gptq",
+    "ssz": "ssz",
+    "autoround": "autoround",
+}
 """`slimc quant --weight-method` choice -> the quantizer pass it runs (rtn: MinMax rounding)."""
 
 ANALYSES: dict[str, str] = {

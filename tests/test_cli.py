@@ -225,8 +225,9 @@ def test_gptq_with_quarot_saves_compressed_tensors_that_transformers_loads(
 
 
 def test_format_auto_falls_back_to_pt2_when_compressed_tensors_cannot_hold_it(capsys) -> None:
-    import slimc
     from slimc.tools.cli import choose_format
+
+    import slimc
 
     model = tiny_llama(layers=1)
     calib = [

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from slimc.errors import UserError, first_line
-from slimc.nn import HadamardRotation, OutputBias, QuantizedLinear
+from slimc.nn import HadamardInputRotation, HadamardRotation, OutputBias, QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 
 __all__ = ["quantization_scheme", "save_compressed_tensors"]
@@ -182,10 +182,15 @@ def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
             f"asymmetric smoothing added a bias after {biased[0]} (and {len(biased) - 1} more), "
             f"which a Hugging Face model of this class cannot load; {PT2_HINT}"
         )
-    rotated = [n for n, m in model.named_modules() if isinstance(m, HadamardRotation)]
+    rotated = [
+        ("input" if isinstance(m, HadamardInputRotation) else "output", n)
+        for n, m in model.named_modules()
+        if isinstance(m, (HadamardRotation, HadamardInputRotation))
+    ]
     if rotated:
+        what, name = rotated[0]
         raise UserError(
-            f"quarot rotates the output of {rotated[0]} (and {len(rotated) - 1} more) at run "
+            f"quarot rotates the {what} of {name} (and {len(rotated) - 1} more) at run "
             f"time, which a Hugging Face model of this class cannot load; {PT2_HINT}"
         )
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}

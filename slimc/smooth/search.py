@@ -15,8 +15,8 @@ from slimc.analyses.linear_groups import LinearGroup
 from slimc.pass_base import Pass
 from slimc.program import Program
 from slimc.quant.qparams import qparams_from_minmax, quantize_weight
-from slimc.quant.ssz import ssz_quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
+from slimc.quant.ssz import ssz_quantize_weight
 from slimc.runner import LayerwiseRunner, Segment
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ def minmax_weight(w: Tensor, spec: TensorQuantSpec) -> Tensor:
 
 
 WeightQuantizer = Callable[[Tensor, TensorQuantSpec], Tensor]
+
+
 def ssz_weight(w: Tensor, spec: TensorQuantSpec) -> Tensor:
     """SSZ quantize-dequantize of a weight [N, K] (least-squares refit of the MinMax range)."""
     return ssz_quantize_weight(w, spec).dequantize(torch.float32)

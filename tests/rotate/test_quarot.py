@@ -10,7 +10,7 @@ import slimc
 from slimc.analyses.residual_stream import ResidualStream
 from slimc.capture import capture
 from slimc.errors import UserError
-from slimc.nn import HadamardRotation, QuantizedLinear
+from slimc.nn import HadamardInputRotation, HadamardRotation, QuantizedLinear
 from slimc.pass_manager import PassManager
 from slimc.rotate.hadamard import random_hadamard
 from tests.models import captured, tiny_gemma2, tiny_llama
@@ -188,6 +188,27 @@ def test_hidden_states_output_is_refused() -> None:
 
 
 # -- SmolLM2 ---------------------------------------------------------------------------------------
+def test_online_input_rotation_of_down_proj_is_exact_and_survives_quantization() -> None:
+    model = with_random_norms(tiny_llama(layers=2))
+    ref = logits(model)
+    rotated = slimc.compile(model, "quarot{online-inputs=down_proj}")
+    assert rel_err(logits(rotated), ref) < TOLERANCE
+    stats = rotated.slimc_program.statistics["quarot"]
+    assert stats["online input rotations"] == 2
+    down = rotated.model.layers[0].mlp.down_proj
+    assert isinstance(down, HadamardInputRotation) and isinstance(down.module, nn.Linear)
+    # with 4-bit activations the rotation sits in front of the quantized linear, graph == model
+    quantized = slimc.compile(model, "quarot{online-inputs=down_proj},w4a4")
+    down = quantized.model.layers[1].mlp.down_proj
+    assert isinstance(down, HadamardInputRotation) and isinstance(down.module, QuantizedLinear)
+    with torch.no_grad():
+        graph = quantized.slimc_program(IDS)
+    graph = graph[0] if isinstance(graph, (tuple, list)) else graph
+    torch.testing.assert_close(logits(quantized), graph, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="matches no linear"):
+        slimc.compile(model, "quarot{online-inputs=nothing_here}")
+
+
 @pytest.mark.slow
 def test_quarot_keeps_smollm2_logits() -> None:
     """SmolLM2-135M (hidden 576 = 36 * 16, tied embeddings): rotated graph and model exact."""

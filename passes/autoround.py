@@ -1,0 +1,345 @@
+"""autoround: linear-quant whose weight rounding and ranges are learned per decoder layer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant, SchemeName
+from torch import Tensor, fx
+
+from slimc.calibration import pack_token_samples
+from slimc.errors import UserError
+from slimc.pass_base import OptionError, option
+from slimc.program import Program, node_loc
+from slimc.quant.autoround import RoundingParams, TuneConfig, quantize_rounded, tune_block
+from slimc.quant.qparams import QuantizedWeight, quantize_weight
+from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
+from slimc.runner import LayerwiseRunner, Segment
+from slimc.smooth.region import Recorder, Region, RegionError, merge_hooks
+
+log = logging.getLogger(__name__)
+slimc_ops = torch.ops.slimc
+
+ActQuant = Callable[[Tensor], Tensor]
+Env = dict[fx.Node, Any]
+
+
+def act_fake_quant(
+    act: TensorQuantSpec, static_qparams: tuple[Tensor, Tensor] | None, device: str
+) -> ActQuant:
+    """A linear input's run-time quantization (the `slimc::*_affine` ops), straight-through.
+
+    Dynamic specs choose their scales per token; static ones use the observed `(scale, zp)`.
+    The gradient passes unchanged to the input.
+    """
+    fixed = None
+    if static_qparams is not None:
+        fixed = tuple(t.detach().reshape(-1).to(device) for t in static_qparams)
+
+    def fake_quant(x: Tensor) -> Tensor:
+        xd = x.detach()
+        block = act.block_size(xd.shape)
+        if fixed is None:
+            scale, zp = slimc_ops.choose_qparams_affine(
+                xd, block, act.qmin, act.qmax, act.symmetric
+            )
+        else:
+            shape = [1] * xd.dim()
+            scale, zp = fixed[0].float().reshape(shape), fixed[1].to(torch.int32).reshape(shape)
+        q = slimc_ops.quantize_affine(xd, block, scale, zp, act.qmin, act.qmax, torch.int8)
+        dq = slimc_ops.dequantize_affine(q, block, scale, zp, act.qmin, act.qmax, x.dtype)
+        return dq + (x - xd)
+
+    return fake_quant
+
+
+def run_region(
+    region: Region, values: Mapping[fx.Node, Any], act_quant: Mapping[fx.Node, ActQuant]
+) -> list[Any]:
+    """Run the region's nodes (autograd allowed) on `values` (its inputs and constants).
+
+    The first argument of every node in `act_quant` goes through that function first.
+    """
+    env: Env = dict(values)
+    get = env.__getitem__
+    for node in region.nodes:
+        args = fx.node.map_arg(node.args, get)
+        kwargs = fx.node.map_arg(node.kwargs, get)
+        fq = act_quant.get(node)
+        if fq is not None:
+            args = (fq(args[0]), *args[1:])
+        env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+    return [env[n] for n in region.outputs]
+
+
+def upstream(nodes: Sequence[fx.Node], wanted: Iterable[fx.Node]) -> list[fx.Node]:
+    """The nodes of `nodes` that `wanted` depend on (themselves included), in order."""
+    inside = set(nodes)
+    keep: set[fx.Node] = set()
+    stack = list(wanted)
+    while stack:
+        n = stack.pop()
+        if n in inside and n not in keep:
+            keep.add(n)
+            stack.extend(n.all_input_nodes)
+    return [n for n in nodes if n in keep]
+
+
+def float_references(
+    region: Region,
+    inputs: Sequence[Mapping[fx.Node, Any]],
+    consts: Mapping[fx.Node, Any],
+    floats: Sequence[Env],
+) -> list[list[Any]]:
+    """The float region's outputs per sample, run on the float model's values.
+
+    `floats[i]` holds, for sample `i`, the float model's value of every node whose value in
+    the (partly quantized) calibration run differs; those replace the recorded `inputs`, and
+    the region's outputs are added to it.
+    """
+    refs = []
+    with torch.no_grad():
+        for env, x in zip(floats, inputs, strict=True):
+            float_in = {n: env.get(n, v) for n, v in x.items()}
+            refs.append(run_region(region, {**float_in, **consts}, {}))
+            env.update(zip(region.outputs, refs[-1], strict=True))
+    return refs
+
+
+def output_loss(outs: Sequence[Any], refs: Sequence[Any]) -> Tensor:
+    """Mean squared error (in float32) over the floating outputs, averaged over outputs."""
+    terms = [
+        torch.nn.functional.mse_loss(o.float(), r.float())
+        for o, r in zip(outs, refs, strict=True)
+        if isinstance(r, Tensor) and r.is_floating_point()
+    ]
+    if not terms:
+        raise UserError("autoround: a decoder layer has no floating-point output to match")
+    return torch.stack(terms).mean()
+
+
+def _to(value: Any, device: str) -> Any:
+    """A normal (non-inference) tensor on `device`; other values unchanged."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device).clone()
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoRound(LinearQuant):
+    """Quantize linears like linear-quant, with rounding and ranges learned per layer (AutoRound).
+
+    Decoder layer by decoder layer, each layer's inputs are recorded on calibration samples
+    (the outputs of the already-quantized layers before it), and every chosen linear gets a
+    rounding offset V (per weight element, init 0, kept in [-0.5, 0.5]) and, with
+    `minmax-tuning`, range factors alpha/beta per block (init 1, kept in [0.5, 1]) so that
+    the weight is `s * (clamp(round(W / s + zp + V), qmin, qmax) - zp)` with `s`, `zp` the
+    MinMax parameters of `[min * beta, max * alpha]` (rounding straight-through). Inputs of
+    linears with quantized activations are fake-quantized as the scheme does at run time
+    (dynamic per token, or with the static range observed as linear-quant observes it). The
+    loss is the mean squared error (AutoRound's own; msModelSlim uses L1, and SignSGD only
+    sees the gradient's sign) between the layer's outputs and the float model's outputs for
+    the same sample (the float model run on float inputs, so a layer can make up for error
+    left by the layers before it). Parameters move by SignSGD, `p -= lr * sign(grad)`, with
+    the step size decayed linearly to 0; the parameters with the lowest step loss are kept,
+    unless plain rounding does better on the first batch. Token-id calibration samples are
+    packed into `seqlen`-token samples first (short documents are joined, not dropped).
+    Training runs under bfloat16 autocast unless `amp=false`; the references, parameters
+    and written codes are float32. The integer codes are written in linear-quant's QDQ form.
+    Cost: one forward and backward of a layer per sample per step (about 35 s per layer of
+    SmolLM2-135M with the defaults on one CPU core). Lossy.
+    Reference: Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent for the
+    Quantization of LLMs" (2023); msModelSlim `autoround_quant`.
+    """
+
+    name = "autoround"
+    reads_inputs: ClassVar[bool] = True
+
+    scheme: SchemeName = option("w4a16", SCHEME_HELP)
+    iters: int = option(200, "SignSGD steps per decoder layer (0: plain rounding).")
+    lr: float | None = option(None, "Initial step size, decayed linearly to 0; none = 1/iters.")
+    minmax_tuning: bool = option(True, "Also learn the weight range [min*beta, max*alpha].")
+    batch_size: int = option(1, "Samples per step (their gradients are summed).")
+    seqlen: int = option(
+        512, "Tokens per training sample (token-id samples are packed); 0 = samples as given."
+    )
+    samples: int = option(0, "Train on at most this many (packed) samples; 0 = all.")
+    seed: int = option(0, "Seed of the sample order.")
+    device: str = option("cpu", "Device each layer is trained on (cpu, cuda, cuda:1, ...).")
+    amp: bool = option(True, "Train under bfloat16 autocast (references and codes stay float).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            (self.iters >= 0, f"iters must be >= 0, got {self.iters}"),
+            (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
+            (self.seqlen >= 0, f"seqlen must be >= 0, got {self.seqlen}"),
+            (self.samples >= 0, f"samples must be >= 0, got {self.samples}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise OptionError(f"pass 'autoround': {msg}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise OptionError(f"pass 'autoround': unknown device {self.device!r}") from None
+
+    def tune_config(self) -> TuneConfig:
+        lr = self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+        return TuneConfig(self.iters, lr, self.minmax_tuning, self.batch_size, self.seed)
+
+    def training_samples(self, program: Program) -> list[tuple[Any, ...]]:
+        """The calibration samples, packed to `seqlen` tokens when they are token ids."""
+        calib = list(program.require_calibration(self.name))
+        if self.seqlen:
+            try:
+                packed = pack_token_samples(calib, self.seqlen)
+            except ValueError as exc:
+                log.info("%s: %s; training on the samples as given", self.name, exc)
+            else:
+                tokens = sum(int(s[0].numel()) for s in packed)
+                log.info(
+                    "%s: packed %d calibration samples (%d tokens) into %d of <= %d tokens",
+                    self.name,
+                    len(calib),
+                    tokens,
+                    len(packed),
+                    self.seqlen,
+                )
+                calib = list(packed)
+        return calib[: self.samples] if self.samples else calib
+
+    def quantize_linear_weight(
+        self,
+        program: Program,
+        node: fx.Node,
+        weight: Tensor,
+        spec: TensorQuantSpec,
+        collected: Any,
+    ) -> QuantizedWeight:
+        if collected is None:  # the layer was not tuned: plain rounding
+            return quantize_weight(weight, spec)
+        assert isinstance(collected, RoundingParams)
+        return quantize_rounded(weight, spec, collected)
+
+    def _calibrate_and_rewrite(
+        self, program: Program, targets: list[fx.Node], scheme: LinearQuantScheme
+    ) -> None:
+        kind = torch.device(self.device).type
+        backend = getattr(torch, kind, None)
+        if kind != "cpu" and not (backend is not None and backend.is_available()):
+            raise UserError(f"{self.name}: device={self.device} but no {kind} device is available")
+        samples = self.training_samples(program)
+        wanted = set(targets)
+        floats: list[Env] = [{} for _ in samples]  # float-model values that differ, per sample
+        done: set[fx.Node] = set()
+
+        def visit(seg: Segment, runner: LayerwiseRunner) -> None:
+            here = [n for n in seg.nodes if n in wanted]
+            region = Region.of(seg.nodes, seg.label)
+            later = any(u.op != "output" for n in region.outputs for u in n.users)
+            if here or (later and any(n in floats[0] for n in region.inputs)):
+                self._visit(program, seg, region, here, scheme, runner, floats)
+            done.update(seg.nodes)
+            for env in floats:
+                for n in [n for n in env if all(u in done for u in n.users)]:
+                    del env[n]
+
+        LayerwiseRunner(program, samples, progress=program.metadata.get("progress", True)).run(
+            visit
+        )
+
+    def _visit(
+        self,
+        program: Program,
+        seg: Segment,
+        region: Region,
+        here: list[fx.Node],
+        scheme: LinearQuantScheme,
+        runner: LayerwiseRunner,
+        floats: list[Env],
+    ) -> None:
+        """Record the layer's inputs, extend the float chain, tune and rewrite its linears."""
+        t0 = time.perf_counter()
+        act = scheme.activation
+        static = act is not None and not act.dynamic
+        try:
+            recorder = Recorder(region)
+        except RegionError as exc:
+            raise UserError(f"{self.name}: cannot run {seg.label} on its own: {exc}") from None
+        observers: dict[fx.Node, Any] = {}
+        if static:
+            assert act is not None
+            observers = {n.args[0]: self._make_observer(act) for n in here}  # type: ignore[misc]
+
+        def observe(node: fx.Node, args: tuple[Any, ...]) -> None:
+            try:
+                observers[node.args[0]].update(args[0])  # type: ignore[index]
+            except ValueError as exc:
+                raise UserError(f"{self.name}: input of {node_loc(node)}: {exc}") from None
+
+        hooks = merge_hooks(recorder.hooks(), {n: observe for n in here if static})
+        runner.forward(upstream(seg.nodes, hooks), hooks)
+        dev = self.device
+        with torch.inference_mode(False):
+            consts = {c: _to(program.weights.get(str(c.target)), dev) for c in region.constants}
+            inputs = [{n: _to(v, dev) for n, v in rec.items()} for rec in recorder.samples]
+            recorder.samples.clear()
+            refs = float_references(region, inputs, consts, floats)
+            if not here:
+                return
+            schemes: dict[fx.Node, LinearQuantScheme] = {}
+            static_qparams: dict[fx.Node, Any] = {}
+            act_quant: dict[fx.Node, ActQuant] = {}
+            weights: dict[str, tuple[Tensor, TensorQuantSpec]] = {}
+            for node in here:
+                x, w_node = node.args[0], node.args[1]
+                assert isinstance(x, fx.Node) and isinstance(w_node, fx.Node)
+                w = consts[w_node]
+                if not bool(torch.isfinite(w).all()):
+                    raise UserError(f"{self.name}: weight {w_node.target} holds NaN or inf")
+                schemes[node] = self._weight_scheme(
+                    program, scheme, w.shape[1], node_loc(node) or node.name
+                )
+                weights[str(w_node.target)] = (w, schemes[node].weight)
+                if act is not None:
+                    qp = observers[x].calculate_qparams() if static else None
+                    static_qparams[node] = qp
+                    act_quant[node] = act_fake_quant(act, qp, dev)
+
+            def loss_fn(i: int, quantized: Mapping[str, Tensor]) -> Tensor:
+                values = {**inputs[i], **consts}
+                for c in region.constants:
+                    if str(c.target) in quantized:
+                        values[c] = quantized[str(c.target)]
+                with torch.autocast(torch.device(dev).type, torch.bfloat16, enabled=self.amp):
+                    outs = run_region(region, values, act_quant)
+                return output_loss(outs, refs[i])
+
+            result = tune_block(weights, len(inputs), loss_fn, self.tune_config())
+        self._report(program, seg.label, result.rtn_loss, result.loss, time.perf_counter() - t0)
+        if result.kept_rtn and self.iters:
+            self.stat(program, "layers where tuning lost to RTN")
+        for node in here:
+            params = result.params[str(node.args[1].target)]  # type: ignore[union-attr]
+            self._rewrite(program, node, schemes[node], static_qparams.get(node), params)
+
+    def _report(self, program: Program, label: str, rtn: float, ours: float, secs: float) -> None:
+        gain = 100.0 * (rtn - ours) / rtn if rtn > 0 else 0.0
+        log.info(
+            "%s: %s: output loss %.4g (RTN %.4g, %.1f%% lower) in %.1f s",
+            self.name,
+            label,
+            ours,
+            rtn,
+            gain,
+            secs,
+        )
+        self.stat(program, "layer output loss (sum over layers)", ours)
+        self.stat(program, "layer output loss of RTN (sum over layers)", rtn)
