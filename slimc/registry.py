@@ -151,6 +151,29 @@ PIPELINES: dict[str, NamedPipeline] = {
             PassSpec("flex-awq-ssz", {"act-quant": ("per-token",), "weight-bits": ("4",)}),
             "w4a8",
         ),
+        NamedPipeline(
+            "w4a4-quarot-gptq",
+            "QuaRot (with a run-time Hadamard on down_proj inputs), then GPTQ to w4a4",
+            (
+                PassSpec("quarot", {"online-inputs": ("down_proj",)}),
+                PassSpec("gptq", {"scheme": ("w4a4",)}),
+                PassSpec("fuse-quantized-linear"),
+            ),
+        ),
+        NamedPipeline(
+            "laos",
+            "LAOS: adapt-rotation + AutoRound; W8A8 dynamic on attention and down_proj, W4A4 on "
+            "the other linears",
+            (
+                PassSpec("adapt-rotation", {"quant-bits": ("4",)}),
+                PassSpec(
+                    "autoround",
+                    {"scheme": ("w8a8-dynamic",), "only": ("*self_attn*", "*down_proj")},
+                ),
+                PassSpec("autoround", {"scheme": ("w4a4",)}),
+                PassSpec("fuse-quantized-linear"),
+            ),
+        ),
         _recipe(
             "w4a16-awq",
             "AWQ scale search against the int4 weight quantizer, then w4a16",

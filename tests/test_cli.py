@@ -186,7 +186,7 @@ def test_every_anti_outlier_pass_composes_with_every_scheme(quant_type: str) -> 
             assert steps[0].act_quant == (want or "per-token")
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "ssz"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "ssz", "autoround"])
 @pytest.mark.parametrize("quant_type", ["w8a8", "w4a16", "w4a4"])
 def test_weight_method_and_rotation_build_the_pipeline(method: str, quant_type: str) -> None:
     from slimc.tools.cli import build_pipeline, make_parser
@@ -241,3 +241,18 @@ def test_format_auto_falls_back_to_pt2_when_compressed_tensors_cannot_hold_it(ca
     assert (
         choose_format(shifted, "compressed-tensors") == "compressed-tensors"
     )  # asked: refused later
+
+
+@pytest.mark.parametrize(("quant_type", "bits"), [("w4a4", 4), ("w8a8-dynamic", 8), ("w4a16", 4)])
+def test_adapt_rotation_learns_against_the_schemes_activation_quantizer(
+    quant_type: str, bits: int
+) -> None:
+    from slimc.tools.cli import build_pipeline, make_parser
+
+    from slimc.pass_manager import PassManager
+
+    args = make_parser().parse_args(
+        ["quant", "--quant-type", quant_type, "--rotation", "adapt-rotation", "--eval", "1"]
+    )
+    steps = PassManager.parse(build_pipeline(args)).steps
+    assert steps[0].name == "adapt-rotation" and steps[0].quant_bits == bits

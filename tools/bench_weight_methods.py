@@ -37,8 +37,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     },
     "W4A4 (int4 weights per channel x dynamic per-token int4 activations)": {
         "RTN, no rotation": "w4a4",
-        "quarot + RTN": "quarot,w4a4",
-        "quarot + gptq": f"quarot,gptq{{scheme=w4a4}},{FUSE}",
+        "quarot + RTN": "quarot{online-inputs=down_proj},w4a4",
+        "quarot + gptq": "w4a4-quarot-gptq",
         "laos (adapt-rotation + autoround, W8A8 on attention and down_proj)": "laos",
     },
     "Float sparse (ADMM, ratio 0.3, fp16 2-bit-mantissa protection)": {

@@ -43,13 +43,29 @@ def smoothing_options(args: argparse.Namespace) -> list[str]:
     return []
 
 
+def rotation_options(args: argparse.Namespace) -> list[str]:
+    """Options of the `--rotation` pass that follow from the quantization flags.
+
+    adapt-rotation learns its rotation against the per-token quantizer of the activations the
+    scheme quantizes (int4 for w4a4, int8 otherwise; the weight width for weight-only schemes).
+    """
+    if args.rotation != "adapt-rotation":
+        return []
+    scheme = make_scheme(args.quant_type)
+    bits = (scheme.activation or scheme.weight).bits
+    return [f"quant-bits={bits}"]
+
+
 def build_pipeline(args: argparse.Namespace) -> str:
     """The pipeline string `slimc quant` runs for its flags.
 
     Optional smoothing, then the scheme: the named plain pipeline for `--weight-method rtn`, or
     the weight method's quantizer pass (`gptq{scheme=...}`) followed by fusion.
     """
-    prefix = f"{args.rotation}," if args.rotation else ""
+    prefix = ""
+    if args.rotation:
+        opts = rotation_options(args)
+        prefix = args.rotation + ("{" + " ".join(opts) + "}" if opts else "") + ","
     if args.anti_outlier:
         opts = smoothing_options(args)
         prefix += args.anti_outlier + ("{" + " ".join(opts) + "}" if opts else "") + ","
@@ -219,15 +235,17 @@ def make_parser() -> argparse.ArgumentParser:
         "--rotation",
         choices=ROTATIONS,
         default=None,
-        help="rotate the residual stream first (exact): quarot = seeded random Hadamard "
-        "(default: none)",
+        help="rotate the residual stream first (exact): quarot = seeded random Hadamard, "
+        "adapt-rotation = Hadamard refined on calibration data for the scheme's activation "
+        "quantizer (default: none)",
     )
     q.add_argument(
         "--weight-method",
         choices=tuple(WEIGHT_METHODS),
         default="rtn",
         help="how weights are rounded: rtn (MinMax round-to-nearest, default), gptq (Hessian "
-        "error compensation on calibration data), ssz (data-free least-squares range refit)",
+        "error compensation on calibration data), ssz (data-free least-squares range refit), "
+        "autoround (rounding offsets learned per decoder layer with SignSGD; slowest)",
     )
     q.add_argument(
         "--observer",
