@@ -42,8 +42,9 @@ class GPTQ(LinearQuant):
     fake-quantized first, as the linear will see them). The weight is then quantized column by
     column in blocks of `block-size`, each column's rounding error compensated on the columns
     not yet quantized (`percdamp` x mean(diag H) added to the diagonal, multiplied by 10 and
-    retried when the Hessian is not positive definite). Scheme, group size, symmetry and
-    activation handling are linear-quant's. Lossy.
+    retried when the Hessian is not positive definite). Each group's range is the MinMax range
+    shrunk by the ratio (of `range-steps` between 1 and 0.75) with the lowest |w - Q(w)|^2.4
+    error. Scheme, group size, symmetry and activation handling are linear-quant's. Lossy.
     """
 
     name = "gptq"
@@ -57,9 +58,9 @@ class GPTQ(LinearQuant):
     )
 
     range_steps: int = option(
-        0,
+        20,
         "Shrink ratios (1 down to 0.75) tried per weight group, keeping the lowest |w - Q(w)|^2.4 "
-        "error per row; 0 = MinMax ranges.",
+        "error per row; 0 or 1 = MinMax ranges.",
     )
 
     def __post_init__(self) -> None:

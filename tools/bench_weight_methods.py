@@ -18,8 +18,8 @@ FUSE = "fuse-quantized-linear"
 SECTIONS: dict[str, dict[str, str]] = {
     "W4A16 g64 asymmetric (integer zero point)": {
         "RTN": "w4a16{group-size=64}",
+        "gptq, MinMax ranges": f"gptq{{group-size=64 range-steps=0}},{FUSE}",
         "gptq": f"gptq{{group-size=64}},{FUSE}",
-        "gptq, shrunk ranges": f"gptq{{group-size=64 range-steps=20}},{FUSE}",
         "ssz": f"ssz{{group-size=64}},{FUSE}",
         "autoround": f"autoround{{group-size=64}},{FUSE}",
         "awq + gptq": f"awq{{group-size=64}},gptq{{group-size=64}},{FUSE}",
