@@ -36,10 +36,10 @@ SECTIONS: dict[str, dict[str, str]] = {
         "quarot + gptq": f"quarot,gptq{{scheme=w8a8}},{FUSE}",
     },
     "W4A4 (int4 weights per channel x dynamic per-token int4 activations)": {
-        "RTN, no rotation": "w4a4",
         "quarot + RTN": "quarot{online-inputs=down_proj},w4a4",
         "quarot + gptq": "w4a4-quarot-gptq",
         "laos (adapt-rotation + autoround, W8A8 on attention and down_proj)": "laos",
+        "RTN, no rotation": "w4a4",
     },
     "Float sparse (ADMM, ratio 0.3, fp16 2-bit-mantissa protection)": {
         "float-sparse": "float-sparse{sparse-ratio=0.3}",
