@@ -212,3 +212,22 @@ def section_table(
             f"{r['smoothing_seconds']:.0f} | {r['quant_seconds']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     return [*lines, *peers, ""]
+
+
+def section_tables(
+    sections: dict[str, dict[str, str]],
+    cache: dict[str, Row],
+    search_column: str,
+    peers_dir: Path | None,
+    peers: dict[str, tuple[str, ...]],
+    recorded: dict[str, tuple[str, float]],
+) -> list[str]:
+    """The fp32 line, then every measured section's table with its peer rows."""
+    fp32 = cache.get("fp32")
+    lines = [f"fp32: PPL {fp32['ppl']:.3f}", ""] if fp32 else []
+    for title, configs in sections.items():
+        rows = []
+        if peers_dir is not None:
+            rows = peer_rows(peers_dir, peers.get(title, ()), recorded, width=8)
+        lines += section_table(title, configs, cache, search_column, rows)
+    return lines

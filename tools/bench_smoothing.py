@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from slimc.tools._bench_suite import Row, Suite, peer_rows, section_table
+from slimc.tools._bench_suite import Row, Suite, section_tables
 
 SECTIONS: dict[str, dict[str, str]] = {
     "W8A8 static per-tensor (Histogram observer)": {
@@ -72,7 +72,6 @@ BEGIN, END = "<!-- bench_smoothing:begin -->", "<!-- bench_smoothing:end -->"
 
 
 def render(cache: dict[str, Row], peers_dir: Path | None) -> str:
-    fp32 = cache.get("fp32")
     meta = cache.get("_meta", {})
     lines = [
         BEGIN,
@@ -93,13 +92,7 @@ def render(cache: dict[str, Row], peers_dir: Path | None) -> str:
         '"total s" adds capture and quantization. Peak RSS is the whole process.',
         "",
     ]
-    if fp32:
-        lines += [f"fp32: PPL {fp32['ppl']:.3f}", ""]
-    for section, configs in SECTIONS.items():
-        peers = []
-        if peers_dir is not None:
-            peers = peer_rows(peers_dir, PEERS.get(section, ()), PUBLISHED, width=8)
-        lines += section_table(section, configs, cache, "smoothing s", peers)
+    lines += section_tables(SECTIONS, cache, "smoothing s", peers_dir, PEERS, PUBLISHED)
     lines.append(END)
     return "\n".join(lines)
 

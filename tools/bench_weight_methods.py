@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from slimc.tools._bench_suite import Row, Suite, peer_rows, section_table
+from slimc.tools._bench_suite import Row, Suite, section_tables
 
 FUSE = "fuse-quantized-linear"
 
@@ -63,7 +63,6 @@ BEGIN, END = "<!-- bench_weight_methods:begin -->", "<!-- bench_weight_methods:e
 
 
 def render(cache: dict[str, Row], peers_dir: Path | None) -> str:
-    fp32 = cache.get("fp32")
     meta = cache.get("_meta", {})
     lines = [
         BEGIN,
@@ -83,13 +82,7 @@ def render(cache: dict[str, Row], peers_dir: Path | None) -> str:
         "(read them as upper bounds). Peak RSS is the whole process.",
         "",
     ]
-    if fp32:
-        lines += [f"fp32: PPL {fp32['ppl']:.3f}", ""]
-    for section, configs in SECTIONS.items():
-        peers = []
-        if peers_dir is not None:
-            peers = peer_rows(peers_dir, PEERS.get(section, ()), RECORDED, width=8)
-        lines += section_table(section, configs, cache, "transform s", peers)
+    lines += section_tables(SECTIONS, cache, "transform s", peers_dir, PEERS, RECORDED)
     lines.append(END)
     return "\n".join(lines)
 
