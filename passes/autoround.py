@@ -73,8 +73,30 @@ def run_region(
         fq = act_quant.get(node)
         if fq is not None:
             args = (fq(args[0]), *args[1:])
-        env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+        if node.target in _NO_GRAD_QUANT_OPS:
+            args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        out = node.target(*args, **kwargs)  # type: ignore[operator]
+        env[node] = _straight_through(node, out, env)
     return [env[n] for n in region.outputs]
+
+
+_NO_GRAD_QUANT_OPS = (
+    slimc_ops.choose_qparams_affine.default,
+    slimc_ops.quantize_affine.default,
+    slimc_ops.quantize_per_token.default,
+)
+
+
+def _straight_through(node: fx.Node, out: Any, env: Env) -> Any:
+    """An activation quantize -> dequantize pair already in the graph (a linear an earlier
+    quantizer pass handled) passes the gradient straight through to its input."""
+    quant = node.args[0] if node.target is slimc_ops.dequantize_affine.default else None
+    if not (isinstance(quant, fx.Node) and quant.target is slimc_ops.quantize_affine.default):
+        return out
+    x = env.get(quant.args[0]) if isinstance(quant.args[0], fx.Node) else None
+    if not isinstance(x, Tensor) or not x.requires_grad:
+        return out
+    return out + (x - x.detach()).to(out.dtype)
 
 
 def upstream(nodes: Sequence[fx.Node], wanted: Iterable[fx.Node]) -> list[fx.Node]:

@@ -13,7 +13,14 @@ from torch import fx, nn
 from slimc.capture import capture, is_hf_causal_lm
 from slimc.errors import UserError
 from slimc.instrumentation import Instrumentation
-from slimc.nn import HadamardInputRotation, HadamardRotation, OutputBias, QuantizedLinear
+from slimc.kernel import binding_of
+from slimc.nn import (
+    HadamardInputRotation,
+    HadamardRotation,
+    KernelLinear,
+    OutputBias,
+    QuantizedLinear,
+)
 from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
 from slimc.program import SCHEME_KEY, Program, node_loc
@@ -192,7 +199,35 @@ def quantized_linear_from_qdq(program: Program, node: fx.Node) -> QuantizedLinea
     )
 
 
-def _replacement(program: Program, node: fx.Node) -> QuantizedLinear | None:
+def kernel_linear_from_node(program: Program, node: fx.Node) -> KernelLinear:
+    """Build the runtime module for a linear a lowering pass bound to one kernel op."""
+    binding = binding_of(node)
+    assert binding is not None and isinstance(node.target, torch._ops.OpOverload)
+    arg_spec: list[tuple[str, object]] = []
+    buffers: dict[str, torch.Tensor] = {}
+    for i, arg in enumerate(node.args[1:]):
+        if isinstance(arg, fx.Node):
+            tensor = _const(program, arg)
+            if tensor is None:
+                raise UserError(f"kernel op {node.name}: argument {i + 1} is not a constant")
+            buffers[f"arg{i}"] = tensor
+            arg_spec.append(("buffer", f"arg{i}"))
+        else:
+            arg_spec.append(("value", arg))
+    x_val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    return KernelLinear(
+        node.target.name(),
+        binding.kernel,
+        int(x_val.shape[-1]) if x_val is not None else -1,
+        int(node.meta["val"].shape[-1]),
+        arg_spec,
+        buffers,
+    )
+
+
+def _replacement(program: Program, node: fx.Node) -> nn.Module | None:
+    if binding_of(node) is not None:
+        return kernel_linear_from_node(program, node)
     if _fused_name(node) is not None:
         return quantized_linear_from_node(program, node)
     if node.target is torch.ops.aten.linear.default:
@@ -352,7 +387,7 @@ def write_back(model: nn.Module, program: Program) -> None:
             old = None
         if isinstance(old, HadamardInputRotation):
             parent, leaf, old = old, "module", old.module
-        if not isinstance(old, (nn.Linear, QuantizedLinear)):
+        if not isinstance(old, (nn.Linear, QuantizedLinear, KernelLinear)):
             raise UserError(
                 f"cannot write back quantized linear {path!r}: not an nn.Linear in the model"
             )

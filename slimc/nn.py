@@ -155,3 +155,43 @@ class HadamardInputRotation(nn.Module):
         import slimc.ops  # noqa: F401  (registers slimc::hadamard)
 
         return self.module(torch.ops.slimc.hadamard(x, self.signs))
+
+
+class KernelLinear(nn.Module):
+    """A quantized linear lowered to one kernel op: `op(x, *args)` with constant args as buffers.
+
+    What write-back makes of a node a lowering pass bound to a kernel (see `slimc.kernel`).
+    `arg_spec` lists the op's arguments after `x`: ("buffer", name) for a tensor held here,
+    ("value", literal) for anything else.
+    """
+
+    def __init__(
+        self,
+        op_name: str,
+        kernel: str,
+        in_features: int,
+        out_features: int,
+        arg_spec: list[tuple[str, object]],
+        buffers: dict[str, torch.Tensor],
+    ) -> None:
+        super().__init__()
+        self.op_name = op_name
+        self.kernel = kernel
+        self.in_features = in_features
+        self.out_features = out_features
+        self.arg_spec = list(arg_spec)
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor)
+        namespace, _, rest = op_name.partition("::")
+        packet, _, overload = rest.partition(".")
+        self._op = getattr(getattr(getattr(torch.ops, namespace), packet), overload or "default")
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"kernel={self.kernel}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = [getattr(self, v) if kind == "buffer" else v for kind, v in self.arg_spec]
+        return self._op(x, *args)

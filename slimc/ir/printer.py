@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
+from slimc.kernel import binding_of
 from slimc.program import node_loc
 
 if TYPE_CHECKING:
@@ -135,6 +136,9 @@ def format_node(node: fx.Node, loc: bool = True) -> str:
     else:
         args = ", ".join(format_value(a) for a in node.args)
         text = f'%{node.name} = {node.op} "{node.target}"({args}) : {ty}'
+    binding = binding_of(node)
+    if binding is not None:
+        text += f"  {{{binding.format()}}}"
     where = node_loc(node)
     if loc and where:
         text += f'  loc("{where}")'

@@ -204,6 +204,25 @@ def test_autoround_is_closer_to_float_than_rtn(captured: Program, scheme: str) -
         assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7
 
 
+def test_second_autoround_trains_through_linears_the_first_quantized(captured: Program) -> None:
+    """LAOS runs AutoRound twice: the second pass's gradients cross the activation
+    quantize/dequantize pairs the first left in the graph (straight-through), and it still
+    lowers its layer loss below RTN's."""
+    p = calibrated(captured)
+    PassManager.parse(
+        "autoround{scheme=w8a8-dynamic only=*down_proj iters=4 seqlen=0},"
+        "autoround{scheme=w4a4 iters=10 seqlen=0}"
+    ).run(p)
+    stats = p.statistics["autoround"]
+    assert stats["quantized linears (w4a4)"] == 12
+    assert (
+        stats["layer output loss (sum over layers)"]
+        < stats["layer output loss of RTN (sum over layers)"]
+    )
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(logits(p, ids)).all()
+
+
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
 def test_zero_iterations_on_the_same_samples_is_linear_quant(
     captured: Program, scheme: str
