@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant, SchemeName
@@ -14,7 +14,8 @@ from slimc.errors import UserError
 from slimc.pass_base import OptionError, option
 from slimc.program import Program, node_loc
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
-from slimc.quant.scheme import TensorQuantSpec
+from slimc.quant.hessian import HessianAccumulator
+from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 from slimc.quant.ssz import SSZ_ITERS, ssz_quantize_weight
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,28 @@ class SSZ(LinearQuant):
     Each weight block (output channel, or group along K) starts from its MinMax range; each
     round fits the least-squares scale (and, asymmetric, integer zero point) to the current
     integer codes and re-rounds, keeping a block's new range only when its squared error went
-    down. Needs no data for the weights; activations follow the scheme as in linear-quant. Lossy.
+    down. With `weighting=activation` each input channel's error counts E[x_k^2] times (from
+    the calibration inputs, layer by layer), so the fit follows the linear's output error;
+    `weighting=none` is msModelSlim's data-free rule. Activations follow the scheme as in
+    linear-quant. Lossy.
     """
 
     name = "ssz"
 
     scheme: SchemeName = option("w4a16", SCHEME_HELP)
     iters: int = option(SSZ_ITERS, "Maximum refit rounds per weight.")
+    weighting: Literal["activation", "none"] = option(
+        "activation",
+        "activation: weigh each input channel's error by E[x^2] of the calibration inputs; "
+        "none: plain squared weight error (data-free, msModelSlim's rule).",
+    )
+
+    @property
+    def reads_inputs(self) -> bool:  # type: ignore[override]
+        return self.weighting == "activation"
+
+    def input_collector(self, scheme: LinearQuantScheme, k: int) -> HessianAccumulator:
+        return HessianAccumulator(k)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,14 +65,21 @@ class SSZ(LinearQuant):
         collected: Any,
     ) -> QuantizedWeight:
         path = node_loc(node) or node.name
+        importance = None
+        if isinstance(collected, HessianAccumulator):
+            if collected.rows == 0:
+                raise UserError(f"ssz: {path} saw no calibration input")
+            importance = torch.diagonal(collected.hessian)
         try:
-            qw = ssz_quantize_weight(weight, spec, self.iters)
+            qw = ssz_quantize_weight(weight, spec, self.iters, importance)
         except ValueError as exc:
             raise UserError(f"ssz: {path}: {exc}") from None
         w = weight.detach().to(torch.float32)
-        ours = float((qw.dequantize() - w).pow(2).sum())
-        rtn = float((quantize_weight(w, spec).dequantize() - w).pow(2).sum())
-        log.debug("ssz: %s: weight squared error %.4g (MinMax %.4g)", path, ours, rtn)
-        self.stat(program, "weight squared error (sum over linears)", ours)
-        self.stat(program, "weight squared error of MinMax (sum over linears)", rtn)
+        h = torch.ones(w.shape[1]) if importance is None else importance.float()
+        ours = float(((qw.dequantize() - w).pow(2) * h).sum())
+        rtn = float(((quantize_weight(w, spec).dequantize() - w).pow(2) * h).sum())
+        what = "weight squared error" if importance is None else "E[x^2]-weighted weight error"
+        log.debug("ssz: %s: %s %.4g (MinMax %.4g)", path, what, ours, rtn)
+        self.stat(program, f"{what} (sum over linears)", ours)
+        self.stat(program, f"{what} of MinMax (sum over linears)", rtn)
         return qw

@@ -20,6 +20,7 @@ SECTIONS: dict[str, dict[str, str]] = {
         "RTN": "w4a16{group-size=64}",
         "gptq, MinMax ranges": f"gptq{{group-size=64 range-steps=0}},{FUSE}",
         "gptq": f"gptq{{group-size=64}},{FUSE}",
+        "ssz, data-free": f"ssz{{group-size=64 weighting=none}},{FUSE}",
         "ssz": f"ssz{{group-size=64}},{FUSE}",
         "autoround": f"autoround{{group-size=64}},{FUSE}",
         "awq + gptq": f"awq{{group-size=64}},gptq{{group-size=64}},{FUSE}",
@@ -27,6 +28,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "W4A16 per-channel asymmetric": {
         "RTN": "w4a16",
         "gptq": f"gptq,{FUSE}",
+        "ssz, data-free": f"ssz{{weighting=none}},{FUSE}",
         "ssz": f"ssz,{FUSE}",
         "autoround": f"autoround,{FUSE}",
     },

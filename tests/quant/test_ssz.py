@@ -76,6 +76,41 @@ def test_bad_weights_are_refused() -> None:
         ssz_quantize_weight(torch.randn(32), spec)
 
 
+@pytest.mark.parametrize("spec", SPECS[:3], ids=lambda s: f"{s.granularity}-sym{s.symmetric}")
+def test_importance_weighted_fit_never_loses_to_minmax_on_its_own_measure(
+    spec: TensorQuantSpec,
+) -> None:
+    w = heavy_tailed()
+    group = spec.group_size if spec.granularity == "group" else w.shape[1]
+    h = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(3)) ** 4
+    weighted = ssz_quantize_weight(w, spec, importance=h)
+    plain = ssz_quantize_weight(w, spec)
+    minmax = quantize_weight(w, spec).dequantize()
+    ours = block_errors(w * h.sqrt(), weighted.dequantize() * h.sqrt(), group)
+    base = block_errors(w * h.sqrt(), minmax * h.sqrt(), group)
+    assert bool((ours <= base * (1 + 1e-5) + 1e-12).all())
+    # on the weighted measure the weighted fit is at least as good as the plain one
+    other = block_errors(w * h.sqrt(), plain.dequantize() * h.sqrt(), group)
+    assert float(ours.sum()) <= float(other.sum()) * (1 + 1e-6)
+    torch.testing.assert_close(  # uniform importance is the plain fit
+        ssz_quantize_weight(w, spec, importance=torch.full((w.shape[1],), 7.0)).dequantize(),
+        plain.dequantize(),
+    )
+    with pytest.raises(ValueError, match="importance"):
+        ssz_quantize_weight(w, spec, importance=torch.ones(3))
+
+
+def test_ssz_pass_weighs_by_calibration_inputs() -> None:
+    captured = capture(tiny_llama(layers=2))
+    gen = torch.Generator().manual_seed(1)
+    captured.calibration = [(torch.randint(0, 128, (1, 32), generator=gen),) for _ in range(4)]
+    captured.metadata["progress"] = False
+    PassManager.parse("ssz{scheme=w4a16}").run(captured)
+    stats = captured.statistics["ssz"]
+    ours = stats["E[x^2]-weighted weight error (sum over linears)"]
+    assert ours < stats["E[x^2]-weighted weight error of MinMax (sum over linears)"]
+
+
 def test_flex_awq_ssz_can_search_against_ssz() -> None:
     w = heavy_tailed()
     spec = TensorQuantSpec(4, True, "channel")
@@ -91,7 +126,7 @@ def test_ssz_pass_lowers_the_weight_error() -> None:
         ref = captured(ids)[0]
     p = copy.deepcopy(captured)
     p.metadata["progress"] = False
-    PassManager.parse("ssz{scheme=w4a16 group-size=32}").run(p)
+    PassManager.parse("ssz{scheme=w4a16 group-size=32 weighting=none}").run(p)
     stats = p.statistics["ssz"]
     ours = stats["weight squared error (sum over linears)"]
     assert ours < stats["weight squared error of MinMax (sum over linears)"]
@@ -99,6 +134,7 @@ def test_ssz_pass_lowers_the_weight_error() -> None:
         out = p(ids)[0]
     assert bool(torch.isfinite(out).all())
     assert float((out - ref).pow(2).mean()) < 0.05 * float(ref.pow(2).mean())
-    assert not SSZ().needs_calibration
+    assert not SSZ(weighting="none").needs_calibration
+    assert SSZ().needs_calibration
     with pytest.raises(OptionError, match="iters"):
         SSZ(iters=-1)

@@ -1,4 +1,4 @@
-# RUN: slimc-opt %s -p "ssz{symmetric=true}" --pass-statistics 2>&1 | filecheck %s
+# RUN: slimc-opt %s -p "ssz{symmetric=true weighting=none}" --pass-statistics 2>&1 | filecheck %s
 """ssz: the QDQ form of linear-quant with least-squares-refitted weight ranges (no data)."""
 
 from tests.models import tiny_llama
