@@ -30,6 +30,7 @@ PASSES: dict[str, str] = {
     "quarot": "slimc.passes.quarot:QuaRot",
     "adapt-rotation": "slimc.passes.adapt_rotation:AdaptRotation",
     "float-sparse": "slimc.passes.float_sparse:FloatSparse",
+    "lower-npu": "slimc.passes.lower_npu:LowerNPU",
 }
 """Pass name -> `module:Class`. The single source of truth for in-tree passes."""
 

@@ -14,7 +14,7 @@ from slimc.tools._cli_common import run_guarded, setup_logging
 from slimc.quant.scheme import SCHEMES, make_scheme
 from slimc.registry import ANTI_OUTLIER, ROTATIONS, WEIGHT_METHODS
 
-FORMATS = ("auto", "compressed-tensors", "pt2")
+FORMATS = ("auto", "compressed-tensors", "ascend-v1", "pt2")
 
 
 def smoothing_options(args: argparse.Namespace) -> list[str]:
@@ -273,7 +273,8 @@ def make_parser() -> argparse.ArgumentParser:
         choices=FORMATS,
         default="auto",
         help="output format: auto (default) = compressed-tensors, loadable by transformers, "
-        "when it can express the model, else pt2 (read by slimc eval and slimc.load)",
+        "when it can express the model, else pt2 (read by slimc eval and slimc.load); "
+        "ascend-v1 = msModelSlim's AscendV1 for MindIE / vLLM-Ascend",
     )
     q.add_argument("--save", type=Path, default=None, metavar="DIR", help="output directory")
     q.add_argument(

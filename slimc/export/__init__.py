@@ -1,4 +1,4 @@
-"""Save compiled models (compressed-tensors HF directories, torch.export .pt2) and load them."""
+"""Save compiled models (compressed-tensors, AscendV1, torch.export .pt2) and load them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["FORMATS", "load", "save"]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("compressed-tensors", "pt2")
+FORMATS = ("compressed-tensors", "ascend-v1", "pt2")
 
 
 def save(
@@ -36,6 +36,9 @@ def save(
         ``pt2``: ``DIR/model.pt2``, the compiled program (``model.slimc_program``, or a
         ``slimc.Program``) exported with ``torch.export`` (dynamic batch / sequence dims;
         calls ``slimc::`` custom ops), plus the config and tokenizer files.
+        ``ascend-v1``: msModelSlim's AscendV1 directory for MindIE / vLLM-Ascend
+        (``quant_model_weights.safetensors`` + ``quant_model_description.json`` with one mode
+        tag per tensor, plus config and tokenizer files); see ``slimc.export.ascend_v1``.
 
     The directory is written under a temporary name next to `path` and renamed at the end: a
     failed save leaves nothing at `path`. A missing or empty directory is written; a non-empty
@@ -44,7 +47,7 @@ def save(
     Args:
         model: the model returned by ``slimc.compile`` (or a Program, for ``pt2``).
         path: the output directory.
-        format: ``"compressed-tensors"`` or ``"pt2"``.
+        format: ``"compressed-tensors"``, ``"ascend-v1"`` or ``"pt2"``.
         tokenizer: a tokenizer to save alongside (compressed-tensors falls back to the one in
             the model's local source directory).
         overwrite: replace an existing non-empty directory.
@@ -64,6 +67,10 @@ def save(
             from slimc.export.pt2 import save_pt2
 
             save_pt2(model, tmp, tokenizer)
+        elif format == "ascend-v1":
+            from slimc.export.ascend_v1 import save_ascend_v1
+
+            save_ascend_v1(model, tmp, tokenizer)
         else:
             from slimc.export.compressed_tensors import save_compressed_tensors
 

@@ -1,0 +1,1 @@
+"""Kernel family hadamard_quant."""

@@ -1,0 +1,253 @@
+"""lower-npu: bind fused quantized linears to Ascend NPU kernels (torch_npu ops) on re-laid-out weights."""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import slimc.kernels.npu  # noqa: F401  (registers the slimc::npu_linear_* kernel ops)
+import torch
+from slimc.kernels.npu import layout
+from slimc.kernels.npu.emulate import decode_quant_scale
+from torch import fx
+
+import slimc.ops  # noqa: F401  (registers slimc:: ops)
+from slimc.analysis import AnalysisManager
+from slimc.ir.builder import call
+from slimc.kernel import KERNEL_KEY, KernelBinding
+from slimc.pass_base import Pass, PassResult, option
+from slimc.program import SCHEME_KEY, Program, node_loc
+from slimc.quant.scheme import LinearQuantScheme
+from slimc.stage import Stage
+
+log = logging.getLogger(__name__)
+ops = torch.ops.slimc
+
+QUANT_MATMUL = "npu.quant_matmul"
+WEIGHT_QUANT_BMM = "npu.weight_quant_batchmatmul"
+
+
+class NotLowerable(ValueError):
+    """A fused linear whose shapes or scheme the NPU kernels cannot take (message says why)."""
+
+
+def _is(node: object, op: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op
+
+
+@dataclass(frozen=True)
+class _Lowered:
+    """The kernel call that replaces one fused linear."""
+
+    op: Any
+    args: tuple[Any, ...]
+    binding: KernelBinding
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowerNPU(Pass):
+    """Lower fused linears to torch_npu kernels (`slimc::npu_linear_*`, emulated off-NPU).
+
+    Each fused linear and its activation quantization become one kernel op on constants laid
+    out as torch_npu reads them: weights [K, N] (int4 as `npu_convert_weight_to_int4pack`
+    words), per-channel scales [N], antiquant scales/offsets [G, N] with offset = -zero point,
+    and for static W8A8 a `deq_scale` plus an int32 `quant_bias`. Lossy: a static layer's float
+    bias is rounded to a multiple of its deq_scale (as msModelSlim's `quant_bias`), float16
+    outputs read the deq_scale through `npu_trans_quant_param` (19 bits), and weight-only
+    antiquant scales are stored in the activation dtype (exact for float32 models). Every
+    integer product and every dynamic quantization is unchanged.
+    """
+
+    name = "lower-npu"
+    accepts = frozenset({Stage.FUSED})
+    produces = Stage.KERNEL
+    exact = False
+
+    strict: bool = option(
+        False, "fail on a fused linear no NPU kernel can take, instead of leaving it fused"
+    )
+
+    def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        lowered = 0
+        for node in list(program.graph.nodes):
+            kind = _fused_kind(node)
+            if kind is None:
+                continue
+            try:
+                plan = self._plan(program, node, kind)
+            except NotLowerable as exc:
+                where = node_loc(node) or node.name
+                if self.strict:
+                    raise NotLowerable(f"lower-npu: {where}: {exc}") from None
+                log.warning("lower-npu: %s stays fused: %s", where, exc)
+                self.stat(program, "left fused", 1)
+                continue
+            new = call(program, plan.op, plan.args, before=node, origin=str(self))
+            new.meta[SCHEME_KEY] = node.meta.get(SCHEME_KEY)
+            new.meta[KERNEL_KEY] = plan.binding
+            node.replace_all_uses_with(new)
+            program.graph.erase_node(node)
+            lowered += 1
+        if lowered:
+            program.recompile()
+            self.stat(program, "lowered linears", lowered)
+        return PassResult(changed=lowered > 0)
+
+    # -- one fused linear --------------------------------------------------------------------
+    def _plan(self, program: Program, node: fx.Node, kind: str) -> _Lowered:
+        scheme: LinearQuantScheme = node.meta[SCHEME_KEY]
+        if kind in ("linear_w8a16", "linear_w4a16"):
+            return self._weight_only(program, node, scheme, kind)
+        xq = node.args[0]
+        if kind == "linear_w8a8" and _is(xq, ops.quantize_affine.default):
+            return self._static(program, node, xq)
+        return self._dynamic(program, node, scheme, kind)
+
+    def _const(self, program: Program, arg: Any) -> torch.Tensor | None:
+        if arg is None:
+            return None
+        if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+            raise NotLowerable(f"argument {arg} is not a constant")
+        return program.weights.get(str(arg.target))
+
+    def _new(self, program: Program, node: fx.Node, suffix: str, value: torch.Tensor) -> fx.Node:
+        target = program.unique_target(f"{node_loc(node) or node.name}.{suffix}")
+        return program.constant_node(target, value, node)
+
+    def _weight_only(
+        self, program: Program, node: fx.Node, scheme: LinearQuantScheme, kind: str
+    ) -> _Lowered:
+        x, qweight, scale, zp, group, bias = node.args
+        dtype = x.meta["val"].dtype
+        bits = scheme.weight.bits
+        w = self._const(program, qweight)
+        if bits == 4:
+            try:
+                weight = layout.int4pack_kn(w)
+            except ValueError as exc:
+                raise NotLowerable(str(exc)) from None
+        else:
+            weight = layout.int8_kn(w, 8)
+        s, off = layout.antiquant_params(
+            self._const(program, scale), self._const(program, zp), dtype
+        )
+        g = int(group) if int(group) > 0 else 0
+        args = (
+            x,
+            self._new(program, node, "npu_weight", weight),
+            self._new(program, node, "npu_antiquant_scale", s),
+            None if off is None else self._new(program, node, "npu_antiquant_offset", off),
+            g,
+            bias,
+        )
+        op = ops.npu_linear_w4a16.default if bits == 4 else ops.npu_linear_w8a16.default
+        binding = KernelBinding(
+            WEIGHT_QUANT_BMM,
+            {"weight": "int4pack" if bits == 4 else "int8", "group_size": g},
+            reason=f"{kind}: float activations, weight dequantized inside the matmul",
+        )
+        return _Lowered(op, args, binding)
+
+    def _dynamic(
+        self, program: Program, node: fx.Node, scheme: LinearQuantScheme, kind: str
+    ) -> _Lowered:
+        xq = node.args[0]
+        if kind == "linear_w4a8":
+            qweight, w_scale, bias = node.args[2], node.args[3], node.args[4]
+        else:
+            qweight, w_scale, bias = node.args[3], node.args[4], node.args[5]
+        x, qmax = _per_token_source(xq)
+        bits = scheme.weight.bits
+        w = self._const(program, qweight)
+        n = w.shape[0]
+        scale = self._const(program, w_scale).to(torch.float32).reshape(-1)
+        if scale.numel() != n:
+            raise NotLowerable(f"weight scale has {scale.numel()} values for N={n} channels")
+        if qmax == 7 and bits == 4:
+            k = x.meta["val"].shape[-1]
+            if not isinstance(k, int) or k % 8 != 0:
+                raise NotLowerable(f"int4 activations need K divisible by 8, got K={k}")
+            try:
+                weight = layout.int4pack_kn(w)
+            except ValueError as exc:
+                raise NotLowerable(str(exc)) from None
+            op, config = ops.npu_linear_w4a4_dynamic.default, {"act": "int4", "weight": "int4pack"}
+        elif qmax == 127:
+            weight = layout.int8_kn(w, bits)
+            if bits == 4:
+                op, config = ops.npu_linear_w4a8_dynamic.default, {"weight": "int4-in-int8"}
+            else:
+                op, config = ops.npu_linear_w8a8_dynamic.default, {"weight": "int8"}
+            config["act"] = "int8"
+        else:
+            raise NotLowerable(
+                f"per-token activations in [{-qmax - 1}, {qmax}] with {bits}-bit weights "
+                "have no NPU kernel"
+            )
+        args = (
+            x,
+            self._new(program, node, "npu_weight", weight),
+            self._new(program, node, "npu_weight_scale", scale.contiguous()),
+            bias,
+        )
+        binding = KernelBinding(
+            QUANT_MATMUL,
+            {**config, "quant": "npu_dynamic_quant"},
+            reason=f"{kind}: per-token dynamic activations x per-channel weights",
+        )
+        return _Lowered(op, args, binding)
+
+    def _static(self, program: Program, node: fx.Node, xq: Any) -> _Lowered:
+        _, x_scale, x_zp, qweight, w_scale, bias, out_dtype = node.args
+        x, _, _, _, qmin, qmax, _ = xq.args
+        if (qmin, qmax) != (-128, 127):
+            raise NotLowerable(f"static activations in [{qmin}, {qmax}] are not int8")
+        s = self._const(program, x_scale)
+        if s.numel() != 1:
+            raise NotLowerable("static activations must be quantized per tensor")
+        zp = self._const(program, x_zp)
+        weight = layout.int8_kn(self._const(program, qweight), 8)
+        deq = layout.deq_scale(s, self._const(program, w_scale), out_dtype)
+        qbias = layout.quant_bias(weight, zp, self._const(program, bias), decode_quant_scale(deq))
+        offset = torch.zeros(1, dtype=torch.int32) if zp is None else zp.reshape(1).to(torch.int32)
+        args = (
+            x,
+            self._new(program, node, "npu_input_scale", s.reshape(1).to(torch.float32)),
+            self._new(program, node, "npu_input_offset", offset.contiguous()),
+            self._new(program, node, "npu_weight", weight),
+            self._new(program, node, "npu_deq_scale", deq),
+            None if qbias is None else self._new(program, node, "npu_quant_bias", qbias),
+        )
+        binding = KernelBinding(
+            QUANT_MATMUL,
+            {"act": "int8-static", "deq_scale": "i64" if deq.dtype == torch.int64 else "f32"},
+            reason="linear_w8a8: static per-tensor activations (npu_quantize), folded quant_bias",
+        )
+        return _Lowered(ops.npu_linear_w8a8.default, args, binding)
+
+
+_FUSED = ("linear_w8a8", "linear_w8a16", "linear_w4a16", "linear_w4a8")
+
+
+def _fused_kind(node: fx.Node) -> str | None:
+    t = node.target
+    if not (node.op == "call_function" and isinstance(t, torch._ops.OpOverload)):
+        return None
+    name = t._schema.name.split("::")[-1]
+    return name if t.namespace == "slimc" and name in _FUSED else None
+
+
+def _per_token_source(xq: Any) -> tuple[fx.Node, int]:
+    """(float activation, qmax) of `getitem(slimc.quantize_per_token(x, qmin, qmax), 0)`."""
+    if not (isinstance(xq, fx.Node) and xq.target is operator.getitem and xq.args[1] == 0):
+        raise NotLowerable("dynamic activations are not produced by slimc.quantize_per_token")
+    qt = xq.args[0]
+    if not _is(qt, ops.quantize_per_token.default):
+        raise NotLowerable("dynamic activations are not produced by slimc.quantize_per_token")
+    qmin = int(qt.args[1] if len(qt.args) > 1 else qt.kwargs.get("qmin", -128))
+    qmax = int(qt.args[2] if len(qt.args) > 2 else qt.kwargs.get("qmax", 127))
+    if qmin != -qmax - 1:
+        raise NotLowerable(f"per-token range [{qmin}, {qmax}] is not a signed int range")
+    return qt.args[0], qmax

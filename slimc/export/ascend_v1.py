@@ -1,0 +1,425 @@
+"""Save a slimc-quantized model in msModelSlim's AscendV1 format (MindIE, vLLM-Ascend) and read it back.
+
+Output directory: `quant_model_weights.safetensors` (every tensor), `quant_model_description.json`
+(global keys, then one `"<tensor name>": "<MODE>"` entry per tensor), `config.json` (without
+`quantization_config`), `generation_config.json` and tokenizer files when the model has them.
+
+Per quantized linear `L` (weights [N, K]; int4 packed two per int8 along K, low nibble = even k,
+two's-complement nibbles; `weight_offset` is the zero point: w = (q - offset) * scale):
+
+| mode          | slimc scheme  | tensors                                                      |
+|---------------|---------------|--------------------------------------------------------------|
+| W8A8          | w8a8          | weight i8, input_scale/input_offset f32 [1], deq_scale [N]   |
+|               |               | (f32 for bf16 models, else the f32 bits as i64), quant_bias  |
+|               |               | i32 [N], weight_scale/weight_offset f32 [N, 1], bias         |
+| W8A8_DYNAMIC  | w8a8-dynamic  | weight i8, weight_scale/weight_offset f32 [N, G], bias       |
+| W8A16         | w8a16         | weight i8, weight_scale/weight_offset f32 [N, G], bias       |
+| W4A16         | w4a16         | weight packed i8 [N, K/2], weight_scale/weight_offset [N, G] |
+| W4A8_DYNAMIC  | w4a8          | weight packed, weight_scale, weight_offset (0), scale_bias   |
+|               |               | f32 [N, 1] (= 8 * row sum of the dequantized weight; [N, 16] |
+|               |               | chunk sums for row-parallel down_proj/o_proj/w2), bias       |
+| W4A4_DYNAMIC  | w4a4          | weight packed, weight_scale, weight_offset                   |
+
+Other float tensors are `FLOAT`. All tensors of one linear share its mode tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimc.errors import UserError
+from slimc.nn import (
+    HadamardInputRotation,
+    HadamardRotation,
+    KernelLinear,
+    OutputBias,
+    QuantizedLinear,
+)
+from slimc.quant.scheme import LinearQuantScheme
+
+__all__ = [
+    "DESCRIPTION_NAME",
+    "WEIGHTS_NAME",
+    "AscendV1Checkpoint",
+    "ascend_mode",
+    "load_ascend_v1",
+    "pack_int4_int8",
+    "save_ascend_v1",
+    "unpack_int4_int8",
+]
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "quant_model_weights.safetensors"
+DESCRIPTION_NAME = "quant_model_description.json"
+VERSION = "1.0.0"
+GLOBAL_KEYS = frozenset(
+    {
+        "model_quant_type",
+        "version",
+        "group_size",
+        "kv_quant_type",
+        "kv_cache_type",
+        "fa_quant_type",
+        "reduce_quant_type",
+        "metadata",
+        "optional",
+    }
+)
+"""Description keys that describe the model, not one tensor."""
+
+MODE_PRIORITY = (
+    "FLOAT",
+    "W16A16S",
+    "W8A16",
+    "W4A16",
+    "W8A8_DYNAMIC",
+    "W8A8_MIX",
+    "W8A8",
+    "W4A8_DYNAMIC",
+    "WFP8AFP8_DYNAMIC",
+    "W8A8_MXFP8",
+    "W4A8_MXFP",
+    "W4A4_DYNAMIC",
+    "W4A4_MXFP4",
+    "W4A4_MXFP4_DUALSCALE",
+)
+"""`model_quant_type` is the last of these present (msModelSlim's order, W4A16 / W4A8_DYNAMIC
+placed next to their 8-bit counterparts)."""
+
+ROW_PARALLEL = ("down_proj", "o_proj", "w2")
+SCALE_BIAS_CHUNKS = 16
+_HINT = "use format='pt2' (--format pt2) instead"
+
+
+# --------------------------------------------------------------------------- encodings
+
+
+def pack_int4_int8(q: torch.Tensor) -> torch.Tensor:
+    """int4 values int8 [N, K] -> int8 [N, K // 2]: byte j = (q[2j] & 0xF) | (q[2j + 1] << 4)."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even K, got {tuple(q.shape)}")
+    u = q.to(torch.int16) & 0xF
+    byte = u[..., 0::2] | (u[..., 1::2] << 4)
+    return torch.where(byte >= 128, byte - 256, byte).to(torch.int8).contiguous()
+
+
+def unpack_int4_int8(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4_int8`: int8 [N, K // 2] -> int8 [N, K] in [-8, 7]."""
+    b = packed.to(torch.int16) & 0xFF
+    nib = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+    return torch.where(nib >= 8, nib - 16, nib).to(torch.int8)
+
+
+def encode_deq_scale(deq: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
+    """float32 deq_scale, or (non-bf16 models) its float32 bit pattern held in int64."""
+    deq = deq.to(torch.float32).contiguous()
+    return deq if model_dtype == torch.bfloat16 else deq.view(torch.int32).to(torch.int64)
+
+
+def decode_deq_scale(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of `encode_deq_scale`."""
+    if t.dtype == torch.int64:
+        low = t & 0xFFFFFFFF
+        low = torch.where(low >= 2**31, low - 2**32, low)
+        return low.to(torch.int32).view(torch.float32)
+    return t.to(torch.float32)
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def ascend_mode(scheme: LinearQuantScheme) -> str:
+    """The AscendV1 mode tag of a slimc linear scheme.
+
+    Raises:
+        UserError: AscendV1 has no mode for the scheme (the message names it).
+    """
+    w, a = scheme.weight, scheme.activation
+    per_channel = w.granularity == "channel"
+    if a is None:
+        if w.granularity in ("channel", "group"):
+            return "W8A16" if w.bits == 8 else "W4A16"
+    elif a.dynamic and a.granularity == "token" and a.symmetric:
+        if (
+            a.bits == 8
+            and w.bits == 8
+            and (w.granularity == "group" or (per_channel and w.symmetric))
+        ):
+            return "W8A8_DYNAMIC"
+        if a.bits == 8 and w.bits == 4 and per_channel and w.symmetric:
+            return "W4A8_DYNAMIC"
+        if a.bits == 4 and w.bits == 4 and w.granularity in ("channel", "group"):
+            return "W4A4_DYNAMIC"
+    elif not a.dynamic and a.granularity == "tensor" and a.bits == 8:
+        return _static_mode(scheme)
+    act = "float" if a is None else _spec_text(a) + (" dynamic" if a.dynamic else " static")
+    raise UserError(
+        f"scheme {scheme.name!r} (weights {_spec_text(w)}, activations {act}) has no AscendV1 "
+        f"mode; {_HINT}"
+    )
+
+
+def _static_mode(scheme: LinearQuantScheme) -> str:
+    w = scheme.weight
+    if w.bits == 8 and w.granularity == "channel" and w.symmetric:
+        return "W8A8"
+    raise UserError(
+        f"scheme {scheme.name!r}: AscendV1's W8A8 needs int8 symmetric per-channel weights, got "
+        f"{_spec_text(w)}; {_HINT}"
+    )
+
+
+def _spec_text(spec: Any) -> str:
+    kind = "symmetric" if spec.symmetric else "asymmetric"
+    return f"int{spec.bits} {kind} per {spec.granularity}"
+
+
+def _scale_bias(name: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    deq = q.to(torch.float32) * scale.to(torch.float32).reshape(-1, 1)
+    n, k = deq.shape
+    if name.rsplit(".", 1)[-1] in ROW_PARALLEL and k % SCALE_BIAS_CHUNKS == 0:
+        return 8 * deq.reshape(n, SCALE_BIAS_CHUNKS, -1).sum(dim=-1)
+    return 8 * deq.sum(dim=1, keepdim=True)
+
+
+def linear_tensors(
+    name: str, q: QuantizedLinear, model_dtype: torch.dtype
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """(mode, {suffix: tensor}) for one quantized linear."""
+    mode = ascend_mode(q.scheme)
+    spec = q.scheme.weight
+    qint = q.qweight if spec.bits == 8 else _unpack_slimc(q.qweight)
+    scale = q.weight_scale.to(torch.float32).reshape(qint.shape[0], -1).contiguous()
+    zp = q.weight_zero_point
+    offset = torch.zeros_like(scale) if zp is None else zp.to(torch.float32).reshape(scale.shape)
+    out: dict[str, torch.Tensor] = {
+        "weight": pack_int4_int8(qint) if spec.bits == 4 else qint.contiguous(),
+        "weight_scale": scale,
+        "weight_offset": offset.contiguous(),
+    }
+    if mode == "W8A8":
+        x_scale = q.input_scale.to(torch.float32).reshape(1)
+        x_zp = torch.zeros(1) if q.input_zero_point is None else q.input_zero_point.float()
+        deq = x_scale * scale.reshape(-1)
+        correction = qint.to(torch.float64).sum(dim=1) * float(x_zp.reshape(-1)[0])
+        qbias = -correction
+        if q.bias is not None:
+            qbias = q.bias.to(torch.float64) / deq.to(torch.float64) - correction
+        out["input_scale"] = x_scale.contiguous()
+        out["input_offset"] = x_zp.reshape(1).to(torch.float32).contiguous()
+        out["deq_scale"] = encode_deq_scale(deq, model_dtype)
+        out["quant_bias"] = torch.round(qbias).to(torch.int32).contiguous()
+    if mode == "W4A8_DYNAMIC":
+        out["scale_bias"] = _scale_bias(name, qint, scale).contiguous()
+    if q.bias is not None:
+        out["bias"] = q.bias.detach().to(torch.float32).contiguous()
+    return mode, out
+
+
+def _unpack_slimc(packed: torch.Tensor) -> torch.Tensor:
+    from slimc.ops.packing import unpack_int4
+
+    return unpack_int4(packed)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _check_model(model: nn.Module) -> dict[str, QuantizedLinear]:
+    lowered = [n for n, m in model.named_modules() if isinstance(m, KernelLinear)]
+    if lowered:
+        raise UserError(
+            f"{lowered[0]} (and {len(lowered) - 1} more) is bound to a kernel by a lowering pass; "
+            "save the model compiled without lowering (AscendV1 engines do their own lowering)"
+        )
+    extra = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (OutputBias, HadamardRotation, HadamardInputRotation))
+    ]
+    if extra:
+        raise UserError(
+            f"{extra[0]} (and {len(extra) - 1} more) adds run-time work (a norm bias or an online "
+            f"rotation) that AscendV1 cannot describe; {_HINT}"
+        )
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not quantized:
+        raise UserError(
+            "the model has no quantized linear layers (compile it with slimc.compile first)"
+        )
+    return quantized
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _float_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """The model's state dict outside quantized linears, one name per shared storage."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, t in model.state_dict().items():
+        if key.rpartition(".")[0] in skip:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:
+            log.info("ascend-v1: %s shares its storage with %s; saved once", key, seen[ident])
+            continue
+        seen[ident] = key
+        out[key] = t.detach().cpu().contiguous()
+    return out
+
+
+def _group_size(quantized: dict[str, QuantizedLinear]) -> int:
+    sizes = {q.scheme.weight.group_size for q in quantized.values()}
+    sizes.discard(-1)
+    if len(sizes) > 1:
+        raise UserError(
+            f"AscendV1 stores one global group_size, the model uses {sorted(sizes)}; {_HINT}"
+        )
+    return sizes.pop() if sizes else 0
+
+
+def save_ascend_v1(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[str, Any]:
+    """Write `model` (with `QuantizedLinear` layers) as an AscendV1 directory into `out`.
+
+    `out` must be an existing empty directory (the caller makes the write atomic).
+
+    Returns:
+        The description written to `quant_model_description.json`.
+
+    Raises:
+        UserError: no quantized layers, lowered or run-time-rotated layers, mixed group sizes,
+            or a scheme AscendV1 has no mode for.
+    """
+    from safetensors.torch import save_file
+
+    quantized = _check_model(model)
+    dtype = _model_dtype(model)
+    group_size = _group_size(quantized)
+    tensors = _float_tensors(model, set(quantized))
+    modes = dict.fromkeys(tensors, "FLOAT")
+    for name, q in quantized.items():
+        mode, parts = linear_tensors(name, q, dtype)
+        for suffix, t in parts.items():
+            tensors[f"{name}.{suffix}"] = t
+            modes[f"{name}.{suffix}"] = mode
+    present = set(modes.values())
+    description: dict[str, Any] = {
+        "model_quant_type": max(present, key=MODE_PRIORITY.index),
+        "version": VERSION,
+        "group_size": group_size,
+        "metadata": {"producer": "slimc"},
+    }
+    description.update(sorted(modes.items()))
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / DESCRIPTION_NAME).write_text(
+        json.dumps(description, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    _save_config(model, out, quantized)
+    _save_tokenizer_files(model, tokenizer, out)
+    counts = {m: sum(1 for q in quantized if modes[f"{q}.weight"] == m) for m in present}
+    log.info("ascend-v1: %d tensors, linears per mode %s", len(tensors), counts)
+    return description
+
+
+def _save_config(model: nn.Module, out: Path, quantized: dict[str, QuantizedLinear]) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        return
+    config.save_pretrained(out)
+    path = out / "config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop("quantization_config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if data.get("tie_word_embeddings") and any(q is head for q in quantized.values()):
+        data["tie_word_embeddings"] = False  # a quantized head cannot share the float embedding
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)
+
+
+def _save_tokenizer_files(model: nn.Module, tokenizer: Any, out: Path) -> None:
+    if tokenizer is None and getattr(model, "config", None) is None:
+        return  # not a Hugging Face model: no tokenizer to look for
+    from slimc.export.compressed_tensors import _save_tokenizer
+
+    _save_tokenizer(model, tokenizer, out)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class AscendV1Checkpoint:
+    """An AscendV1 directory read back: description, tensors and the dequantized weights."""
+
+    description: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any] | None = None
+    modes: dict[str, str] = field(default_factory=dict)
+
+    def linears(self) -> dict[str, str]:
+        """Quantized linear name -> mode."""
+        return {
+            k.removesuffix(".weight"): m
+            for k, m in self.modes.items()
+            if m != "FLOAT" and k.endswith(".weight")
+        }
+
+    def int_weight(self, name: str) -> torch.Tensor:
+        """The integer weight int8 [N, K] of linear `name` (int4 modes unpacked)."""
+        w = self.tensors[f"{name}.weight"]
+        return unpack_int4_int8(w) if self.modes[f"{name}.weight"].startswith("W4") else w
+
+    def dequantized_weight(self, name: str) -> torch.Tensor:
+        """(q - weight_offset) * weight_scale as float32 [N, K], per channel or per group."""
+        q = self.int_weight(name).to(torch.float32)
+        n, k = q.shape
+        scale = self.tensors[f"{name}.weight_scale"].to(torch.float32).reshape(n, -1)
+        offset = self.tensors[f"{name}.weight_offset"].to(torch.float32).reshape(n, -1)
+        g = scale.shape[1]
+        q = q.reshape(n, g, k // g) - offset.unsqueeze(-1)
+        return (q * scale.unsqueeze(-1)).reshape(n, k)
+
+    def deq_scale(self, name: str) -> torch.Tensor:
+        """A W8A8 linear's deq_scale as float32 [N]."""
+        return decode_deq_scale(self.tensors[f"{name}.deq_scale"])
+
+
+def load_ascend_v1(path: str | Path) -> AscendV1Checkpoint:
+    """Read an AscendV1 directory and check that description keys and tensors match one to one.
+
+    Raises:
+        UserError: missing files, or a description key without a tensor (or the reverse).
+    """
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    desc_path, weights_path = root / DESCRIPTION_NAME, root / WEIGHTS_NAME
+    for p in (desc_path, weights_path):
+        if not p.is_file():
+            raise UserError(f"{root} is not an AscendV1 directory: {p.name} is missing")
+    description = json.loads(desc_path.read_text(encoding="utf-8"))
+    tensors = load_file(str(weights_path))
+    modes = {k: v for k, v in description.items() if k not in GLOBAL_KEYS}
+    missing = sorted(set(modes) - set(tensors))
+    extra = sorted(set(tensors) - set(modes))
+    if missing or extra:
+        what = f"no tensor for {missing[0]!r}" if missing else f"no description of {extra[0]!r}"
+        raise UserError(f"{root}: {what} ({len(missing)} + {len(extra)} mismatches)")
+    config_path = root / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    return AscendV1Checkpoint(description, tensors, config, modes)
