@@ -13,6 +13,7 @@ __all__ = [
     "Preserved",
     "Program",
     "Stage",
+    "backend",
     "capture",
     "compile",
     "load",
@@ -28,6 +29,7 @@ _LAZY = {
     "PassManager": "slimc.pass_manager",
     "Program": "slimc.program",
     "Stage": "slimc.stage",
+    "backend": "slimc.backend",
     "capture": "slimc.capture",
     "compile": "slimc.compiler",
     "save": "slimc.export",
@@ -35,6 +37,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from slimc import backend
     from slimc.capture import capture
     from slimc.compiler import compile_model as compile  # noqa: A004
     from slimc.export import load, save
@@ -51,4 +54,6 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     mod = importlib.import_module(module)
+    if module == f"slimc.{name}":  # a submodule (`slimc.backend`)
+        return mod
     return getattr(mod, "compile_model" if name == "compile" else name)
