@@ -133,10 +133,139 @@ def bench_w4a16(case: Case, group_size: int = 128) -> list[Row]:
     return rows
 
 
+def _fmt(cfg: dict) -> str:
+    return " ".join(f"{key}={v}" for key, v in cfg.items())
+
+
+def _gemm_variants(gk, case: Case) -> list[tuple[str, str, dict]]:  # noqa: ANN001
+    """The selected 8-bit GEMM kernel, then the other kernel with its nearest table rule."""
+    n, k, m = case.n, case.k, case.m
+    sel = gk.select_explained(n, k, m, case.device_name)
+    out = [("selected: " + sel.kernel, sel.kernel, sel.config)]
+    table = gk.family.load_table(case.device_name)
+    for kernel in (gk.gemm, gk.fused):
+        buckets = [b for b, (kern, _) in table.rules.items() if kern == kernel]
+        if kernel == sel.kernel or not buckets or (kernel == gk.fused and m > 256):
+            continue  # the fused prologue repeats the quantization per N tile: small M only
+        near = min(buckets, key=lambda b: abs(b.bit_length() - m.bit_length()))
+        out.append((kernel, kernel, gk.fit_config(kernel, table.rules[near][1], n, k, m)))
+    return out
+
+
+def bench_w8a8(case: Case) -> list[Row]:
+    """W8A8 int8 (per-token dynamic activations, quantization included) vs torch._int_mm."""
+    import torch
+    from slimc.kernels.w8a8 import launcher
+    from slimc.kernels.w8a8.dispatch import KERNELS_W8A8
+
+    n, k, m = case.n, case.k, case.m
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    qw = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    ws = torch.rand(n, 1, device="cuda") * 0.01
+    xq, xs = launcher.quantize_per_token(x, -128, 127)
+    ref = (xq.double() @ qw.double().t()).float() * xs * ws.t()
+    io = 2 * m * k + 2 * m * n
+    rows = []
+    for label, kernel, cfg in _gemm_variants(KERNELS_W8A8, case):
+        run = lambda k_=kernel, c=cfg: launcher.linear_dynamic(x, qw, ws, None, -128, 127, k_, c)  # noqa: E731
+        rows.append(
+            Row("w8a8", label, _fmt(cfg), time_us(run), n * k + 4 * n + io, rel_err(run(), ref))
+        )
+    quant = lambda: launcher.quantize_per_token(x, -128, 127)  # noqa: E731
+    rows.append(Row("w8a8", "per-token quant only", "", time_us(quant), 3 * m * k + 4 * m))
+    if m > 16 and k % 8 == 0 and n % 8 == 0:  # torch._int_mm rejects M <= 16
+        qwt = qw.t()
+        int_mm = lambda: torch._int_mm(xq, qwt)  # noqa: E731
+        rows.append(
+            Row("w8a8", "torch._int_mm (int32 out)", "", time_us(int_mm), n * k + m * k + 4 * m * n)
+        )
+
+        def int_mm_full():
+            q, s = launcher.quantize_per_token(x, -128, 127)
+            return (torch._int_mm(q, qwt).float() * s * ws.t()).to(torch.bfloat16)
+
+        rows.append(Row("w8a8", "quant + torch._int_mm + scales", "", time_us(int_mm_full),
+                        n * k + io, rel_err(int_mm_full(), ref)))  # fmt: skip
+    return rows
+
+
+def bench_fp8(case: Case) -> list[Row]:
+    """FP8 e4m3 rowwise (per-token activation quantization included) vs torch._scaled_mm."""
+    import torch
+    from slimc.kernels.fp8.dispatch import KERNELS_FP8
+    from slimc.kernels.w8a8 import launcher
+
+    from slimc.ops.fp8 import E4M3_MAX, fp8_matmul, quantize_weight_fp8_rowwise
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        return []
+    n, k, m = case.n, case.k, case.m
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    qw, ws = quantize_weight_fp8_rowwise(torch.randn(n, k, device="cuda"))
+    xq, xs = quantize_weight_fp8_rowwise(x)  # the same rowwise math, in plain torch
+    ref = fp8_matmul(xq, qw) * xs * ws.t()
+    io = 2 * m * k + 2 * m * n
+    rows = []
+    for label, kernel, cfg in _gemm_variants(KERNELS_FP8, case):
+        run = lambda k_=kernel, c=cfg: launcher.linear_dynamic(  # noqa: E731
+            x, qw, ws, None, -E4M3_MAX, E4M3_MAX, k_, c, None, KERNELS_FP8
+        )
+        rows.append(
+            Row("fp8", label, _fmt(cfg), time_us(run), n * k + 4 * n + io, rel_err(run(), ref))
+        )
+    qwt, wst = qw.t(), ws.t().contiguous()
+
+    def scaled_mm_full():
+        q, s = launcher.quantize_per_token(x, -E4M3_MAX, E4M3_MAX, fp8=True)
+        return torch._scaled_mm(q, qwt, scale_a=s, scale_b=wst, out_dtype=torch.bfloat16)
+
+    scaled = lambda: torch._scaled_mm(xq, qwt, scale_a=xs, scale_b=wst, out_dtype=torch.bfloat16)  # noqa: E731
+    rows.append(Row("fp8", "quant + torch._scaled_mm", "", time_us(scaled_mm_full),
+                    n * k + io, rel_err(scaled_mm_full(), ref)))  # fmt: skip
+    rows.append(Row("fp8", "torch._scaled_mm (pre-quantized x)", "", time_us(scaled),
+                    n * k + m * k + 2 * m * n, rel_err(scaled(), ref)))  # fmt: skip
+    return rows
+
+
+def bench_hadamard_quant(case: Case) -> list[Row]:
+    """Fused Hadamard (width K) + per-token int8 quantization vs the quantization alone."""
+    import torch
+    from slimc.kernels.hadamard_quant import select
+    from slimc.kernels.hadamard_quant.launcher import hadamard_quantize
+    from slimc.kernels.w8a8 import launcher
+
+    from slimc.rotate.hadamard import random_signs
+
+    k, m = case.k, case.m
+    try:
+        kernel, cfg = select(k, m, case.device_name)
+    except ValueError:
+        return []  # no Hadamard construction of order K
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    signs = random_signs(k).to("cuda")
+    y = torch.ops.slimc.hadamard(x, signs)  # float64 reference rotation, in x's dtype
+    ys = torch.clamp(
+        y.float().abs().amax(-1, keepdim=True) / 127, min=torch.finfo(torch.float32).eps
+    )
+    ref = torch.clamp(torch.round(y.float() / ys), -128, 127) * ys
+    fused = lambda: hadamard_quantize(x, signs, -128, 127, kernel, cfg)  # noqa: E731
+    q, s = fused()
+    bytes_q = 3 * m * k + 4 * m
+    quant = lambda: launcher.quantize_per_token(x, -128, 127)  # noqa: E731
+    return [
+        Row("hadamard_quant", "selected: " + kernel, _fmt(cfg), time_us(fused), bytes_q,
+            rel_err(q.float() * s, ref)),
+        Row("hadamard_quant", "per-token quant only", "", time_us(quant), bytes_q),
+    ]  # fmt: skip
+
+
 FAMILIES: dict[str, BenchFn] = {
     "w4a16": bench_w4a16,
+    "w8a8": bench_w8a8,
+    "fp8": bench_fp8,
+    "hadamard_quant": bench_hadamard_quant,
 }
-"""Kernel family -> bench function; other families (w8a8, fp8, hadamard_quant) add theirs."""
+"""Kernel family -> bench function (a new family adds its own here)."""
 
 
 # --------------------------------------------------------------------------- report

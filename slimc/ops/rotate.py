@@ -10,7 +10,7 @@ from torch import Tensor
 
 from slimc.rotate.hadamard import hadamard as hadamard_matrix
 
-__all__ = ["hadamard"]
+__all__ = ["hadamard", "hadamard_quantize_per_token"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -40,3 +40,28 @@ def hadamard(x: Tensor, signs: Tensor) -> Tensor:
 def _(x: Tensor, signs: Tensor) -> Tensor:
     torch._check(signs.dim() == 1 and signs.shape[0] == x.shape[-1], lambda: "signs: shape [n]")
     return torch.empty_like(x)
+
+
+@torch.library.custom_op(
+    "slimc::hadamard_quantize_per_token",
+    mutates_args=(),
+    schema="(Tensor x, Tensor signs, int qmin=-128, int qmax=127) -> (Tensor q, Tensor scale)",
+)
+def hadamard_quantize_per_token(
+    x: Tensor, signs: Tensor, qmin: int = -128, qmax: int = 127
+) -> tuple[Tensor, Tensor]:
+    """`slimc::hadamard` then `slimc::quantize_per_token`: (q int8 [..., n], scale f32 [..., 1]).
+
+    The rotated activation is rounded to x's dtype in between, exactly as the two ops in
+    sequence; a kernel fuses both into one pass over x.
+    """
+    return torch.ops.slimc.quantize_per_token(hadamard(x, signs), qmin, qmax)
+
+
+@hadamard_quantize_per_token.register_fake
+def _(x: Tensor, signs: Tensor, qmin: int = -128, qmax: int = 127) -> tuple[Tensor, Tensor]:
+    torch._check(signs.dim() == 1 and signs.shape[0] == x.shape[-1], lambda: "signs: shape [n]")
+    return (
+        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
+    )
