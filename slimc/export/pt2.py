@@ -135,7 +135,7 @@ def _register_ops() -> None:
     import slimc.ops  # noqa: F401
 
     try:
-        importlib.import_module("slimc.kernels")
+        importlib.import_module("slimc.kernels").import_families()
     except ImportError:  # pragma: no cover - kernels are an optional part of the install
         log.debug("slimc.kernels not importable; loading with the reference ops only")
 
