@@ -31,6 +31,7 @@ PASSES: dict[str, str] = {
     "adapt-rotation": "slimc.passes.adapt_rotation:AdaptRotation",
     "float-sparse": "slimc.passes.float_sparse:FloatSparse",
     "lower-npu": "slimc.passes.lower_npu:LowerNPU",
+    "lower-cpu": "slimc.passes.lower_cpu:LowerCPU",
 }
 """Pass name -> `module:Class`. The single source of truth for in-tree passes."""
 

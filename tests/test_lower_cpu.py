@@ -1,0 +1,138 @@
+"""lower-cpu: each CPU kernel op against the reference ops, and whole lowered models."""
+
+from __future__ import annotations
+
+import pytest
+import slimc.kernels.cpu as cpu_kernels
+import torch
+
+import slimc
+from slimc.nn import KernelLinear
+from slimc.ops.packing import pack_int4
+from tests.models import tiny_llama
+
+ops = torch.ops.slimc
+
+
+@pytest.fixture(params=["eager", "compiled"])
+def compile_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the kernel ops' quantization / epilogue helpers eagerly or torch.compile'd."""
+    monkeypatch.setenv("SLIMC_CPU_COMPILE", "0" if request.param == "eager" else "1")
+    return request.param
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (-8, 7)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_dynamic_is_the_reference(compile_mode: str, qmin: int, qmax: int, with_bias: bool):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (48, 96), dtype=torch.int8, generator=gen)
+    ws = torch.rand(48, generator=gen) * 1e-2
+    bias = torch.randn(48, generator=gen) if with_bias else None
+    for shape in ((1, 96), (3, 5, 96), (17, 96)):
+        x = torch.randn(*shape, generator=gen)
+        xq, xs = ops.quantize_per_token(x, qmin, qmax)
+        ref = ops.linear_w8a8(xq, xs, None, w, ws, bias, torch.float32)
+        got = ops.cpu_linear_int8_dynamic(x, w, ws, bias, qmin, qmax)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_static_folds_the_zero_point(compile_mode: str):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=gen)
+    ws, bias = torch.rand(32, generator=gen) * 1e-2, torch.randn(32, generator=gen)
+    x = torch.randn(2, 7, 64, generator=gen)
+    xs, xz = torch.tensor([0.02]), torch.tensor([5], dtype=torch.int32)
+    xq = ops.quantize_affine(x, [-1, -1, -1], xs, xz, -128, 127, torch.int8)
+    ref = ops.linear_w8a8(xq, xs, xz, w, ws, bias, torch.float32)
+    w_sum = w.to(torch.int32).sum(dim=1, dtype=torch.int32)
+    got = ops.cpu_linear_int8_static(x, w, xs, xz, w_sum, ws, bias, -128, 127)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group,symmetric", [(32, False), (64, True), (-1, False), (-1, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_weight_paths_match_the_reference(
+    compile_mode: str, group: int, symmetric: bool, dtype: torch.dtype
+):
+    gen = torch.Generator().manual_seed(2)
+    n, k = 48, 192
+    groups = 1 if group == -1 else k // group
+    q = pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen))
+    scale = torch.rand(n, groups, generator=gen) * 1e-2 + 1e-3
+    zp = None if symmetric else torch.randint(-4, 4, (n, groups), dtype=torch.int8, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    packed, sz, kgroup = cpu_kernels.prepare_int4(q, scale, zp, group, dtype)
+    assert kgroup == (64 if group == -1 else group)  # per channel: the largest group dividing K
+    x = torch.randn(3, 5, k, generator=gen).to(dtype)
+    ref = ops.linear_w4a16(x, q, scale, zp, group, bias)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 scales / zeros
+    for threshold in (0, 1000):  # dequantize + mm, then the int4pack kernel
+        got = ops.cpu_linear_int4_weight(x, packed, sz, q, kgroup, bias, threshold)
+        assert got.dtype == dtype and got.shape == ref.shape
+        assert rel_err(got, ref) < tol
+
+
+def test_int4_preparation_refuses_what_the_kernel_cannot_take():
+    q = pack_int4(torch.zeros(24, 96, dtype=torch.int8))
+    with pytest.raises(ValueError, match="N % 16"):
+        cpu_kernels.prepare_int4(q, torch.ones(24, 3), None, 32, torch.bfloat16)
+    assert cpu_kernels.int4_group_for(96, 96) is None
+    assert cpu_kernels.int4_group_for(576, -1) == 64
+    assert cpu_kernels.int4_group_for(100, -1) is None
+
+
+def test_int8_weight_matches_the_reference():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=gen)
+    s = torch.rand(32, generator=gen) * 1e-2
+    x = torch.randn(4, 64, generator=gen)
+    ref = ops.linear_w8a16(x, w, s[:, None], None, -1, None)
+    torch.testing.assert_close(ops.cpu_linear_int8_weight(x, w, s, None), ref)
+
+
+def test_kernel_ops_pass_opcheck():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randint(-127, 128, (16, 64), dtype=torch.int8, generator=gen)
+    ws = torch.rand(16, generator=gen)
+    x = torch.randn(3, 64, generator=gen)
+    torch.library.opcheck(ops.cpu_linear_int8_dynamic, (x, w, ws, None, -128, 127))
+    torch.library.opcheck(ops.cpu_linear_int8_weight, (x, w, ws, None))
+
+
+@pytest.mark.parametrize(
+    "pipeline,kernel,tol",
+    [
+        ("w8a8-dynamic", "cpu.int_mm", 1e-5),
+        ("w4a8", "cpu.int_mm", 1e-5),
+        ("w4a16{group-size=32}", "cpu.int4pack_mm", 1e-2),
+        ("w4a16", "cpu.int4pack_mm", 1e-2),
+        ("w8a16{symmetric=true}", "cpu.int8pack_mm", 1e-2),
+    ],
+)
+def test_lowered_model_runs_kernels_and_matches_the_reference_path(
+    pipeline: str, kernel: str, tol: float, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("SLIMC_CPU_COMPILE", "0")
+    model = tiny_llama(seed=0, layers=2)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    reference = slimc.compile(model, pipeline, progress=False)
+    lowered = slimc.compile(model, f"{pipeline},lower-cpu", progress=False)
+    kernels = [m for m in lowered.modules() if isinstance(m, KernelLinear)]
+    assert len(kernels) == 14 and {m.kernel for m in kernels} == {kernel}
+    stats = lowered.slimc_program.statistics["lower-cpu"]
+    assert stats[f"lowered linears ({kernel})"] == 14
+    with torch.inference_mode():
+        assert rel_err(lowered(ids).logits, reference(ids).logits) < tol
+
+
+def test_linears_no_kernel_takes_stay_fused(monkeypatch: pytest.MonkeyPatch):
+    """Asymmetric W8A16 has no native kernel: it keeps the reference op and is counted."""
+    monkeypatch.setenv("SLIMC_CPU_COMPILE", "0")
+    lowered = slimc.compile(tiny_llama(seed=0, layers=1), "w8a16{symmetric=false},lower-cpu", progress=False)
+    assert lowered.slimc_program.statistics["lower-cpu"]["left fused (reference kernels)"] == 7
+    assert not any(isinstance(m, KernelLinear) for m in lowered.modules())
