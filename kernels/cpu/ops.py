@@ -119,7 +119,7 @@ def cpu_linear_int8_dynamic(
     xq, row_scale = _quantize_rows(_rows(x), float(qmax), float(qmin))
     acc = _int_mm_rows(xq, qweight)
     out = _epilogue(acc, row_scale, w_scale, _zero_bias(bias, n))
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n).contiguous()
 
 
 @cpu_linear_int8_dynamic.register_fake
@@ -153,7 +153,7 @@ def cpu_linear_int8_static(
     acc = _int_mm_rows(xq, qweight)
     zp_term = zp.to(torch.int32) * w_sum
     out = _epilogue_static(acc, zp_term, scale, w_scale, _zero_bias(bias, n))
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n).contiguous()
 
 
 @cpu_linear_int8_static.register_fake
@@ -199,7 +199,7 @@ def cpu_linear_int4_weight(
         out = F.linear(xin, w)
     if bias is not None:
         out = out + bias.to(out.dtype)
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n).contiguous()
 
 
 @cpu_linear_int4_weight.register_fake
@@ -220,7 +220,7 @@ def cpu_linear_int8_weight(
     out = torch.ops.aten._weight_int8pack_mm(_rows(x).to(scale.dtype), qweight, scale)
     if bias is not None:
         out = out + bias.to(out.dtype)
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n).contiguous()
 
 
 @cpu_linear_int8_weight.register_fake
