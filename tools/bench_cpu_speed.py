@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import resource
 import statistics
@@ -56,12 +57,12 @@ def median_ms(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
 # --------------------------------------------------------------------------- models
 
 
-def build_model(name: str, quick: bool) -> torch.nn.Module:
-    """The Llama-shaped random model (seeded) or the packaged SmolLM2, in fp32."""
+def build_model(name: str, quick: bool, dtype: torch.dtype) -> torch.nn.Module:
+    """The Llama-shaped random model (seeded) or the packaged SmolLM2, in `dtype`."""
     if name == "smollm2":
         from slimc.data import load_model
 
-        return load_model()[0].eval()
+        return load_model()[0].to(dtype).eval()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -74,45 +75,58 @@ def build_model(name: str, quick: bool) -> torch.nn.Module:
         vocab_size=32000,
         max_position_embeddings=2048,
     )
-    return LlamaForCausalLM(cfg).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy in the peak memory
+    try:
+        return LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def measure_model(name: str, config: str, quick: bool) -> dict[str, float]:
-    """Prefill / decode timings, peak RSS and logits error of one configuration (one process)."""
+    """Prefill / decode timings, memory and logits error of one configuration (one process).
+
+    Timings and memory come first (the model built directly in its dtype, compiled in place);
+    the reference models for the logits error are built afterwards.
+    """
     import slimc
 
     dtype_name, pipeline = CONFIGS[config]
-    model = build_model(name, quick)
-    if dtype_name == "bf16":
-        model = model.to(torch.bfloat16)
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    model = build_model(name, quick, dtype)
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (1, 64 if quick else 512), generator=gen)
-    result: dict[str, float] = {}
+    head = prompt[:, :128]
     if pipeline is not None:
-        unlowered = pipeline.rsplit(",lower-cpu", 1)[0]
-        head = prompt[:, :128]
-        ref32 = slimc.compile(build_model(name, quick), unlowered, progress=False)
-        with torch.inference_mode():
-            logits32 = ref32(head).logits.float()
-        del ref32
-        reference = slimc.compile(model, unlowered, progress=False)
-        with torch.inference_mode():
-            ref_logits = reference(head).logits.float()
-        del reference
         model = slimc.compile(model, pipeline, inplace=True, progress=False)
-        with torch.inference_mode():
-            got = model(head).logits.float()
-        result["logits_rel_err"] = _rel(got, ref_logits)
-        result["logits_rel_err_fp32"] = _rel(got, logits32)
-        result["reference_rel_err_fp32"] = _rel(ref_logits, logits32)
+    gc.collect()
+    result: dict[str, float] = {"rss_mb": _current_rss_mb()}
     reps = 2 if quick else 3
     with torch.inference_mode():
         result["prefill_ms"] = median_ms(lambda: model(prompt, use_cache=False), reps)
         for batch in (1, 8):
             result[f"decode_b{batch}_tok_s"] = decode_tokens_per_s(model, batch, vocab, quick)
+        got = model(head).logits.float()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if pipeline is not None:
+        del model
+        unlowered = pipeline.rsplit(",lower-cpu", 1)[0]
+        refs = {}
+        for ref_dtype in (torch.float32, dtype):
+            ref = slimc.compile(build_model(name, quick, ref_dtype), unlowered, progress=False)
+            with torch.inference_mode():
+                refs[ref_dtype] = ref(head).logits.float()
+            del ref
+        result["logits_rel_err"] = _rel(got, refs[dtype])
+        result["logits_rel_err_fp32"] = _rel(got, refs[torch.float32])
+        result["reference_rel_err_fp32"] = _rel(refs[dtype], refs[torch.float32])
     return result
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -184,7 +198,9 @@ def render(results: dict[str, object], command: str) -> str:
         "Prefill: one forward of 1 x 512 tokens (no cache), median of 3. Decode: tokens/s of 16 "
         "greedy steps with the KV cache after a 128-token prompt (batch 1 and 8), through the "
         "model's own forward. Quantized models run their non-linear parts in bf16; lm_head stays "
-        'bf16 unless the row says otherwise. "logits err" is the max |difference| of the '
+        'bf16 unless the row says otherwise. "RSS" is the process after building (and '
+        'compiling) the model in its dtype, "peak RSS" its maximum through compilation and '
+        'the timed runs. "logits err" is the max |difference| of the '
         "lowered model's logits from the same quantized model on the reference ops, relative "
         "to the largest logit. Ratios are against bf16 eager from the same run.",
         "",
@@ -195,8 +211,8 @@ def render(results: dict[str, object], command: str) -> str:
             f"### {model}",
             "",
             "| config | prefill ms | x bf16 | decode b1 tok/s | x bf16 | decode b8 tok/s "
-            "| x bf16 | peak RSS MB | logits err | vs fp32 ref | bf16 ref vs fp32 ref |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| x bf16 | RSS MB | peak RSS MB | logits err | vs fp32 ref | bf16 ref vs fp32 ref |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for config, r in rows.items():
             pre = base.get("prefill_ms", float("nan")) / r["prefill_ms"]
@@ -206,7 +222,7 @@ def render(results: dict[str, object], command: str) -> str:
             cells = " | ".join("" if e is None else f"{e:.2e}" for e in errs)
             lines.append(
                 f"| {config} | {r['prefill_ms']:.0f} | {pre:.2f} | {r['decode_b1_tok_s']:.1f} "
-                f"| {d1:.2f} | {r['decode_b8_tok_s']:.1f} | {d8:.2f} | {r['peak_rss_mb']:.0f} "
+                f"| {d1:.2f} | {r['decode_b8_tok_s']:.1f} | {d8:.2f} | {r['rss_mb']:.0f} | {r['peak_rss_mb']:.0f} "
                 f"| {cells} |"
             )
         lines.append("")

@@ -86,15 +86,16 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-INT_MM_TRANSPOSED_FROM = 8
-"""From this many rows on, `(W @ Xq^T)^T` beats `Xq @ W^T` for a row-major W [N, K] (measured
-on 4096x4096: 8 rows 1.4 vs 3.2 ms, 16 rows 1.0 vs 3.4 ms, 512 rows 20.6 vs 23.8 ms; 1 row
-0.31 ms the other way round)."""
+INT_MM_TRANSPOSED_ROWS = (8, 128)
+"""Row counts [lo, hi) for which `(W @ Xq^T)^T` beats `Xq @ W^T` for a row-major W [N, K]
+(4096x4096: 8 rows 1.4 vs 3.2 ms, 16 rows 1.0 vs 3.4 ms; 1 row 0.31 ms the other way round;
+from 128 rows on the raw products cost the same and the transposed result slows the epilogue)."""
 
 
 def _int_mm_rows(xq: Tensor, qweight: Tensor) -> Tensor:
     """int32 [M, N] = xq [M, K] @ qweight[N, K]^T, in the operand order faster for this M."""
-    if xq.shape[0] >= INT_MM_TRANSPOSED_FROM:
+    lo, hi = INT_MM_TRANSPOSED_ROWS
+    if lo <= xq.shape[0] < hi:
         return torch._int_mm(qweight, xq.t()).t()
     return torch._int_mm(xq, qweight.t())
 
