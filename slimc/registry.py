@@ -32,6 +32,7 @@ PASSES: dict[str, str] = {
     "float-sparse": "slimc.passes.float_sparse:FloatSparse",
     "lower-npu": "slimc.passes.lower_npu:LowerNPU",
     "lower-cpu": "slimc.passes.lower_cpu:LowerCPU",
+    "lower-triton": "slimc.passes.lower_triton:LowerTriton",
 }
 """Pass name -> `module:Class`. The single source of truth for in-tree passes."""
 

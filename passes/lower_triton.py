@@ -1,0 +1,132 @@
+"""lower-triton: bind fused quantized linears to the Triton kernels and their static configs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import slimc.kernels.w4a16 as w4a16
+import slimc.kernels.w8a8 as w8a8
+import torch
+from slimc.passes.lower_npu import NotLowerable, _fused_kind, _is, _per_token_source
+from torch import fx
+
+import slimc.ops  # noqa: F401  (registers slimc:: ops)
+from slimc.analysis import AnalysisManager
+from slimc.ir.builder import call
+from slimc.kernel import KERNEL_KEY, KernelBinding
+from slimc.ops.packing import unpack_int4
+from slimc.pass_base import Pass, PassResult, option
+from slimc.program import SCHEME_KEY, Program, node_loc
+from slimc.stage import Stage
+
+log = logging.getLogger(__name__)
+ops = torch.ops.slimc
+
+
+def _default_device() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "default"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowerTriton(Pass):
+    """Lower fused linears to Triton kernel ops (`slimc::triton_linear_*`) with static configs.
+
+    * W4A16 -> `triton_linear_w4a16` (GEMV / split-K, tensor-core GEMM or dequantize + cuBLAS,
+      chosen by the family's `select` for (N, K, M) on `device`);
+    * dynamic W8A8 / W4A8 / W4A4 -> `triton_linear_w8a8_dynamic` (per-token quantization inside;
+      int4 weights widened to int8 once); static W8A8 -> `triton_linear_w8a8_static`.
+    When the activation's row count is not static, the binding is the family's `auto` kernel,
+    which chooses per call. On CUDA the ops launch the bound kernel; elsewhere they run the
+    reference ops. W8A16 has no Triton kernel and stays fused (counted). Exact against the
+    reference ops up to float accumulation order.
+    """
+
+    name = "lower-triton"
+    accepts = frozenset({Stage.FUSED})
+    produces = Stage.KERNEL
+
+    device: str = option("", "GPU name whose config table to use (empty: the current CUDA device)")
+
+    def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        device = self.device or _default_device()
+        lowered = 0
+        for node in list(program.graph.nodes):
+            kind = _fused_kind(node)
+            if kind is None:
+                continue
+            try:
+                op, args, binding = self._plan(program, node, kind, device)
+            except NotLowerable as exc:
+                log.info("lower-triton: %s stays fused: %s", node_loc(node) or node.name, exc)
+                self.stat(program, "left fused (reference kernels)", 1)
+                continue
+            new = call(program, op, args, before=node, origin=str(self))
+            new.meta[SCHEME_KEY] = node.meta.get(SCHEME_KEY)
+            new.meta[KERNEL_KEY] = binding
+            node.replace_all_uses_with(new)
+            program.graph.erase_node(node)
+            self.stat(program, f"lowered linears ({binding.kernel})", 1)
+            lowered += 1
+        if lowered:
+            program.graph.eliminate_dead_code()
+            program.recompile()
+        return PassResult(changed=lowered > 0)
+
+    def _plan(
+        self, program: Program, node: fx.Node, kind: str, device: str
+    ) -> tuple[Any, tuple[Any, ...], KernelBinding]:
+        out_dtype = node.meta["val"].dtype
+        if kind == "linear_w8a16":
+            raise NotLowerable("no Triton kernel for int8 weight-only linears")
+        if kind == "linear_w4a16":
+            x, qweight, scale, zp, group, bias = node.args
+            n, k = _const(program, qweight).shape[0], _const(program, qweight).shape[1] * 2
+            sel = w4a16.select_explained(n, k, _rows(x), int(group), device)
+            values = w4a16.config_values(sel.kernel, sel.config)
+            args = (x, qweight, scale, zp, int(group), bias, sel.kernel, values)
+            return ops.triton_linear_w4a16.default, args, _binding(sel)
+        if kind == "linear_w8a8" and _is(node.args[0], ops.quantize_affine.default):
+            xq, x_scale, x_zp, qweight, w_scale, bias, _ = node.args
+            x, _, _, _, qmin, qmax, _ = xq.args
+            n, k = _const(program, qweight).shape
+            sel = w8a8.select_explained(n, k, _rows(x), device)
+            values = w8a8.config_values(sel.kernel, sel.config)
+            args = (x, x_scale, x_zp, qweight, w_scale, bias, int(qmin), int(qmax))
+            args += (sel.kernel, values, out_dtype)
+            return ops.triton_linear_w8a8_static.default, args, _binding(sel)
+        if kind == "linear_w4a8":
+            qweight, w_scale, bias = node.args[2], node.args[3], node.args[4]
+            widened = unpack_int4(_const(program, qweight)).contiguous()
+            target = program.unique_target(f"{node_loc(node) or node.name}.qweight_int8")
+            qweight = program.constant_node(target, widened, node)
+        else:
+            qweight, w_scale, bias = node.args[3], node.args[4], node.args[5]
+        x, qmax = _per_token_source(node.args[0])
+        n, k = _const(program, qweight).shape
+        sel = w8a8.select_explained(n, k, _rows(x), device)
+        values = w8a8.config_values(sel.kernel, sel.config)
+        args = (x, qweight, w_scale, bias, -qmax - 1, qmax, sel.kernel, values, out_dtype)
+        return ops.triton_linear_w8a8_dynamic.default, args, _binding(sel)
+
+
+def _const(program: Program, node: Any) -> torch.Tensor:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        raise NotLowerable(f"argument {node} is not a constant")
+    return program.weights.get(str(node.target))
+
+
+def _rows(x: fx.Node) -> int | None:
+    """The activation's row count (product of leading dims) when static, else None."""
+    val = x.meta.get("val")
+    rows = 1
+    for d in val.shape[:-1]:
+        if not isinstance(d, int):
+            return None
+        rows *= d
+    return rows
+
+
+def _binding(sel: Any) -> KernelBinding:
+    return KernelBinding(f"triton.{sel.kernel}", dict(sel.config), reason=sel.reason)

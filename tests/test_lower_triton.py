@@ -1,0 +1,64 @@
+"""lower-triton: bindings from each family's `select`, and lowered models equal to the reference."""
+
+from __future__ import annotations
+
+import pytest
+import slimc.kernels.w4a16 as w4a16
+import slimc.kernels.w8a8 as w8a8
+import torch
+
+import slimc
+from slimc.kernel import binding_of
+from slimc.nn import KernelLinear
+from tests.models import tiny_llama, tiny_mlp
+
+ops = torch.ops.slimc
+
+
+@pytest.mark.parametrize(
+    "pipeline,kernel",
+    [
+        ("w8a8-dynamic", "triton.w8a8.auto"),
+        ("w4a8", "triton.w8a8.auto"),
+        ("w4a4", "triton.w8a8.auto"),
+        ("w4a16{group-size=32}", "triton.w4a16.auto"),
+    ],
+)
+def test_dynamic_shapes_bind_the_auto_kernel_and_match_the_reference(pipeline: str, kernel: str):
+    """Captured LLMs have a dynamic batch and sequence: the kernel is chosen per call."""
+    model = tiny_llama(seed=0, layers=2)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    reference = slimc.compile(model, pipeline, progress=False)
+    lowered = slimc.compile(model, f"{pipeline},lower-triton{{device=default}}", progress=False)
+    kernels = [m for m in lowered.modules() if isinstance(m, KernelLinear)]
+    assert len(kernels) == 14 and {m.kernel for m in kernels} == {kernel}
+    with torch.inference_mode():  # on CPU the kernel ops run the reference ops
+        torch.testing.assert_close(lowered(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("pipeline", ["w4a16{group-size=32}", "w8a8-dynamic"])
+def test_static_shapes_bind_the_selected_kernel_and_config(pipeline: str):
+    model = tiny_mlp(seed=0)
+    lowered = slimc.compile(
+        model, f"{pipeline},lower-triton{{device=default}}", example_inputs=model.example_inputs()
+    )
+    nodes = [n for n in lowered.slimc_program.graph.nodes if binding_of(n) is not None]
+    assert len(nodes) == 2
+    family = w4a16 if pipeline.startswith("w4a16") else w8a8
+    for node in nodes:
+        binding = binding_of(node)
+        kernel, values = node.args[-2:] if family is w4a16 else node.args[-3:-1]
+        assert binding.kernel == f"triton.{kernel}" and not kernel.endswith(".auto")
+        n = node.meta["val"].shape[-1]
+        k = node.args[0].meta["val"].shape[-1]
+        if family is w4a16:
+            expected = family.select(n, k, 16, 32, "default")
+        else:
+            expected = family.select(n, k, 16, "default")
+        assert (kernel, dict(binding.config)) == expected
+        assert family.config_from_values(kernel, values) == expected[1]
+
+
+def test_weight_only_int8_stays_fused():
+    lowered = slimc.compile(tiny_llama(seed=0, layers=1), "w8a16,lower-triton", progress=False)
+    assert lowered.slimc_program.statistics["lower-triton"]["left fused (reference kernels)"] == 7
