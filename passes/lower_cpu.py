@@ -9,13 +9,13 @@ from typing import Any, Literal
 import slimc.kernels.cpu  # noqa: F401  (registers the slimc::cpu_linear_* kernel ops)
 import torch
 from slimc.kernels.cpu import int4_group_for, prepare_int4
-from slimc.passes.lower_npu import NotLowerable, _fused_kind, _is, _per_token_source
 from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.analysis import AnalysisManager
 from slimc.ir.builder import call
 from slimc.kernel import KERNEL_KEY, KernelBinding
+from slimc.lowering import NotLowerable, fused_kind, is_call, per_token_source
 from slimc.ops.packing import unpack_int4
 from slimc.pass_base import Pass, PassResult, option
 from slimc.program import SCHEME_KEY, Program, node_loc
@@ -69,7 +69,7 @@ class LowerCPU(Pass):
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         lowered = 0
         for node in list(program.graph.nodes):
-            kind = _fused_kind(node)
+            kind = fused_kind(node)
             if kind is None:
                 continue
             try:
@@ -95,7 +95,7 @@ class LowerCPU(Pass):
             return self._int4_weight(program, node)
         if kind == "linear_w8a16":
             return self._int8_weight(program, node)
-        if kind == "linear_w8a8" and _is(node.args[0], ops.quantize_affine.default):
+        if kind == "linear_w8a8" and is_call(node.args[0], ops.quantize_affine.default):
             return self._static(program, node)
         return self._dynamic(program, node, kind)
 
@@ -159,7 +159,7 @@ class LowerCPU(Pass):
             qweight, w_scale, bias = node.args[2], node.args[3], node.args[4]
         else:
             qweight, w_scale, bias = node.args[3], node.args[4], node.args[5]
-        x, qmax = _per_token_source(node.args[0])
+        x, qmax = per_token_source(node.args[0])
         w = self._const(program, qweight)
         scale = self._const(program, w_scale).to(torch.float32).reshape(-1)
         if scale.numel() != w.shape[0]:
@@ -210,7 +210,7 @@ def _erase_unused_quantization(program: Program) -> None:
             continue
         if node.op == "call_function" and (
             node.target in quant_ops
-            or (node.target.__name__ == "getitem" and _is(node.args[0], quant_ops[0]))
+            or (node.target.__name__ == "getitem" and is_call(node.args[0], quant_ops[0]))
         ):
             program.graph.erase_node(node)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.analysis import AnalysisManager
 from slimc.ir.builder import call
 from slimc.kernel import KERNEL_KEY, KernelBinding
+from slimc.lowering import NotLowerable, fused_kind, is_call, per_token_source
 from slimc.pass_base import Pass, PassResult, option
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.scheme import LinearQuantScheme
@@ -27,14 +27,6 @@ ops = torch.ops.slimc
 
 QUANT_MATMUL = "npu.quant_matmul"
 WEIGHT_QUANT_BMM = "npu.weight_quant_batchmatmul"
-
-
-class NotLowerable(ValueError):
-    """A fused linear whose shapes or scheme the NPU kernels cannot take (message says why)."""
-
-
-def _is(node: object, op: object) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op
 
 
 @dataclass(frozen=True)
@@ -72,7 +64,7 @@ class LowerNPU(Pass):
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         lowered = 0
         for node in list(program.graph.nodes):
-            kind = _fused_kind(node)
+            kind = fused_kind(node)
             if kind is None:
                 continue
             try:
@@ -101,7 +93,7 @@ class LowerNPU(Pass):
         if kind in ("linear_w8a16", "linear_w4a16"):
             return self._weight_only(program, node, scheme, kind)
         xq = node.args[0]
-        if kind == "linear_w8a8" and _is(xq, ops.quantize_affine.default):
+        if kind == "linear_w8a8" and is_call(xq, ops.quantize_affine.default):
             return self._static(program, node, xq)
         return self._dynamic(program, node, scheme, kind)
 
@@ -158,7 +150,7 @@ class LowerNPU(Pass):
             qweight, w_scale, bias = node.args[2], node.args[3], node.args[4]
         else:
             qweight, w_scale, bias = node.args[3], node.args[4], node.args[5]
-        x, qmax = _per_token_source(xq)
+        x, qmax = per_token_source(xq)
         bits = scheme.weight.bits
         w = self._const(program, qweight)
         n = w.shape[0]
@@ -226,28 +218,3 @@ class LowerNPU(Pass):
             reason="linear_w8a8: static per-tensor activations (npu_quantize), folded quant_bias",
         )
         return _Lowered(ops.npu_linear_w8a8.default, args, binding)
-
-
-_FUSED = ("linear_w8a8", "linear_w8a16", "linear_w4a16", "linear_w4a8")
-
-
-def _fused_kind(node: fx.Node) -> str | None:
-    t = node.target
-    if not (node.op == "call_function" and isinstance(t, torch._ops.OpOverload)):
-        return None
-    name = t._schema.name.split("::")[-1]
-    return name if t.namespace == "slimc" and name in _FUSED else None
-
-
-def _per_token_source(xq: Any) -> tuple[fx.Node, int]:
-    """(float activation, qmax) of `getitem(slimc.quantize_per_token(x, qmin, qmax), 0)`."""
-    if not (isinstance(xq, fx.Node) and xq.target is operator.getitem and xq.args[1] == 0):
-        raise NotLowerable("dynamic activations are not produced by slimc.quantize_per_token")
-    qt = xq.args[0]
-    if not _is(qt, ops.quantize_per_token.default):
-        raise NotLowerable("dynamic activations are not produced by slimc.quantize_per_token")
-    qmin = int(qt.args[1] if len(qt.args) > 1 else qt.kwargs.get("qmin", -128))
-    qmax = int(qt.args[2] if len(qt.args) > 2 else qt.kwargs.get("qmax", 127))
-    if qmin != -qmax - 1:
-        raise NotLowerable(f"per-token range [{qmin}, {qmax}] is not a signed int range")
-    return qt.args[0], qmax

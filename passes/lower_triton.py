@@ -9,13 +9,13 @@ from typing import Any
 import slimc.kernels.w4a16 as w4a16
 import slimc.kernels.w8a8 as w8a8
 import torch
-from slimc.passes.lower_npu import NotLowerable, _fused_kind, _is, _per_token_source
 from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.analysis import AnalysisManager
 from slimc.ir.builder import call
 from slimc.kernel import KERNEL_KEY, KernelBinding
+from slimc.lowering import NotLowerable, fused_kind, is_call, per_token_source
 from slimc.ops.packing import unpack_int4
 from slimc.pass_base import Pass, PassResult, option
 from slimc.program import SCHEME_KEY, Program, node_loc
@@ -53,7 +53,7 @@ class LowerTriton(Pass):
         device = self.device or _default_device()
         lowered = 0
         for node in list(program.graph.nodes):
-            kind = _fused_kind(node)
+            kind = fused_kind(node)
             if kind is None:
                 continue
             try:
@@ -87,7 +87,7 @@ class LowerTriton(Pass):
             values = w4a16.config_values(sel.kernel, sel.config)
             args = (x, qweight, scale, zp, int(group), bias, sel.kernel, values)
             return ops.triton_linear_w4a16.default, args, _binding(sel)
-        if kind == "linear_w8a8" and _is(node.args[0], ops.quantize_affine.default):
+        if kind == "linear_w8a8" and is_call(node.args[0], ops.quantize_affine.default):
             xq, x_scale, x_zp, qweight, w_scale, bias, _ = node.args
             x, _, _, _, qmin, qmax, _ = xq.args
             n, k = _const(program, qweight).shape
@@ -103,7 +103,7 @@ class LowerTriton(Pass):
             qweight = program.constant_node(target, widened, node)
         else:
             qweight, w_scale, bias = node.args[3], node.args[4], node.args[5]
-        x, qmax = _per_token_source(node.args[0])
+        x, qmax = per_token_source(node.args[0])
         n, k = _const(program, qweight).shape
         sel = w8a8.select_explained(n, k, _rows(x), device)
         values = w8a8.config_values(sel.kernel, sel.config)
