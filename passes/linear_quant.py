@@ -19,6 +19,7 @@ from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.scheme import SCHEMES, LinearQuantScheme, TensorQuantSpec, make_scheme
+from slimc.quant.sensitivity import describe, most_sensitive, rank_layers
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.stage import Stage
 
@@ -79,15 +80,35 @@ class LinearQuant(Pass):
     on_bad_group: Literal["fallback", "error"] = option(
         "fallback", "When group-size does not divide a layer's K: per-channel for it, or refuse."
     )
+    sensitive_fraction: float = option(
+        0.0,
+        "Also quantize (beyond `only`) the linears matching `sensitive-modules` in this "
+        "fraction of decoder layers, those whose outputs move most when those linears are "
+        "quantized to `sensitive-probe` (layer-output MSE on the calibration data); 0 = off.",
+    )
+    sensitive_modules: tuple[str, ...] = option(
+        ("*mlp*",), "The linears of each decoder layer that the sensitivity ranking probes."
+    )
+    sensitive_probe: SchemeName = option(
+        "w4a4", "Scheme (round to nearest) the sensitivity ranking quantizes with."
+    )
 
     def __post_init__(self) -> None:
         try:
             make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
         except ValueError as exc:
             raise OptionError(f"pass {self.name!r}: {exc}") from None
+        if not 0.0 <= self.sensitive_fraction <= 1.0:
+            raise OptionError(
+                f"pass {self.name!r}: sensitive-fraction must be in [0, 1], "
+                f"got {self.sensitive_fraction}"
+            )
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.sensitive_fraction > 0 or self._observes_inputs()
+
+    def _observes_inputs(self) -> bool:
         act = self.quant_scheme().activation
         return self.reads_inputs or (act is not None and not act.dynamic)
 
@@ -96,15 +117,37 @@ class LinearQuant(Pass):
         return make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
 
     def targets(self, program: Program) -> list[fx.Node]:
+        sensitive = self._sensitive_linears(program) if self.only else set()
         chosen = []
         for node in float_linears(program):
             path = node_loc(node)
-            if self.only and not matches(path, self.only):
+            if self.only and not matches(path, self.only) and node not in sensitive:
                 continue
             if matches(path, self.ignore):
                 continue
             chosen.append(node)
         return chosen
+
+    def _sensitive_linears(self, program: Program) -> set[fx.Node]:
+        """The `sensitive-modules` linears of the most sensitive decoder layers (see options)."""
+        if self.sensitive_fraction <= 0:
+            return set()
+        probed = [n for n in float_linears(program) if matches(node_loc(n), self.sensitive_modules)]
+        ranked = rank_layers(
+            program,
+            make_scheme(self.sensitive_probe),
+            probed,
+            program.require_calibration(self.name),
+            progress=program.metadata.get("progress", True),
+        )
+        top = most_sensitive(ranked, self.sensitive_fraction)
+        log.info(
+            "%s: sensitivity ranking (%s): %s", self.name, self.sensitive_probe, describe(ranked)
+        )
+        log.info("%s: adding the linears of %d sensitive layers", self.name, len(top))
+        self.stat(program, "sensitive decoder layers added", len(top))
+        paths = {path for score in top for path in score.linears}
+        return {n for n in probed if node_loc(n) in paths}
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         scheme = self.quant_scheme()
@@ -114,7 +157,7 @@ class LinearQuant(Pass):
                 "%s: no linear matched (only=%s ignore=%s)", self.name, self.only, self.ignore
             )
             return PassResult(changed=False)
-        if self.needs_calibration:
+        if self._observes_inputs():
             self._calibrate_and_rewrite(program, targets, scheme)
         else:
             for node in targets:

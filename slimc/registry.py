@@ -165,13 +165,18 @@ PIPELINES: dict[str, NamedPipeline] = {
         ),
         NamedPipeline(
             "laos",
-            "LAOS: adapt-rotation + AutoRound; W8A8 dynamic on attention and down_proj, W4A4 on "
-            "the other linears",
+            "LAOS: adapt-rotation + AutoRound; W8A8 dynamic on attention, down_proj and the "
+            "gate/up of the 30% of decoder layers most sensitive to W4A4, W4A4 on the rest",
             (
                 PassSpec("adapt-rotation", {"quant-bits": ("4",)}),
                 PassSpec(
                     "autoround",
-                    {"scheme": ("w8a8-dynamic",), "only": ("*self_attn*", "*down_proj")},
+                    {
+                        "scheme": ("w8a8-dynamic",),
+                        "only": ("*self_attn*", "*down_proj"),
+                        "sensitive-fraction": ("0.3",),
+                        "sensitive-modules": ("*gate_proj", "*up_proj"),
+                    },
                 ),
                 PassSpec("autoround", {"scheme": ("w4a4",)}),
                 PassSpec("fuse-quantized-linear"),

@@ -201,8 +201,10 @@ def test_every_named_pipeline_builds(name: str) -> None:
     assert pm.steps[-1].name == "fuse-quantized-linear"
     assert pm.steps[first:-1] == quantizers  # quantizers run last, then fusion
     assert all(s.exact for s in pm.steps[:first])  # before quantization: exact smoothing/rotation
-    if name == "laos":  # mixed precision: W8A8 attention and down_proj, W4A4 the rest
+    if name == "laos":  # mixed precision: W8A8 attention, down_proj, sensitive MLPs; W4A4 rest
         assert [q.scheme for q in quantizers] == ["w8a8-dynamic", "w4a4"]
+        assert quantizers[0].sensitive_fraction == 0.3
+        assert quantizers[0].sensitive_modules == ("*gate_proj", "*up_proj")
     else:
         assert len(quantizers) == 1 and name.startswith(quantizers[0].scheme)
     assert pm.end_stage is Stage.FUSED
