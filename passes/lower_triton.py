@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import slimc.kernels.hadamard_quant as hadamard_quant
 import slimc.kernels.w4a16 as w4a16
 import slimc.kernels.w8a8 as w8a8
 import torch
@@ -36,7 +37,10 @@ class LowerTriton(Pass):
     * W4A16 -> `triton_linear_w4a16` (GEMV / split-K, tensor-core GEMM or dequantize + cuBLAS,
       chosen by the family's `select` for (N, K, M) on `device`);
     * dynamic W8A8 / W4A8 / W4A4 -> `triton_linear_w8a8_dynamic` (per-token quantization inside;
-      int4 weights widened to int8 once); static W8A8 -> `triton_linear_w8a8_static`.
+      int4 weights widened to int8 once); static W8A8 -> `triton_linear_w8a8_static`;
+    * a dynamic linear whose input is an online rotation (`slimc.hadamard`, what
+      `quarot{online-inputs=...}` leaves) -> `triton_linear_w8a8_hadamard`: the rotation and
+      the per-token quantization run in one hadamard_quant kernel, then the int8 GEMM.
     When the activation's row count is not static, the binding is the family's `auto` kernel,
     which chooses per call. On CUDA the ops launch the bound kernel; elsewhere they run the
     reference ops. W8A16 has no Triton kernel and stays fused (counted). Exact against the
@@ -107,6 +111,18 @@ class LowerTriton(Pass):
         n, k = _const(program, qweight).shape
         sel = w8a8.select_explained(n, k, _rows(x), device)
         values = w8a8.config_values(sel.kernel, sel.config)
+        if is_call(x, ops.hadamard.default):  # an online rotation: fused into the quantization
+            rotated, signs = x.args
+            rot = hadamard_quant.select_explained(k, _rows(x), device)
+            rot_values = hadamard_quant.config_values(rot.kernel, rot.config)
+            args = (rotated, signs, qweight, w_scale, bias, -qmax - 1, qmax, rot.kernel)
+            args += (rot_values, sel.kernel, values, out_dtype)
+            binding = KernelBinding(
+                f"triton.{rot.kernel}+{sel.kernel}",
+                {**{f"rotate_{key}": v for key, v in rot.config.items()}, **sel.config},
+                reason=f"rotation: {rot.reason}; GEMM: {sel.reason}",
+            )
+            return ops.triton_linear_w8a8_hadamard.default, args, binding
         args = (x, qweight, w_scale, bias, -qmax - 1, qmax, sel.kernel, values, out_dtype)
         return ops.triton_linear_w8a8_dynamic.default, args, _binding(sel)
 

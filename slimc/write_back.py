@@ -127,6 +127,12 @@ def kernel_linear_from_node(program: Program, node: fx.Node) -> KernelLinear:
     )
 
 
+def _rotates_its_input(node: fx.Node) -> bool:
+    """Whether a kernel op applies the online input rotation itself (signs as its 2nd arg)."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and "hadamard" in target.name()
+
+
 def _replacement(program: Program, node: fx.Node) -> nn.Module | None:
     if binding_of(node) is not None:
         return kernel_linear_from_node(program, node)
@@ -287,8 +293,10 @@ def write_back(model: nn.Module, program: Program) -> None:
             old = getattr(parent, leaf)
         except AttributeError:
             old = None
-        if isinstance(old, HadamardInputRotation):
+        if isinstance(old, HadamardInputRotation) and not _rotates_its_input(node):
             parent, leaf, old = old, "module", old.module
+        elif isinstance(old, HadamardInputRotation):  # the kernel op now does the rotation
+            old = old.module
         if not isinstance(old, (nn.Linear, QuantizedLinear, KernelLinear)):
             raise UserError(
                 f"cannot write back quantized linear {path!r}: not an nn.Linear in the model"

@@ -9,7 +9,7 @@ import torch
 
 import slimc
 from slimc.kernel import binding_of
-from slimc.nn import KernelLinear
+from slimc.nn import HadamardInputRotation, KernelLinear
 from tests.models import tiny_llama, tiny_mlp
 
 ops = torch.ops.slimc
@@ -62,3 +62,43 @@ def test_static_shapes_bind_the_selected_kernel_and_config(pipeline: str):
 def test_weight_only_int8_stays_fused():
     lowered = slimc.compile(tiny_llama(seed=0, layers=1), "w8a16,lower-triton", progress=False)
     assert lowered.slimc_program.statistics["lower-triton"]["left fused (reference kernels)"] == 7
+
+
+def test_online_rotation_fuses_into_the_kernel_op_and_matches_the_reference():
+    """quarot's run-time Hadamard on down_proj joins the per-token quantization and GEMM."""
+    pipeline = "quarot{online-inputs=down_proj},w8a8-dynamic"
+    model = tiny_llama(seed=0, layers=2)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    reference = slimc.compile(model, pipeline, progress=False)
+    lowered = slimc.compile(model, f"{pipeline},lower-triton{{device=default}}", progress=False)
+    fused = [m for m in lowered.modules() if isinstance(m, KernelLinear) and "+" in m.kernel]
+    assert [m.op_name for m in fused] == ["slimc::triton_linear_w8a8_hadamard"] * 2
+    assert not any(isinstance(m, HadamardInputRotation) for m in lowered.modules())
+    graph = lowered.slimc_program.graph
+    assert not any(n.target is ops.hadamard.default for n in graph.nodes)
+    with torch.inference_mode():  # on CPU the kernel op runs hadamard + quantize + linear
+        torch.testing.assert_close(lowered(ids).logits, reference(ids).logits)
+
+
+def test_fused_rotation_op_equals_its_reference_ops():
+    import slimc.kernels.hadamard_quant as hq
+
+    from slimc.rotate.hadamard import random_signs
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 48, generator=gen)
+    signs = random_signs(48, seed=1)
+    qweight = torch.randint(-127, 128, (24, 48), dtype=torch.int8, generator=gen)
+    w_scale, bias = torch.rand(24, 1, generator=gen) / 100, torch.randn(24, generator=gen)
+    xq, x_scale = ops.hadamard_quantize_per_token(x, signs, -128, 127)
+    expected = ops.linear_w8a8(xq, x_scale, None, qweight, w_scale, bias, torch.float32)
+    kernel, config = hq.select(48, 15, "default")
+    got = ops.triton_linear_w8a8_hadamard(
+        x, signs, qweight, w_scale, bias, -128, 127, kernel, hq.config_values(kernel, config),
+        "w8a8.auto", [], None,
+    )  # fmt: skip
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError):
+        ops.triton_linear_w8a8_hadamard(
+            x, signs, qweight, w_scale, bias, -128, 127, "no.such", [], "w8a8.auto", [], None
+        )

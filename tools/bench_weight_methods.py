@@ -40,7 +40,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     "W4A4 (int4 weights per channel x dynamic per-token int4 activations)": {
         "quarot + RTN": "quarot{online-inputs=down_proj},w4a4",
         "quarot + gptq": "w4a4-quarot-gptq",
-        "laos (adapt-rotation + autoround, W8A8 on attention and down_proj)": "laos",
+        "laos, W8A8 on attention and down_proj only": "laos{sensitive-fraction=0}",
+        "laos (W8A8 also on gate/up of the 30% most W4A4-sensitive layers)": "laos",
         "RTN, no rotation": "w4a4",
     },
     "Float sparse (ADMM, ratio 0.3, fp16 2-bit-mantissa protection)": {

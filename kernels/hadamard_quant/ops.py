@@ -1,7 +1,7 @@
-"""Kernel op `slimc::triton_hadamard_quantize_per_token` and the CUDA kernel of
-`slimc::hadamard_quantize_per_token`.
+"""Kernel ops `slimc::triton_hadamard_quantize_per_token` and `slimc::triton_linear_w8a8_hadamard`
+and the CUDA kernel of `slimc::hadamard_quantize_per_token`.
 
-Both run the fused Triton kernel on CUDA tensors when triton is importable and fall back to
+They run the fused Triton kernel on CUDA tensors when triton is importable and fall back to
 the PyTorch reference (`slimc::hadamard` then `slimc::quantize_per_token`) elsewhere.
 """
 
@@ -18,7 +18,7 @@ import slimc.ops  # noqa: F401  (defines slimc::hadamard_quantize_per_token)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HAS_TRITON", "triton_hadamard_quantize_per_token"]
+__all__ = ["HAS_TRITON", "triton_hadamard_quantize_per_token", "triton_linear_w8a8_hadamard"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Whether triton can be imported (it is imported lazily, on the first CUDA call)."""
@@ -77,6 +77,72 @@ def _(x, signs, qmin, qmax, kernel, config):
     from slimc.kernels.hadamard_quant.launcher import hadamard_quantize
 
     return hadamard_quantize(x, signs, qmin, qmax, kernel, cfg)
+
+
+@torch.library.custom_op(
+    "slimc::triton_linear_w8a8_hadamard",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor signs, Tensor qweight, Tensor w_scale, Tensor? bias, int qmin, "
+        "int qmax, str rotate_kernel, int[] rotate_config, str kernel, int[] config, "
+        "ScalarType? out_dtype=None) -> Tensor"
+    ),
+)
+def triton_linear_w8a8_hadamard(
+    x: Tensor,
+    signs: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    qmin: int,
+    qmax: int,
+    rotate_kernel: str,
+    rotate_config: list[int],
+    kernel: str,
+    config: list[int],
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """An online-rotated dynamic int8 linear in one kernel op: `slimc.hadamard(x, signs)`,
+    per-token int8 quantization (both in the hadamard_quant kernel), then the w8a8 int8 GEMM
+    (`kernel`, `config` of the w8a8 family) on the codes. Off CUDA this is the reference."""
+    from slimc.kernels.w8a8 import dispatch as w8a8_dispatch
+
+    dsp.config_from_values(rotate_kernel, rotate_config)
+    w8a8_dispatch.config_from_values(kernel, config)
+    xq, x_scale = _reference(x, signs, qmin, qmax)
+    return torch.ops.slimc.linear_w8a8(
+        xq, x_scale, None, qweight, w_scale, bias, out_dtype or x.dtype
+    )
+
+
+@triton_linear_w8a8_hadamard.register_fake
+def _(x, signs, qweight, w_scale, bias, qmin, qmax, rotate_kernel, rotate_config, kernel,
+      config, out_dtype=None):  # fmt: skip
+    torch._check(signs.dim() == 1 and signs.shape[0] == x.shape[-1], lambda: "signs: shape [n]")
+    torch._check(qweight.shape[1] == x.shape[-1], lambda: "qweight: shape [N, K]")
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=out_dtype or x.dtype)
+
+
+@triton_linear_w8a8_hadamard.register_kernel("cuda")
+def linear_w8a8_hadamard_triton(x, signs, qweight, w_scale, bias, qmin, qmax, rotate_kernel,
+                                rotate_config, kernel, config, out_dtype=None):  # fmt: skip
+    """The Triton path of `slimc::triton_linear_w8a8_hadamard` (its CUDA kernel; also runs on
+    CPU tensors under TRITON_INTERPRET=1)."""
+    from slimc.kernels.w8a8 import dispatch as w8a8_dispatch
+
+    rotate_cfg = dsp.config_from_values(rotate_kernel, rotate_config)
+    cfg = w8a8_dispatch.config_from_values(kernel, config)
+    if not _supported(x, qmin, qmax):
+        xq, x_scale = _reference(x, signs, qmin, qmax)
+        return torch.ops.slimc.linear_w8a8(
+            xq, x_scale, None, qweight, w_scale, bias, out_dtype or x.dtype
+        )
+    from slimc.kernels.hadamard_quant.launcher import hadamard_quantize
+    from slimc.kernels.w8a8.launcher import linear_prequantized
+
+    xq, x_scale = hadamard_quantize(x, signs, qmin, qmax, rotate_kernel, rotate_cfg)
+    out_dtype = out_dtype or x.dtype
+    return linear_prequantized(xq, x_scale, None, qweight, w_scale, bias, out_dtype, kernel, cfg)
 
 
 def _hadamard_quantize_cuda(x: Tensor, signs: Tensor, qmin: int = -128, qmax: int = 127):

@@ -101,6 +101,32 @@ def test_lead_dims_int4_range_and_auto(device):
     assert q[:, 1].eq(0).all() and scale[:, 1].eq(torch.finfo(torch.float32).eps).all()
 
 
+def test_rotated_int8_linear_op_runs_the_kernels(device):
+    """`slimc::triton_linear_w8a8_hadamard`'s Triton path: fused rotate + quantize, int8 GEMM."""
+    from slimc.kernels.hadamard_quant.ops import linear_w8a8_hadamard_triton
+
+    n, k, m = 40, 96, 5
+    x = _x(m, k, torch.float32, device, lead=(2,))
+    signs = random_signs(k, seed=2).to(device)
+    g = torch.Generator().manual_seed(4)
+    qweight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(device)
+    w_scale = (torch.rand(n, 1, generator=g) / 100).to(device)
+    bias = torch.randn(n, generator=g).to(device)
+    rk, rcfg = hq.select(k, 2 * m, "default")
+    got = linear_w8a8_hadamard_triton(
+        x, signs, qweight, w_scale, bias, -128, 127, rk, hq.config_values(rk, rcfg),
+        "w8a8.auto", [], None,
+    )  # fmt: skip
+    xq, x_scale = ops.hadamard_quantize_per_token(x.cpu(), signs.cpu(), -128, 127)
+    want = ops.linear_w8a8(
+        xq, x_scale, None, qweight.cpu(), w_scale.cpu(), bias.cpu(), torch.float32
+    )
+    assert got.shape == (2, m, n) and got.dtype == torch.float32
+    # a code one step off (see _check) moves an output by at most one weight row's scale
+    tol = float(x_scale.max() * w_scale.max() * 127 * 2)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=tol)
+
+
 def test_bad_inputs_are_named(device):
     x = _x(2, 64, torch.float32, device)
     with pytest.raises(ValueError, match="signs must have shape"):
