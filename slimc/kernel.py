@@ -9,7 +9,7 @@ re-laid-out weights) or literals. It records the choice in `node.meta[KERNEL_KEY
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,3 +44,22 @@ def binding_of(node: Any) -> KernelBinding | None:
     """The binding recorded on an fx node, or None."""
     meta = getattr(node, "meta", None)
     return None if meta is None else meta.get(KERNEL_KEY)
+
+
+EagerImpl = Callable[..., Any]
+_EAGER_IMPLS: dict[str, tuple[str, EagerImpl]] = {}
+
+
+def register_eager_impl(op_name: str, device_type: str, fn: EagerImpl) -> None:
+    """Declare `fn` the plain-Python body of kernel op `op_name` on `device_type` tensors.
+
+    `KernelLinear` calls it directly in eager mode (no dispatcher round trip, which costs tens
+    of microseconds per call: as much as a small decode-time linear); tracing, export and
+    torch.compile still see the op.
+    """
+    _EAGER_IMPLS[op_name] = (device_type, fn)
+
+
+def eager_impl(op_name: str) -> tuple[str, EagerImpl] | None:
+    """(device type, body) registered for a kernel op, or None."""
+    return _EAGER_IMPLS.get(op_name)

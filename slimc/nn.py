@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimc.kernel import eager_impl
 from slimc.quant.scheme import LinearQuantScheme
 
 
@@ -185,6 +186,7 @@ class KernelLinear(nn.Module):
         namespace, _, rest = op_name.partition("::")
         packet, _, overload = rest.partition(".")
         self._op = getattr(getattr(getattr(torch.ops, namespace), packet), overload or "default")
+        self._op_key = op_name.partition(".")[0]
 
     def extra_repr(self) -> str:
         return (
@@ -194,4 +196,18 @@ class KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = [getattr(self, v) if kind == "buffer" else v for kind, v in self.arg_spec]
+        eager = eager_impl(self._op_key)
+        if eager is not None and self._plain_eager_call(x, eager[0]):
+            return eager[1](x, *args)
         return self._op(x, *args)
+
+    @staticmethod
+    def _plain_eager_call(x: torch.Tensor, device_type: str) -> bool:
+        """Whether this call is plain eager execution (not traced, exported or compiled)."""
+        return (
+            type(x) is torch.Tensor
+            and x.device.type == device_type
+            and not x.requires_grad
+            and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+        )

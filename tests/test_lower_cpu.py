@@ -133,6 +133,39 @@ def test_lowered_model_runs_kernels_and_matches_the_reference_path(
 def test_linears_no_kernel_takes_stay_fused(monkeypatch: pytest.MonkeyPatch):
     """Asymmetric W8A16 has no native kernel: it keeps the reference op and is counted."""
     monkeypatch.setenv("SLIMC_CPU_COMPILE", "0")
-    lowered = slimc.compile(tiny_llama(seed=0, layers=1), "w8a16{symmetric=false},lower-cpu", progress=False)
+    lowered = slimc.compile(
+        tiny_llama(seed=0, layers=1), "w8a16{symmetric=false},lower-cpu", progress=False
+    )
     assert lowered.slimc_program.statistics["lower-cpu"]["left fused (reference kernels)"] == 7
     assert not any(isinstance(m, KernelLinear) for m in lowered.modules())
+
+
+def test_kernel_linear_skips_the_dispatcher_only_in_plain_eager(monkeypatch: pytest.MonkeyPatch):
+    """Eager calls run the op's body directly; export (and so pt2 saving) still sees the op."""
+    monkeypatch.setenv("SLIMC_CPU_COMPILE", "0")
+    lowered = slimc.compile(tiny_llama(seed=0, layers=1), "w8a8-dynamic,lower-cpu", progress=False)
+    linear = next(m for m in lowered.modules() if isinstance(m, KernelLinear))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    args = [getattr(linear, v) if kind == "buffer" else v for kind, v in linear.arg_spec]
+    calls = []
+    device_type, body = slimc.kernel.eager_impl("slimc::cpu_linear_int8_dynamic")
+    assert device_type == "cpu"
+
+    def counting_body(*a):
+        calls.append(1)
+        return body(*a)
+
+    monkeypatch.setitem(
+        slimc.kernel._EAGER_IMPLS, "slimc::cpu_linear_int8_dynamic", ("cpu", counting_body)
+    )
+    with torch.inference_mode():
+        eager = linear(x)
+    assert calls == [1]
+    assert torch.equal(eager, torch.ops.slimc.cpu_linear_int8_dynamic(x, *args))
+    exported = torch.export.export(linear, (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.slimc.cpu_linear_int8_dynamic.default] and calls == [1]
+    x.requires_grad_(True)  # autograd goes through the op (which refuses to differentiate)
+    with pytest.raises(RuntimeError, match="autograd"):
+        linear(x).sum().backward()
+    assert calls == [1]
