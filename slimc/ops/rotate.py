@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 
-from slimc.rotate.hadamard import hadamard as hadamard_matrix
+from slimc.rotate.hadamard import apply as apply_hadamard
 
 __all__ = ["hadamard", "hadamard_quantize_per_token"]
-
-
-@functools.lru_cache(maxsize=8)
-def _scaled(n: int) -> Tensor:
-    return hadamard_matrix(n) / math.sqrt(n)
 
 
 @torch.library.custom_op(
@@ -26,14 +20,14 @@ def hadamard(x: Tensor, signs: Tensor) -> Tensor:
 
     H is `slimc.rotate.hadamard(n)` (Paley x Sylvester for n = m * 2^k), so with signs from
     `random_signs(n, seed)` this is the rotation `x Q` by `random_hadamard(n, seed)`. Computed in
-    float64 and returned in x's dtype; a kernel may use a fast Walsh-Hadamard transform for the
-    power-of-two factor.
+    float64, one small matmul per Kronecker factor of H (`slimc.rotate.hadamard.apply`), and
+    returned in x's dtype.
     """
     n = x.shape[-1]
     if signs.shape != (n,):
         raise ValueError(f"signs must have shape [{n}], got {list(signs.shape)}")
-    h = _scaled(n).to(x.device)
-    return ((x.to(torch.float64) @ h) * signs.to(torch.float64)).to(x.dtype)
+    rotated = apply_hadamard(x.to(torch.float64)) / math.sqrt(n)
+    return (rotated * signs.to(torch.float64)).to(x.dtype)
 
 
 @hadamard.register_fake

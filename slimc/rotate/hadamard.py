@@ -244,6 +244,53 @@ def hadamard(n: int) -> torch.Tensor:
     return _hadamard_cached(n).clone()
 
 
+KRON_FACTOR_MAX = 128
+"""Sylvester factors are split into Kronecker factors of at most this order for `apply`."""
+
+
+@functools.lru_cache(maxsize=64)
+def kron_factors(n: int) -> tuple[torch.Tensor, ...]:
+    """Small float64 matrices F_1..F_r with `hadamard(n) = kron(F_1, ..., F_r)`.
+
+    The Paley factors as built, and Sylvester's 2^k split into orders <= KRON_FACTOR_MAX (a
+    Sylvester matrix is the Kronecker power of [[1, 1], [1, -1]], so any split is exact).
+
+    Raises:
+        ValueError: no construction is known for n.
+    """
+    mats = []
+    for factor in construction(n):
+        if factor.kind != "sylvester":
+            mats.append(_build(factor))
+            continue
+        order = factor.order
+        while order > KRON_FACTOR_MAX:
+            mats.append(sylvester(KRON_FACTOR_MAX))
+            order //= KRON_FACTOR_MAX
+        if order > 1:
+            mats.append(sylvester(order))
+    return tuple(mats)
+
+
+def apply(x: torch.Tensor) -> torch.Tensor:
+    """`x @ hadamard(n)` over the last dim, one small matmul per Kronecker factor.
+
+    n (sum of the factor orders) multiply-adds per element instead of n^2 / n for the dense
+    product (1536 = 12 x 128: 140 instead of 1536); same dtype as x, exact in float64 up to
+    rounding.
+
+    Raises:
+        ValueError: no construction is known for n.
+    """
+    n = x.shape[-1]
+    mats = kron_factors(n)
+    y = x.reshape(-1, *(m.shape[0] for m in mats)) if mats else x.reshape(-1, 1)
+    for axis, mat in enumerate(mats, start=1):
+        mat = mat.to(device=x.device, dtype=x.dtype)
+        y = torch.movedim(torch.movedim(y, axis, -1) @ mat, -1, axis)
+    return y.reshape(x.shape)
+
+
 def random_signs(n: int, seed: int = DEFAULT_SEED) -> torch.Tensor:
     """n random +-1 values (float64) drawn from a `torch.Generator` seeded with `seed`."""
     gen = torch.Generator().manual_seed(seed)

@@ -9,9 +9,12 @@ import torch
 
 import slimc.ops  # noqa: F401  (registers slimc::hadamard)
 from slimc.rotate.hadamard import (
+    KRON_FACTOR_MAX,
+    apply,
     construction,
     hadamard,
     jacobsthal,
+    kron_factors,
     paley1,
     paley2,
     prime_power,
@@ -97,3 +100,21 @@ def test_hadamard_op_matches_random_hadamard() -> None:
     torch.library.opcheck(torch.ops.slimc.hadamard, (x, signs))
     with pytest.raises(ValueError, match="signs must have shape"):
         torch.ops.slimc.hadamard(x, signs[:4])
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 64, 256, 576, 640, 1536, 4096, 5632])
+def test_factored_product_is_the_dense_product(n: int) -> None:
+    mats = kron_factors(n)
+    assert all(m.shape[0] <= max(KRON_FACTOR_MAX, 64) for m in mats)
+    assert math.prod(m.shape[0] for m in mats) == n
+    x = torch.randn(3, 2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    dense = x @ hadamard(n)
+    torch.testing.assert_close(apply(x), dense, rtol=1e-12, atol=1e-9 * math.sqrt(n))
+    torch.testing.assert_close(apply(x.float()), dense.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_hadamard_op_on_a_large_order_matches_the_dense_rotation() -> None:
+    x = torch.randn(4, 1536, generator=torch.Generator().manual_seed(1)).bfloat16()
+    signs = random_signs(1536, 5)
+    want = (x.double() @ random_hadamard(1536, 5)).bfloat16()
+    assert torch.equal(torch.ops.slimc.hadamard(x, signs), want)
