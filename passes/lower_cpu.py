@@ -12,14 +12,11 @@ from slimc.kernels.cpu import int4_group_for, prepare_int4
 from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
-from slimc.analysis import AnalysisManager
-from slimc.ir.builder import call
-from slimc.kernel import KERNEL_KEY, KernelBinding
-from slimc.lowering import NotLowerable, fused_kind, is_call, per_token_source
+from slimc.kernel import KernelBinding
+from slimc.lowering import KernelCall, LoweringPass, NotLowerable, is_call, per_token_source
 from slimc.ops.packing import unpack_int4
-from slimc.pass_base import Pass, PassResult, option
-from slimc.program import SCHEME_KEY, Program, node_loc
-from slimc.stage import Stage
+from slimc.pass_base import option
+from slimc.program import Program, node_loc
 
 log = logging.getLogger(__name__)
 ops = torch.ops.slimc
@@ -31,15 +28,8 @@ INT4_M_THRESHOLD = 48
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-@dataclass(frozen=True)
-class _Lowered:
-    op: Any
-    args: tuple[Any, ...]
-    binding: KernelBinding
-
-
 @dataclass(frozen=True, kw_only=True)
-class LowerCPU(Pass):
+class LowerCPU(LoweringPass):
     """Lower fused linears to native CPU kernels (`slimc::cpu_linear_*`).
 
     * dynamic W8A8 / W4A8 / W4A4 (int4 weights widened to int8 once): compiled per-token
@@ -55,9 +45,6 @@ class LowerCPU(Pass):
     """
 
     name = "lower-cpu"
-    accepts = frozenset({Stage.FUSED})
-    produces = Stage.KERNEL
-    exact = False
 
     dtype: Literal["bf16", "fp32"] = option(
         "bf16", "dtype of weight-only scales and of the int4 / int8-weight kernels' inputs"
@@ -66,31 +53,7 @@ class LowerCPU(Pass):
         INT4_M_THRESHOLD, "rows up to which W4A16 uses the int4 kernel (above: dequantize + mm)"
     )
 
-    def run(self, program: Program, am: AnalysisManager) -> PassResult:
-        lowered = 0
-        for node in list(program.graph.nodes):
-            kind = fused_kind(node)
-            if kind is None:
-                continue
-            try:
-                plan = self._plan(program, node, kind)
-            except NotLowerable as exc:
-                log.info("lower-cpu: %s stays fused: %s", node_loc(node) or node.name, exc)
-                self.stat(program, "left fused (reference kernels)", 1)
-                continue
-            new = call(program, plan.op, plan.args, before=node, origin=str(self))
-            new.meta[SCHEME_KEY] = node.meta.get(SCHEME_KEY)
-            new.meta[KERNEL_KEY] = plan.binding
-            node.replace_all_uses_with(new)
-            program.graph.erase_node(node)
-            self.stat(program, f"lowered linears ({plan.binding.kernel})", 1)
-            lowered += 1
-        if lowered:
-            _erase_unused_quantization(program)
-            program.recompile()
-        return PassResult(changed=lowered > 0)
-
-    def _plan(self, program: Program, node: fx.Node, kind: str) -> _Lowered:
+    def plan(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
         if kind == "linear_w4a16":
             return self._int4_weight(program, node)
         if kind == "linear_w8a16":
@@ -110,7 +73,7 @@ class LowerCPU(Pass):
         target = program.unique_target(f"{node_loc(node) or node.name}.{suffix}")
         return program.constant_node(target, value, node)
 
-    def _int4_weight(self, program: Program, node: fx.Node) -> _Lowered:
+    def _int4_weight(self, program: Program, node: fx.Node) -> KernelCall:
         x, qweight, scale, zp, group, bias = node.args
         w = self._const(program, qweight)
         try:
@@ -138,9 +101,9 @@ class LowerCPU(Pass):
             reason=f"M <= {self.int4_m_threshold}: _weight_int4pack_mm_for_cpu; "
             "above: compiled dequantize + matmul",
         )
-        return _Lowered(ops.cpu_linear_int4_weight.default, args, binding)
+        return KernelCall(ops.cpu_linear_int4_weight.default, args, binding)
 
-    def _int8_weight(self, program: Program, node: fx.Node) -> _Lowered:
+    def _int8_weight(self, program: Program, node: fx.Node) -> KernelCall:
         x, qweight, scale, zp, group, bias = node.args
         s = self._const(program, scale)
         if zp is not None or int(group) != -1 or s is None:
@@ -152,9 +115,9 @@ class LowerCPU(Pass):
             bias,
         )
         binding = KernelBinding("cpu.int8pack_mm", {"dtype": self.dtype}, "W8A16 per channel")
-        return _Lowered(ops.cpu_linear_int8_weight.default, args, binding)
+        return KernelCall(ops.cpu_linear_int8_weight.default, args, binding)
 
-    def _dynamic(self, program: Program, node: fx.Node, kind: str) -> _Lowered:
+    def _dynamic(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
         if kind == "linear_w4a8":
             qweight, w_scale, bias = node.args[2], node.args[3], node.args[4]
         else:
@@ -172,9 +135,9 @@ class LowerCPU(Pass):
             {"act": f"per-token [{-qmax - 1}, {qmax}]", "epilogue": "compiled"},
             reason=f"{kind}: compiled per-token quantization + torch._int_mm + scale epilogue",
         )
-        return _Lowered(ops.cpu_linear_int8_dynamic.default, args, binding)
+        return KernelCall(ops.cpu_linear_int8_dynamic.default, args, binding)
 
-    def _static(self, program: Program, node: fx.Node) -> _Lowered:
+    def _static(self, program: Program, node: fx.Node) -> KernelCall:
         xq, x_scale, x_zp, qweight, w_scale, bias, _ = node.args
         x, _, _, _, qmin, qmax, _ = xq.args
         s = self._const(program, x_scale)
@@ -199,20 +162,7 @@ class LowerCPU(Pass):
             {"act": "static per-tensor", "epilogue": "compiled"},
             reason="linear_w8a8 static: compiled quantization + torch._int_mm + epilogue",
         )
-        return _Lowered(ops.cpu_linear_int8_static.default, args, binding)
-
-
-def _erase_unused_quantization(program: Program) -> None:
-    """Drop activation quantization nodes (and their getitems) no kernel reads any more."""
-    quant_ops = (ops.quantize_per_token.default, ops.quantize_affine.default)
-    for node in reversed(list(program.graph.nodes)):
-        if node.users:
-            continue
-        if node.op == "call_function" and (
-            node.target in quant_ops
-            or (node.target.__name__ == "getitem" and is_call(node.args[0], quant_ops[0]))
-        ):
-            program.graph.erase_node(node)
+        return KernelCall(ops.cpu_linear_int8_static.default, args, binding)
 
 
 __all__ = ["LowerCPU", "int4_group_for"]

@@ -13,14 +13,11 @@ from slimc.kernels.npu.emulate import decode_quant_scale
 from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
-from slimc.analysis import AnalysisManager
-from slimc.ir.builder import call
-from slimc.kernel import KERNEL_KEY, KernelBinding
-from slimc.lowering import NotLowerable, fused_kind, is_call, per_token_source
-from slimc.pass_base import Pass, PassResult, option
+from slimc.kernel import KernelBinding
+from slimc.lowering import KernelCall, LoweringPass, NotLowerable, is_call, per_token_source
+from slimc.pass_base import option
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.scheme import LinearQuantScheme
-from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
 ops = torch.ops.slimc
@@ -29,17 +26,8 @@ QUANT_MATMUL = "npu.quant_matmul"
 WEIGHT_QUANT_BMM = "npu.weight_quant_batchmatmul"
 
 
-@dataclass(frozen=True)
-class _Lowered:
-    """The kernel call that replaces one fused linear."""
-
-    op: Any
-    args: tuple[Any, ...]
-    binding: KernelBinding
-
-
 @dataclass(frozen=True, kw_only=True)
-class LowerNPU(Pass):
+class LowerNPU(LoweringPass):
     """Lower fused linears to torch_npu kernels (`slimc::npu_linear_*`, emulated off-NPU).
 
     Each fused linear and its activation quantization become one kernel op on constants laid
@@ -53,42 +41,19 @@ class LowerNPU(Pass):
     """
 
     name = "lower-npu"
-    accepts = frozenset({Stage.FUSED})
-    produces = Stage.KERNEL
-    exact = False
+    refusal_level = logging.WARNING
 
     strict: bool = option(
         False, "fail on a fused linear no NPU kernel can take, instead of leaving it fused"
     )
 
-    def run(self, program: Program, am: AnalysisManager) -> PassResult:
-        lowered = 0
-        for node in list(program.graph.nodes):
-            kind = fused_kind(node)
-            if kind is None:
-                continue
-            try:
-                plan = self._plan(program, node, kind)
-            except NotLowerable as exc:
-                where = node_loc(node) or node.name
-                if self.strict:
-                    raise NotLowerable(f"lower-npu: {where}: {exc}") from None
-                log.warning("lower-npu: %s stays fused: %s", where, exc)
-                self.stat(program, "left fused", 1)
-                continue
-            new = call(program, plan.op, plan.args, before=node, origin=str(self))
-            new.meta[SCHEME_KEY] = node.meta.get(SCHEME_KEY)
-            new.meta[KERNEL_KEY] = plan.binding
-            node.replace_all_uses_with(new)
-            program.graph.erase_node(node)
-            lowered += 1
-        if lowered:
-            program.recompile()
-            self.stat(program, "lowered linears", lowered)
-        return PassResult(changed=lowered > 0)
+    def refuse(self, program: Program, node: fx.Node, exc: NotLowerable) -> None:
+        if self.strict:
+            raise NotLowerable(f"lower-npu: {node_loc(node) or node.name}: {exc}") from None
+        super().refuse(program, node, exc)
 
     # -- one fused linear --------------------------------------------------------------------
-    def _plan(self, program: Program, node: fx.Node, kind: str) -> _Lowered:
+    def plan(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
         scheme: LinearQuantScheme = node.meta[SCHEME_KEY]
         if kind in ("linear_w8a16", "linear_w4a16"):
             return self._weight_only(program, node, scheme, kind)
@@ -110,7 +75,7 @@ class LowerNPU(Pass):
 
     def _weight_only(
         self, program: Program, node: fx.Node, scheme: LinearQuantScheme, kind: str
-    ) -> _Lowered:
+    ) -> KernelCall:
         x, qweight, scale, zp, group, bias = node.args
         dtype = x.meta["val"].dtype
         bits = scheme.weight.bits
@@ -140,11 +105,11 @@ class LowerNPU(Pass):
             {"weight": "int4pack" if bits == 4 else "int8", "group_size": g},
             reason=f"{kind}: float activations, weight dequantized inside the matmul",
         )
-        return _Lowered(op, args, binding)
+        return KernelCall(op, args, binding)
 
     def _dynamic(
         self, program: Program, node: fx.Node, scheme: LinearQuantScheme, kind: str
-    ) -> _Lowered:
+    ) -> KernelCall:
         xq = node.args[0]
         if kind == "linear_w4a8":
             qweight, w_scale, bias = node.args[2], node.args[3], node.args[4]
@@ -189,9 +154,9 @@ class LowerNPU(Pass):
             {**config, "quant": "npu_dynamic_quant"},
             reason=f"{kind}: per-token dynamic activations x per-channel weights",
         )
-        return _Lowered(op, args, binding)
+        return KernelCall(op, args, binding)
 
-    def _static(self, program: Program, node: fx.Node, xq: Any) -> _Lowered:
+    def _static(self, program: Program, node: fx.Node, xq: Any) -> KernelCall:
         _, x_scale, x_zp, qweight, w_scale, bias, out_dtype = node.args
         x, _, _, _, qmin, qmax, _ = xq.args
         if (qmin, qmax) != (-128, 127):
@@ -217,4 +182,4 @@ class LowerNPU(Pass):
             {"act": "int8-static", "deq_scale": "i64" if deq.dtype == torch.int64 else "f32"},
             reason="linear_w8a8: static per-tensor activations (npu_quantize), folded quant_bias",
         )
-        return _Lowered(ops.npu_linear_w8a8.default, args, binding)
+        return KernelCall(ops.npu_linear_w8a8.default, args, binding)

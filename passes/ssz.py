@@ -13,8 +13,8 @@ from torch import fx
 from slimc.errors import UserError
 from slimc.pass_base import OptionError, option
 from slimc.program import Program, node_loc
-from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.hessian import HessianAccumulator
+from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 from slimc.quant.ssz import SSZ_ITERS, ssz_quantize_weight
 

@@ -1,14 +1,28 @@
-"""Helpers shared by the lowering passes: which fused linear a node is, and its activation."""
+"""The lowering passes' shared driver (`LoweringPass`) and helpers: which fused linear a node is,
+and which activation feeds it."""
 
 from __future__ import annotations
 
+import logging
 import operator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
+from slimc.ir.builder import call
+from slimc.kernel import KERNEL_KEY, KernelBinding
+from slimc.pass_base import Pass, PassResult
+from slimc.program import SCHEME_KEY, node_loc
+from slimc.stage import Stage
+
+if TYPE_CHECKING:
+    from slimc.analysis import AnalysisManager
+    from slimc.program import Program
+
+log = logging.getLogger(__name__)
 
 ops = torch.ops.slimc
 
@@ -50,3 +64,78 @@ def per_token_source(xq: Any) -> tuple[fx.Node, int]:
     if qmin != -qmax - 1:
         raise NotLowerable(f"per-token range [{qmin}, {qmax}] is not a signed int range")
     return qt.args[0], qmax
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """The kernel op call that replaces one fused linear: op, arguments, binding."""
+
+    op: Any
+    args: tuple[Any, ...]
+    binding: KernelBinding
+
+
+_ACTIVATION_OPS = (
+    ops.quantize_per_token.default,
+    ops.quantize_affine.default,
+    ops.hadamard.default,
+)
+
+
+def erase_unused_activation_ops(program: Program) -> None:
+    """Drop activation quantization / rotation nodes (and their getitems) no node reads."""
+    for node in reversed(list(program.graph.nodes)):
+        if node.users or node.op != "call_function":
+            continue
+        source = node.args[0] if node.target is operator.getitem else node
+        if isinstance(source, fx.Node) and source.target in _ACTIVATION_OPS:
+            program.graph.erase_node(node)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoweringPass(Pass):
+    """A FUSED -> KERNEL pass: each fused linear (with its activation quantization) becomes
+    the one kernel op `plan` returns, or stays fused when `plan` raises NotLowerable."""
+
+    accepts = frozenset({Stage.FUSED})
+    produces = Stage.KERNEL
+    exact = False
+    refusal_level: ClassVar[int] = logging.INFO
+    """Log level of a linear left fused."""
+
+    def plan(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
+        """The kernel call for fused linear `node` of op `kind` (e.g. "linear_w8a8").
+
+        Raises:
+            NotLowerable: no kernel of this target takes it.
+        """
+        raise NotImplementedError
+
+    def refuse(self, program: Program, node: fx.Node, exc: NotLowerable) -> None:
+        """A linear stays fused: log it and count it (a subclass may raise instead)."""
+        where = node_loc(node) or node.name
+        log.log(self.refusal_level, "%s: %s stays fused: %s", self.name, where, exc)
+        self.stat(program, "left fused (reference kernels)", 1)
+
+    def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        lowered = 0
+        for node in list(program.graph.nodes):
+            kind = fused_kind(node)
+            if kind is None:
+                continue
+            try:
+                kernel_call = self.plan(program, node, kind)
+            except NotLowerable as exc:
+                self.refuse(program, node, exc)
+                continue
+            new = call(program, kernel_call.op, kernel_call.args, before=node, origin=str(self))
+            new.meta[SCHEME_KEY] = node.meta.get(SCHEME_KEY)
+            new.meta[KERNEL_KEY] = kernel_call.binding
+            node.replace_all_uses_with(new)
+            program.graph.erase_node(node)
+            self.stat(program, f"lowered linears ({kernel_call.binding.kernel})", 1)
+            lowered += 1
+        if lowered:
+            erase_unused_activation_ops(program)
+            program.recompile()
+        return PassResult(changed=lowered > 0)
