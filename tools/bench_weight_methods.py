@@ -53,11 +53,16 @@ PEERS: dict[str, tuple[str, ...]] = {
         "lc_rtn_w4a16_g64_asym",
         "lc_gptq_w4a16_g64_asym",
         "ar_light_w4a16_g64_asym",
+        "ar_light_w4a16_g64_asym (auto-round 0.16)",
     ),
 }
 RECORDED: dict[str, tuple[str, float]] = {
     "lc_gptq_w4a16_g64_asym": ("llm-compressor 0.14 GPTQ W4A16 g64 asym", 14.821),
     "ar_light_w4a16_g64_asym": ("auto-round 0.16 light recipe W4A16 g64 asym", 14.481),
+    "ar_light_w4a16_g64_asym (auto-round 0.16)": (
+        "auto-round 0.16 light recipe W4A16 g64 asym",
+        14.481,
+    ),
 }
 """Peer figures recorded in the project's data notes (same protocol and machine kind), shown
 only where the peer was not re-run into `--peer-results`, and labelled as such."""
@@ -82,7 +87,10 @@ def render(cache: dict[str, Row], peers_dir: Path | None) -> str:
         '"transform s" is the wall time of every pass other than plain rounding and fusion '
         '(rotation, smoothing, GPTQ / SSZ / AutoRound, sparsification); "total s" adds capture '
         "and quantization. Wall times come from a 2-core machine that other jobs shared at times "
-        "(read them as upper bounds). Peak RSS is the whole process.",
+        "(read them as upper bounds). Peak RSS is the whole process. Peer rows are peer_bench "
+        "runs on the same protocol, library version in the row; the auto-round re-run used the "
+        "version installed beside llm-compressor (0.15.1), and 0.16's recorded figure is shown "
+        "next to it.",
         "",
     ]
     lines += section_tables(SECTIONS, cache, "transform s", peers_dir, PEERS, RECORDED)
