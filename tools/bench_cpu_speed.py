@@ -34,6 +34,10 @@ CONFIGS = {
         "bf16",
         "linear-quant{scheme=w8a8-dynamic ignore=nothing},fuse-quantized-linear,lower-cpu",
     ),
+    "QuaRot (online down_proj rotation) + W8A8 dynamic, lower-cpu": (
+        "bf16",
+        "quarot{online-inputs=down_proj},w8a8-dynamic,lower-cpu",
+    ),
     "W4A16 g64, lower-cpu": ("bf16", "w4a16{group-size=64},lower-cpu"),
     "W4A16 g64 + lm_head, lower-cpu": (
         "bf16",

@@ -14,6 +14,8 @@ from pathlib import Path
 from slimc.tools._bench_suite import Row, Suite, section_tables
 
 FUSE = "fuse-quantized-linear"
+RANDOM_LAYERS = (1, 8, 12, 13, 15, 16, 24, 27, 28)
+"""`sorted(random.Random(0).sample(range(30), 9))`: as many SmolLM2 layers as laos's 30%."""
 
 SECTIONS: dict[str, dict[str, str]] = {
     "W4A16 g64 asymmetric (integer zero point)": {
@@ -42,6 +44,12 @@ SECTIONS: dict[str, dict[str, str]] = {
         "quarot + gptq": "w4a4-quarot-gptq",
         "laos, W8A8 on attention and down_proj only": "laos{sensitive-fraction=0}",
         "laos (W8A8 also on gate/up of the 30% most W4A4-sensitive layers)": "laos",
+        "laos control: W8A8 also on gate/up of 9 random layers (seed 0)": (
+            "adapt-rotation{quant-bits=4},autoround{scheme=w8a8-dynamic only=*self_attn*,"
+            "*down_proj,"
+            + ",".join(f"*layers.{i}.mlp.gate_proj,*layers.{i}.mlp.up_proj" for i in RANDOM_LAYERS)
+            + f"}},autoround{{scheme=w4a4}},{FUSE}"
+        ),
         "RTN, no rotation": "w4a4",
     },
     "Float sparse (ADMM, ratio 0.3, fp16 2-bit-mantissa protection)": {
