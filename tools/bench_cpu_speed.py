@@ -25,7 +25,12 @@ from slimc.tools.bench_linear_quant import machine, write_section
 BEGIN, END = "<!-- bench_cpu_speed:begin -->", "<!-- bench_cpu_speed:end -->"
 LINEAR_SHAPES = ((576, 1536), (1536, 576), (576, 576), (4096, 4096))  # (K in, N out)
 LINEAR_M = (1, 16, 128, 512)
-ERR_KEYS = ("logits_rel_err", "logits_rel_err_fp32", "reference_rel_err_fp32")
+ERR_KEYS = (
+    "logits_rel_err",
+    "logits_rel_l2",
+    "logits_rel_err_fp32",
+    "reference_rel_err_fp32",
+)
 CONFIGS = {
     "fp32 eager": ("fp32", None),
     "bf16 eager": ("bf16", None),
@@ -123,6 +128,7 @@ def measure_model(name: str, config: str, quick: bool) -> dict[str, float]:
                 refs[ref_dtype] = ref(head).logits.float()
             del ref
         result["logits_rel_err"] = _rel(got, refs[dtype])
+        result["logits_rel_l2"] = _rel_l2(got, refs[dtype])
         result["logits_rel_err_fp32"] = _rel(got, refs[torch.float32])
         result["reference_rel_err_fp32"] = _rel(refs[dtype], refs[torch.float32])
     return result
@@ -135,6 +141,10 @@ def _current_rss_mb() -> float:
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
+
+
+def _rel_l2(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
 
 
 def decode_tokens_per_s(model: torch.nn.Module, batch: int, vocab: int, quick: bool) -> float:
@@ -208,7 +218,8 @@ def render(results: dict[str, object], command: str) -> str:
         "Llama-shaped W8A8 build has 595 MB of tensors and has measured 1180 to 2200 MB RSS "
         'in different runs of the same code). "logits err" is the max |difference| of the '
         "lowered model's logits from the same quantized model on the reference ops, relative "
-        "to the largest logit. Ratios are against bf16 eager from the same run.",
+        'to the largest logit, "logits L2 err" the norm of the difference relative to the '
+        "reference's norm. Ratios are against bf16 eager from the same run.",
         "",
     ]
     for model, rows in results["models"].items():
@@ -217,8 +228,9 @@ def render(results: dict[str, object], command: str) -> str:
             f"### {model}",
             "",
             "| config | prefill ms | x bf16 | decode b1 tok/s | x bf16 | decode b8 tok/s "
-            "| x bf16 | RSS MB | peak RSS MB | logits err | vs fp32 ref | bf16 ref vs fp32 ref |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| x bf16 | RSS MB | peak RSS MB | logits err | logits L2 err | vs fp32 ref "
+            "| bf16 ref vs fp32 ref |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for config, r in rows.items():
             pre = base.get("prefill_ms", float("nan")) / r["prefill_ms"]
