@@ -12,6 +12,7 @@ unchanged, whatever the stream's magnitude at that depth.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +96,7 @@ def _score_layer(
         except ValueError as exc:
             raise UserError(f"sensitivity: probing {node_loc(node)}: {exc}") from None
         if probe.activation is not None:
-            act_quant[node] = act_fake_quant(probe.activation, None, "cpu")
+            act_quant[node] = act_fake_quant(probe.activation, None, str(weight.device))
     total = 0.0
     with torch.no_grad():
         for inputs in recorder.samples:
@@ -112,7 +113,8 @@ def most_sensitive(scores: Sequence[LayerScore], fraction: float) -> list[LayerS
     """The top `fraction` of the ranked layers, rounded up (at least one when fraction > 0)."""
     if fraction <= 0 or not scores:
         return []
-    count = min(len(scores), max(1, int(-(-fraction * len(scores) // 1))))
+    share = fraction * len(scores)
+    count = min(len(scores), max(1, math.ceil(share - 1e-9)))  # 0.07 * 100 is 7.000000000000001
     return list(scores[:count])
 
 

@@ -78,6 +78,11 @@ def test_most_sensitive_takes_the_fraction_rounded_up(fraction: float, count: in
     assert [s.layer for s in top] == [f"l{i}" for i in range(count)]
 
 
+def test_most_sensitive_ignores_float_noise_in_the_product() -> None:
+    scores = [LayerScore(f"l{i}", (), float(-i)) for i in range(100)]
+    assert len(most_sensitive(scores, 0.07)) == 7  # 0.07 * 100 = 7.000000000000001
+
+
 def test_sensitive_layers_join_the_only_set(program: Program) -> None:
     p = copy.deepcopy(program)
     PassManager.parse(
