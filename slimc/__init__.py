@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from slimc._checkout import move_checkout_root_last
+
+move_checkout_root_last()
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -32,7 +32,11 @@ class DynamoCaptureError(UserError):
 
 
 def _parse(text: str) -> tuple[str | None, list[str]] | None:
-    """(root, parts) of a Dynamo source or module path: `L['self'].fc1` -> ("self", ["fc1"])."""
+    """(root, parts) of a Dynamo source or module path: `L['self'].fc1` -> ("self", ["fc1"]).
+
+    Positional indices right after the variable belong to the root: `L['args'][0].fc1` (a
+    forward wrapped in a `*args` decorator) -> ("args.0", ["fc1"]).
+    """
     parts: list[tuple[str, str]] = []
     pos = 0
     while pos < len(text):
@@ -45,6 +49,8 @@ def _parse(text: str) -> tuple[str | None, list[str]] | None:
     root = None
     if len(parts) >= 2 and parts[0] in (("attr", "L"), ("attr", "G")) and parts[1][0] != "attr":
         root, parts = parts[1][1], parts[2:]
+        while parts and parts[0][0] == "index":
+            root, parts = f"{root}.{parts[0][1]}", parts[1:]
     return root, [v for _, v in parts if v not in _CONTAINERS]
 
 
@@ -75,12 +81,14 @@ def module_root(
 ) -> str | None:
     """The variable all weights and module paths hang off (the compiled module), if there is one.
 
-    Names are made relative to it, as `slimc.capture` names them relative to the model.
+    Names are made relative to it, as `slimc.capture` names them relative to the model. Module
+    paths of globals (`G[...]`: functions that transformers wraps as layers) are not evidence.
     """
     paths = [
         str(entry[0])
         for n in gm.graph.nodes
         for entry in (n.meta.get("nn_module_stack") or {}).values()
+        if str(entry[0]).startswith("L[")
     ]
     roots = {source_root(t) for t in [*weight_sources, *paths]}
     if len(roots) != 1 or None in roots:
@@ -283,6 +291,7 @@ def program_from_dynamo(
     from slimc.pass_manager import PassManager
 
     slots, root = plan_inputs(gm, example_inputs)
+    _keep_module_entries_under(gm, root)
     positions = [i for i, s in enumerate(slots) if s.kind == "input"]
     module = DynamoGraph(gm, slots, example_inputs)
     activations = [example_inputs[i] for i in positions]
@@ -307,6 +316,19 @@ def _rename_inputs(program: Program, names: list[str]) -> None:
             node._rename(name)
             node.target = node.name
     program.graph_module.recompile()
+
+
+def _keep_module_entries_under(gm: fx.GraphModule, root: str | None) -> None:
+    """Drop `nn_module_stack` entries outside the compiled module (a global that transformers
+    wraps as a layer, such as `apply_rotary_pos_emb`): a location names one of its modules."""
+    if root is None:
+        return
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: entry for key, entry in stack.items() if source_root(str(entry[0])) == root
+            }
 
 
 def _normalize_locations(program: Program, root: str | None) -> None:

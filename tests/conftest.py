@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
+import slimc  # noqa: F401  (first: a checkout root on sys.path must not shadow PyPI's kernels)
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `from tests.models import ...` in tests and FileCheck cases
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # `from tests.models import ...` in tests and FileCheck cases;
+    sys.path.append(str(ROOT))  # last: the root's kernels/ must not shadow PyPI's `kernels`
 
 FILECHECK_DIR = Path(__file__).resolve().parent / "filecheck"
 RUN_PREFIX = "# RUN:"

@@ -398,6 +398,10 @@ def test_unknown_option_is_an_error() -> None:
         ("G['net'].fc1", None, "net.fc1"),
         ("G['net'].fc1", "net", "fc1"),
         ("L['kwargs']['input_ids']", "self", "kwargs.input_ids"),
+        # a forward wrapped in a `*args` decorator: the module is the first positional argument
+        ("L['args'][0]._modules['model']._parameters['w']", "args.0", "model.w"),
+        ("L['args'][0].model.layers[0]", "args.0", "model.layers.0"),
+        ("L['args'][1]", "args.0", "args.1"),
         ("getattr(L['self'], 'x')", "self", None),
     ],
 )  # fmt: skip

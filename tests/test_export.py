@@ -349,11 +349,14 @@ def test_smollm2_reload_perplexity(tmp_path, scheme):
     model, tok = load_model(None)
     q = slimc.compile(model, scheme, calib=calibration_samples(tok, n=8), progress=False)
     ids = eval_token_ids(tok)
-    ppl_q = perplexity(q, ids, windows=4, progress=False).ppl
+    # 16 windows: on 4, float-rounding differences between the two runtimes (int32 vs float
+    # matmul flipping a few activation codes) moved PPL by up to 1% (measured 0.76%); on 16 the
+    # same checkpoints agree within 0.21%
+    ppl_q = perplexity(q, ids, windows=16, progress=False).ppl
     out = slimc.save(q, tmp_path / "ct", tokenizer=tok)
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
     r = slimc.load(out)
-    ppl_r = perplexity(r, ids, windows=4, progress=False).ppl
+    ppl_r = perplexity(r, ids, windows=16, progress=False).ppl
     print(
         f"{scheme}: slimc PPL {ppl_q:.4f}, reloaded compressed-tensors PPL {ppl_r:.4f} "
         f"({100 * (ppl_r / ppl_q - 1):+.3f}%)"

@@ -53,8 +53,11 @@ def _split_input(text: str) -> tuple[str, Path, str]:
 
 @contextlib.contextmanager
 def _extra_sys_path(paths: Sequence[str]) -> Iterator[None]:
+    """`paths` appended to sys.path for the block: last, so a checkout root among them cannot
+    shadow installed packages (its kernels/ folder and PyPI's `kernels`, which transformers
+    imports)."""
     added = [p for p in paths if p not in sys.path]
-    sys.path[:0] = added
+    sys.path.extend(added)
     try:
         yield
     finally:
