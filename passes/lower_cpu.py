@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +36,9 @@ class LowerCPU(LoweringPass):
     * dynamic W8A8 / W4A8 / W4A4 (int4 weights widened to int8 once): compiled per-token
       quantization, `torch._int_mm`, compiled scale epilogue; the integer products are the
       reference's, so only the float epilogue's rounding differs;
+    * the same behind an online input rotation (`slimc.hadamard`, from
+      `quarot{online-inputs=...}`): the rotation runs in fp32 inside the kernel op (the
+      reference: float64), its signs fused into the quantization;
     * static W8A8: the same with the static scale, zero point folded as zp * sum_k w;
     * W4A16: `_weight_int4pack_mm_for_cpu` up to `int4-m-threshold` rows, else a compiled
       dequantize + matmul; scales and zeros are held in `dtype` (bf16: about 0.4% of the
@@ -130,12 +134,37 @@ class LowerCPU(LoweringPass):
         if kind == "linear_w4a8":  # int4 codes widened to int8 once, for torch._int_mm
             qweight = self._new(program, node, "cpu_qweight_int8", unpack_int4(w).contiguous())
         args = (x, qweight, self._new(program, node, "cpu_w_scale", scale), bias, -qmax - 1, qmax)
+        if is_call(x, ops.hadamard.default):  # an online rotation: done by the kernel op
+            return self._rotated(program, node, kind, args)
         binding = KernelBinding(
             "cpu.int_mm",
             {"act": f"per-token [{-qmax - 1}, {qmax}]", "epilogue": "compiled"},
             reason=f"{kind}: compiled per-token quantization + torch._int_mm + scale epilogue",
         )
         return KernelCall(ops.cpu_linear_int8_dynamic.default, args, binding)
+
+    def _rotated(
+        self, program: Program, node: fx.Node, kind: str, args: tuple[Any, ...]
+    ) -> KernelCall:
+        rotated, signs = args[0].args
+        values = self._const(program, signs)
+        if values is None:
+            raise NotLowerable("online rotation signs are not a constant")
+        sign_scale = values.to(torch.float64) / math.sqrt(values.numel())
+        sign_scale = self._new(program, node, "cpu_sign_scale", sign_scale.to(torch.float32))
+        binding = KernelBinding(
+            "cpu.hadamard+int_mm",
+            {
+                "act": f"per-token [{args[4]}, {args[5]}]",
+                "rotation": "fp32",
+                "epilogue": "compiled",
+            },
+            reason=f"{kind} behind an online rotation: fp32 Hadamard + compiled per-token "
+            "quantization + torch._int_mm + scale epilogue",
+        )
+        return KernelCall(
+            ops.cpu_linear_int8_dynamic_hadamard.default, (rotated, sign_scale, *args[1:]), binding
+        )
 
     def _static(self, program: Program, node: fx.Node) -> KernelCall:
         xq, x_scale, x_zp, qweight, w_scale, bias, _ = node.args

@@ -41,6 +41,27 @@ def test_int8_dynamic_is_the_reference(compile_mode: str, qmin: int, qmax: int, 
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [48, 64, 80])  # 12 x 4 (Paley x Sylvester), 2^6, 20 x 4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dynamic_behind_a_rotation_is_the_reference(
+    compile_mode: str, k: int, dtype: torch.dtype
+):
+    from slimc.rotate.hadamard import random_signs
+
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randint(-127, 128, (24, k), dtype=torch.int8, generator=gen)
+    ws, bias = torch.rand(24, generator=gen) * 1e-2, torch.randn(24, generator=gen)
+    signs = random_signs(k, seed=7)
+    sign_scale = (signs / k**0.5).float()
+    for shape in ((1, k), (3, 5, k)):
+        x = torch.randn(*shape, generator=gen).to(dtype)
+        xq, xs = ops.hadamard_quantize_per_token(x, signs, -128, 127)
+        ref = ops.linear_w8a8(xq, xs, None, w, ws, bias, dtype)
+        got = ops.cpu_linear_int8_dynamic_hadamard(x, sign_scale, w, ws, bias, -128, 127)
+        assert got.shape == ref.shape and got.dtype == dtype and got.is_contiguous()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_static_folds_the_zero_point(compile_mode: str):
     gen = torch.Generator().manual_seed(1)
     w = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=gen)
@@ -102,6 +123,31 @@ def test_kernel_ops_pass_opcheck():
     x = torch.randn(3, 64, generator=gen)
     torch.library.opcheck(ops.cpu_linear_int8_dynamic, (x, w, ws, None, -128, 127))
     torch.library.opcheck(ops.cpu_linear_int8_weight, (x, w, ws, None))
+    sign_scale = torch.ones(64) / 8
+    torch.library.opcheck(
+        ops.cpu_linear_int8_dynamic_hadamard, (x, sign_scale, w, ws, None, -128, 127)
+    )
+
+
+def test_online_rotation_runs_inside_the_kernel_op(monkeypatch: pytest.MonkeyPatch):
+    """quarot's run-time Hadamard on down_proj moves into the int8 kernel op (no wrapper left)."""
+    from slimc.nn import HadamardInputRotation
+
+    monkeypatch.setenv("SLIMC_CPU_COMPILE", "0")
+    pipeline = "quarot{online-inputs=down_proj},w8a8-dynamic"
+    model = tiny_llama(seed=0, layers=2)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    reference = slimc.compile(model, pipeline, progress=False)
+    lowered = slimc.compile(model, f"{pipeline},lower-cpu", progress=False)
+    rotated = [m for m in lowered.modules() if getattr(m, "kernel", "") == "cpu.hadamard+int_mm"]
+    assert [m.op_name for m in rotated] == ["slimc::cpu_linear_int8_dynamic_hadamard"] * 2
+    assert not any(isinstance(m, HadamardInputRotation) for m in lowered.modules())
+    graph = lowered.slimc_program.graph
+    assert not any(n.target is ops.hadamard.default for n in graph.nodes)
+    stats = lowered.slimc_program.statistics["lower-cpu"]
+    assert stats["lowered linears (cpu.hadamard+int_mm)"] == 2
+    with torch.inference_mode():
+        assert rel_err(lowered(ids).logits, reference(ids).logits) < 1e-5
 
 
 @pytest.mark.parametrize(

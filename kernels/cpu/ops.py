@@ -7,6 +7,11 @@ contract of `slimc.kernel`); `lower-cpu` builds the constants with `prepare_*`.
   `torch._int_mm` (int8 x int8 -> int32), the per-token x per-channel scale epilogue (compiled).
   Exact against `slimc::quantize_per_token` + `slimc::linear_w8a8` up to the float rounding of
   the epilogue (the integer products are the same).
+* `slimc::cpu_linear_int8_dynamic_hadamard`: the same behind an online input rotation
+  (`slimc::hadamard`, what `quarot{online-inputs=...}` leaves), the rotation in fp32 (one matmul
+  per Kronecker factor) and its sign / 1/sqrt(n) scale fused into the compiled quantization. The
+  rotated activation is rounded to x's dtype before quantization, as the reference does; the
+  fp32 rotation differs from the reference's float64 one by ~1e-7 relative.
 * `slimc::cpu_linear_int8_static`: the same with a per-tensor static scale and zero point.
 * `slimc::cpu_linear_int4_weight`: weight-only int4; `_weight_int4pack_mm_for_cpu` for small M
   (decode), a compiled dequantize to the activation dtype + `F.linear` above `m_threshold`.
@@ -27,6 +32,7 @@ from torch import Tensor
 from slimc.kernel import register_eager_impl
 from slimc.ops.packing import unpack_int4
 from slimc.quant.qparams import FP32_EPS
+from slimc.rotate.hadamard import apply as apply_hadamard
 
 INT4_GROUPS = (32, 64, 128, 256)
 """Group sizes `_weight_int4pack_mm_for_cpu` accepts."""
@@ -66,6 +72,15 @@ between 576 x 64 and 2048 x 64 outputs)."""
 @_compile(EAGER_QUANTIZE_ELEMENTS)
 def _quantize_rows(x: Tensor, qmax: float, qmin: float) -> tuple[Tensor, Tensor]:
     xf = x.float()
+    scale = torch.clamp(xf.abs().amax(dim=-1, keepdim=True) / qmax, min=FP32_EPS)
+    return torch.clamp(torch.round(xf / scale), qmin, qmax).to(torch.int8), scale
+
+
+@_compile(EAGER_QUANTIZE_ELEMENTS)
+def _quantize_rotated_rows(
+    y: Tensor, sign_scale: Tensor, dtype: torch.dtype, qmax: float, qmin: float
+) -> tuple[Tensor, Tensor]:
+    xf = (y * sign_scale).to(dtype).float()
     scale = torch.clamp(xf.abs().amax(dim=-1, keepdim=True) / qmax, min=FP32_EPS)
     return torch.clamp(torch.round(xf / scale), qmin, qmax).to(torch.int8), scale
 
@@ -151,6 +166,37 @@ def cpu_linear_int8_dynamic(
 
 @cpu_linear_int8_dynamic.register_fake
 def _(x, qweight, w_scale, bias, qmin, qmax):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@_kernel_op(
+    "cpu_linear_int8_dynamic_hadamard",
+    schema=(
+        "(Tensor x, Tensor sign_scale, Tensor qweight, Tensor w_scale, Tensor? bias, int qmin, "
+        "int qmax) -> Tensor"
+    ),
+)
+def cpu_linear_int8_dynamic_hadamard(
+    x: Tensor,
+    sign_scale: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    qmin: int,
+    qmax: int,
+) -> Tensor:
+    """`cpu_linear_int8_dynamic` of `slimc::hadamard(x, signs)`; sign_scale = signs / sqrt(K)
+    (fp32 [K])."""
+    n = qweight.shape[0]
+    rotated = apply_hadamard(_rows(x).float())
+    xq, row_scale = _quantize_rotated_rows(rotated, sign_scale, x.dtype, float(qmax), float(qmin))
+    acc = _int_mm_rows(xq, qweight)
+    out = _epilogue(acc, row_scale, w_scale, _zero_bias(bias, n))
+    return out.to(x.dtype).reshape(*x.shape[:-1], n).contiguous()
+
+
+@cpu_linear_int8_dynamic_hadamard.register_fake
+def _(x, sign_scale, qweight, w_scale, bias, qmin, qmax):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
