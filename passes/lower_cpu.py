@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.kernel import KernelBinding
 from slimc.lowering import KernelCall, LoweringPass, NotLowerable, is_call, per_token_source
 from slimc.ops.packing import unpack_int4
+from slimc.ops.rotate import rotation_scale
 from slimc.pass_base import option
 from slimc.program import Program, node_loc
 
@@ -37,8 +37,8 @@ class LowerCPU(LoweringPass):
       quantization, `torch._int_mm`, compiled scale epilogue; the integer products are the
       reference's, so only the float epilogue's rounding differs;
     * the same behind an online input rotation (`slimc.hadamard`, from
-      `quarot{online-inputs=...}`): the rotation runs in fp32 inside the kernel op (the
-      reference: float64), its signs fused into the quantization;
+      `quarot{online-inputs=...}`): the rotation runs inside the kernel op, computed as the
+      reference computes it (fp32), its signs fused into the quantization;
     * static W8A8: the same with the static scale, zero point folded as zp * sum_k w;
     * W4A16: `_weight_int4pack_mm_for_cpu` up to `int4-m-threshold` rows, else a compiled
       dequantize + matmul; scales and zeros are held in `dtype` (bf16: about 0.4% of the
@@ -150,8 +150,7 @@ class LowerCPU(LoweringPass):
         values = self._const(program, signs)
         if values is None:
             raise NotLowerable("online rotation signs are not a constant")
-        sign_scale = values.to(torch.float64) / math.sqrt(values.numel())
-        sign_scale = self._new(program, node, "cpu_sign_scale", sign_scale.to(torch.float32))
+        sign_scale = self._new(program, node, "cpu_sign_scale", rotation_scale(values))
         binding = KernelBinding(
             "cpu.hadamard+int_mm",
             {

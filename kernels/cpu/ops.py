@@ -8,10 +8,9 @@ contract of `slimc.kernel`); `lower-cpu` builds the constants with `prepare_*`.
   Exact against `slimc::quantize_per_token` + `slimc::linear_w8a8` up to the float rounding of
   the epilogue (the integer products are the same).
 * `slimc::cpu_linear_int8_dynamic_hadamard`: the same behind an online input rotation
-  (`slimc::hadamard`, what `quarot{online-inputs=...}` leaves), the rotation in fp32 (one matmul
-  per Kronecker factor) and its sign / 1/sqrt(n) scale fused into the compiled quantization. The
-  rotated activation is rounded to x's dtype before quantization, as the reference does; the
-  fp32 rotation differs from the reference's float64 one by ~1e-7 relative.
+  (`slimc::hadamard`, what `quarot{online-inputs=...}` leaves): the rotation computed as the
+  reference computes it (fp32, one matmul per Kronecker factor), its signs / sqrt(n) fused into
+  the compiled quantization; the same integer products as the reference.
 * `slimc::cpu_linear_int8_static`: the same with a per-tensor static scale and zero point.
 * `slimc::cpu_linear_int4_weight`: weight-only int4; `_weight_int4pack_mm_for_cpu` for small M
   (decode), a compiled dequantize to the activation dtype + `F.linear` above `m_threshold`.
@@ -38,11 +37,12 @@ INT4_GROUPS = (32, 64, 128, 256)
 """Group sizes `_weight_int4pack_mm_for_cpu` accepts."""
 
 
-def _compile(eager_up_to: int = 0, dynamic: bool = True):  # noqa: ANN202 - decorator factory
+def _compile(eager_up_to: int = 0, dynamic: bool = True, **options: object):  # noqa: ANN202
     """Run the function torch.compile'd, eagerly while SLIMC_CPU_COMPILE=0, and eagerly when
     its first argument has at most `eager_up_to` elements (a compiled call costs 20-30 us of
     guards and wrapper, more than the eager ops on a few decode rows). `dynamic=False`
-    compiles once per input shape (past torch's recompile limit, 8 shapes, it runs eagerly)."""
+    compiles once per input shape (past torch's recompile limit, 8 shapes, it runs eagerly);
+    `options` are inductor options."""
 
     def decorate(fn):  # noqa: ANN001, ANN202
         compiled = None
@@ -53,7 +53,7 @@ def _compile(eager_up_to: int = 0, dynamic: bool = True):  # noqa: ANN202 - deco
             if args[0].numel() <= eager_up_to or os.environ.get("SLIMC_CPU_COMPILE", "1") == "0":
                 return fn(*args)
             if compiled is None:
-                compiled = torch.compile(fn, dynamic=dynamic)
+                compiled = torch.compile(fn, dynamic=dynamic, options=options or None)
             return compiled(*args)
 
         return wrapper
@@ -76,7 +76,8 @@ def _quantize_rows(x: Tensor, qmax: float, qmin: float) -> tuple[Tensor, Tensor]
     return torch.clamp(torch.round(xf / scale), qmin, qmax).to(torch.int8), scale
 
 
-@_compile(EAGER_QUANTIZE_ELEMENTS)
+# the rounding to x's dtype must happen as in eager (inductor otherwise keeps fp32 through it)
+@_compile(EAGER_QUANTIZE_ELEMENTS, emulate_precision_casts=True)
 def _quantize_rotated_rows(
     y: Tensor, sign_scale: Tensor, dtype: torch.dtype, qmax: float, qmin: float
 ) -> tuple[Tensor, Tensor]:
@@ -185,8 +186,8 @@ def cpu_linear_int8_dynamic_hadamard(
     qmin: int,
     qmax: int,
 ) -> Tensor:
-    """`cpu_linear_int8_dynamic` of `slimc::hadamard(x, signs)`; sign_scale = signs / sqrt(K)
-    (fp32 [K])."""
+    """`cpu_linear_int8_dynamic` of `slimc::hadamard(x, signs)`; sign_scale =
+    `slimc.ops.rotate.rotation_scale(signs)` (fp32 [K])."""
     n = qweight.shape[0]
     rotated = apply_hadamard(_rows(x).float())
     xq, row_scale = _quantize_rotated_rows(rotated, sign_scale, x.dtype, float(qmax), float(qmin))

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from slimc.rotate.hadamard import apply as apply_hadamard
 
-__all__ = ["hadamard", "hadamard_quantize_per_token"]
+__all__ = ["hadamard", "hadamard_quantize_per_token", "rotation_scale"]
 
 
 @torch.library.custom_op(
@@ -20,14 +20,23 @@ def hadamard(x: Tensor, signs: Tensor) -> Tensor:
 
     H is `slimc.rotate.hadamard(n)` (Paley x Sylvester for n = m * 2^k), so with signs from
     `random_signs(n, seed)` this is the rotation `x Q` by `random_hadamard(n, seed)`. Computed in
-    float64, one small matmul per Kronecker factor of H (`slimc.rotate.hadamard.apply`), and
-    returned in x's dtype.
+    float32 (float64 for float64 x), one small matmul per Kronecker factor of H
+    (`slimc.rotate.hadamard.apply`, sums of at most 128 terms: ~1e-7 relative), scaled by
+    `signs / sqrt(n)` rounded to float32, and returned in x's dtype. Kernels compute it the same
+    way, so a lowered model rounds every rotated activation to x's dtype exactly as this does
+    (a value rounded differently can move a row's absmax, and with it every int8 code of
+    the row).
     """
     n = x.shape[-1]
     if signs.shape != (n,):
         raise ValueError(f"signs must have shape [{n}], got {list(signs.shape)}")
-    rotated = apply_hadamard(x.to(torch.float64)) / math.sqrt(n)
-    return (rotated * signs.to(torch.float64)).to(x.dtype)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (apply_hadamard(x.to(compute)) * rotation_scale(signs, compute)).to(x.dtype)
+
+
+def rotation_scale(signs: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`signs / sqrt(n)` in `dtype` (computed in float64, then rounded once)."""
+    return (signs.to(torch.float64) / math.sqrt(signs.shape[-1])).to(dtype)
 
 
 @hadamard.register_fake
