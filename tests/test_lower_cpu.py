@@ -53,7 +53,7 @@ def test_int8_dynamic_behind_a_rotation_is_the_reference(
     ws, bias = torch.rand(24, generator=gen) * 1e-2, torch.randn(24, generator=gen)
     signs = random_signs(k, seed=7)
     sign_scale = (signs / k**0.5).float()
-    for shape in ((1, k), (3, 5, k)):
+    for shape in ((1, k), (3, 5, k), (4, 90, k)):  # the last one past the eager-quantize size
         x = torch.randn(*shape, generator=gen).to(dtype)
         xq, xs = ops.hadamard_quantize_per_token(x, signs, -128, 127)
         ref = ops.linear_w8a8(xq, xs, None, w, ws, bias, dtype)
