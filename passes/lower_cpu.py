@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import slimc.kernels.cpu  # noqa: F401  (registers the slimc::cpu_linear_* kernel ops)
 import torch
-from slimc.kernels.cpu import int4_group_for, prepare_int4
+from slimc.kernels.cpu import int4_group_for, onednn, prepare_int4
 from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
@@ -27,6 +27,7 @@ INT4_M_THRESHOLD = 48
 4096x4096: the int4 kernel costs ~0.24 ms per row, the compiled dequantize ~14.5 ms once)."""
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_ENGINE_TEXT = {"onednn": "oneDNN int8 linear", "int_mm": "torch._int_mm"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,8 +35,9 @@ class LowerCPU(LoweringPass):
     """Lower fused linears to native CPU kernels (`slimc::cpu_linear_*`).
 
     * dynamic W8A8 / W4A8 / W4A4 (int4 weights widened to int8 once): compiled per-token
-      quantization, `torch._int_mm`, compiled scale epilogue; the integer products are the
-      reference's, so only the float epilogue's rounding differs;
+      quantization, the int8 product on `int8-engine` (oneDNN's prepacked int8 linear where
+      torch has it, `cpu.onednn`; else `torch._int_mm`, `cpu.int_mm`), compiled scale epilogue;
+      the integer products are the reference's, so only the float epilogue's rounding differs;
     * the same behind an online input rotation (`slimc.hadamard`, from
       `quarot{online-inputs=...}`): the rotation runs inside the kernel op, computed as the
       reference computes it (fp32), its signs fused into the quantization;
@@ -56,6 +58,14 @@ class LowerCPU(LoweringPass):
     int4_m_threshold: int = option(
         INT4_M_THRESHOLD, "rows up to which W4A16 uses the int4 kernel (above: dequantize + mm)"
     )
+    int8_engine: Literal["auto", "onednn", "int_mm"] = option(
+        "auto",
+        "int8 x int8 product of dynamic linears: oneDNN's prepacked int8 linear, torch._int_mm, "
+        "or auto (oneDNN where this torch has it)",
+    )
+
+    def _engine(self) -> str:
+        return onednn.default_engine() if self.int8_engine == "auto" else self.int8_engine
 
     def plan(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
         if kind == "linear_w4a16":
@@ -133,13 +143,16 @@ class LowerCPU(LoweringPass):
             raise NotLowerable(f"weight scale has {scale.numel()} values for N={w.shape[0]}")
         if kind == "linear_w4a8":  # int4 codes widened to int8 once, for torch._int_mm
             qweight = self._new(program, node, "cpu_qweight_int8", unpack_int4(w).contiguous())
-        args = (x, qweight, self._new(program, node, "cpu_w_scale", scale), bias, -qmax - 1, qmax)
+        engine = self._engine()
+        w_scale = self._new(program, node, "cpu_w_scale", scale)
+        args = (x, qweight, w_scale, bias, -qmax - 1, qmax, engine)
         if is_call(x, ops.hadamard.default):  # an online rotation: done by the kernel op
             return self._rotated(program, node, kind, args)
         binding = KernelBinding(
-            "cpu.int_mm",
+            f"cpu.{engine}",
             {"act": f"per-token [{-qmax - 1}, {qmax}]", "epilogue": "compiled"},
-            reason=f"{kind}: compiled per-token quantization + torch._int_mm + scale epilogue",
+            reason=f"{kind}: compiled per-token quantization + {_ENGINE_TEXT[engine]} + scale "
+            "epilogue",
         )
         return KernelCall(ops.cpu_linear_int8_dynamic.default, args, binding)
 
@@ -151,15 +164,16 @@ class LowerCPU(LoweringPass):
         if values is None:
             raise NotLowerable("online rotation signs are not a constant")
         sign_scale = self._new(program, node, "cpu_sign_scale", rotation_scale(values))
+        engine = args[6]
         binding = KernelBinding(
-            "cpu.hadamard+int_mm",
+            f"cpu.hadamard+{engine}",
             {
                 "act": f"per-token [{args[4]}, {args[5]}]",
                 "rotation": "fp32",
                 "epilogue": "compiled",
             },
             reason=f"{kind} behind an online rotation: fp32 Hadamard + compiled per-token "
-            "quantization + torch._int_mm + scale epilogue",
+            f"quantization + {_ENGINE_TEXT[engine]} + scale epilogue",
         )
         return KernelCall(
             ops.cpu_linear_int8_dynamic_hadamard.default, (rotated, sign_scale, *args[1:]), binding

@@ -27,7 +27,10 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("qmin,qmax", [(-128, 127), (-8, 7)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_int8_dynamic_is_the_reference(compile_mode: str, qmin: int, qmax: int, with_bias: bool):
+@pytest.mark.parametrize("engine", ["onednn", "int_mm"])
+def test_int8_dynamic_is_the_reference(
+    compile_mode: str, qmin: int, qmax: int, with_bias: bool, engine: str
+):
     gen = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (48, 96), dtype=torch.int8, generator=gen)
     ws = torch.rand(48, generator=gen) * 1e-2
@@ -36,15 +39,16 @@ def test_int8_dynamic_is_the_reference(compile_mode: str, qmin: int, qmax: int, 
         x = torch.randn(*shape, generator=gen)
         xq, xs = ops.quantize_per_token(x, qmin, qmax)
         ref = ops.linear_w8a8(xq, xs, None, w, ws, bias, torch.float32)
-        got = ops.cpu_linear_int8_dynamic(x, w, ws, bias, qmin, qmax)
+        got = ops.cpu_linear_int8_dynamic(x, w, ws, bias, qmin, qmax, engine)
         assert got.shape == ref.shape and got.is_contiguous()  # callers view() the output
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [48, 64, 80])  # 12 x 4 (Paley x Sylvester), 2^6, 20 x 4
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("engine", ["onednn", "int_mm"])
 def test_int8_dynamic_behind_a_rotation_is_the_reference(
-    compile_mode: str, k: int, dtype: torch.dtype
+    compile_mode: str, k: int, dtype: torch.dtype, engine: str
 ):
     from slimc.rotate.hadamard import random_signs
 
@@ -57,9 +61,40 @@ def test_int8_dynamic_behind_a_rotation_is_the_reference(
         x = torch.randn(*shape, generator=gen).to(dtype)
         xq, xs = ops.hadamard_quantize_per_token(x, signs, -128, 127)
         ref = ops.linear_w8a8(xq, xs, None, w, ws, bias, dtype)
-        got = ops.cpu_linear_int8_dynamic_hadamard(x, sign_scale, w, ws, bias, -128, 127)
+        got = ops.cpu_linear_int8_dynamic_hadamard(x, sign_scale, w, ws, bias, -128, 127, engine)
         assert got.shape == ref.shape and got.dtype == dtype and got.is_contiguous()
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_weights_are_packed_once_per_weight_and_freed_with_it():
+    import gc
+
+    from slimc.kernels.cpu import onednn
+
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=gen)
+    packed = onednn.packed_weight(w)
+    assert onednn.packed_weight(w) is packed and id(w) in onednn._PACKED
+    key = id(w)
+    del w, packed
+    gc.collect()
+    assert key not in onednn._PACKED
+
+
+def test_onednn_binding_runs_int_mm_where_onednn_is_missing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=gen)
+    ws, x = torch.rand(16, generator=gen) * 1e-2, torch.randn(4, 32, generator=gen)
+    expected = ops.cpu_linear_int8_dynamic(x, w, ws, None, -128, 127, "int_mm")
+    monkeypatch.setenv("SLIMC_CPU_ONEDNN", "0")
+    monkeypatch.setattr(cpu_kernels.ops, "_warned_engines", set())
+    with caplog.at_level("WARNING"):
+        got = ops.cpu_linear_int8_dynamic(x, w, ws, None, -128, 127, "onednn")
+    assert torch.equal(got, expected) and "not available" in caplog.text
+    with pytest.raises(ValueError, match="unknown int8 engine"):
+        ops.cpu_linear_int8_dynamic(x, w, ws, None, -128, 127, "mkl")
 
 
 def test_int8_static_folds_the_zero_point(compile_mode: str):
@@ -122,6 +157,7 @@ def test_kernel_ops_pass_opcheck():
     ws = torch.rand(16, generator=gen)
     x = torch.randn(3, 64, generator=gen)
     torch.library.opcheck(ops.cpu_linear_int8_dynamic, (x, w, ws, None, -128, 127))
+    torch.library.opcheck(ops.cpu_linear_int8_dynamic, (x, w, ws, None, -128, 127, "onednn"))
     torch.library.opcheck(ops.cpu_linear_int8_weight, (x, w, ws, None))
     sign_scale = torch.ones(64) / 8
     torch.library.opcheck(
@@ -138,36 +174,38 @@ def test_online_rotation_runs_inside_the_kernel_op(monkeypatch: pytest.MonkeyPat
     model = tiny_llama(seed=0, layers=2)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     reference = slimc.compile(model, pipeline, progress=False)
-    lowered = slimc.compile(model, f"{pipeline},lower-cpu", progress=False)
-    rotated = [m for m in lowered.modules() if getattr(m, "kernel", "") == "cpu.hadamard+int_mm"]
+    lowered = slimc.compile(model, f"{pipeline},lower-cpu{{int8-engine=onednn}}", progress=False)
+    rotated = [m for m in lowered.modules() if getattr(m, "kernel", "") == "cpu.hadamard+onednn"]
     assert [m.op_name for m in rotated] == ["slimc::cpu_linear_int8_dynamic_hadamard"] * 2
     assert not any(isinstance(m, HadamardInputRotation) for m in lowered.modules())
     graph = lowered.slimc_program.graph
     assert not any(n.target is ops.hadamard.default for n in graph.nodes)
     stats = lowered.slimc_program.statistics["lower-cpu"]
-    assert stats["lowered linears (cpu.hadamard+int_mm)"] == 2
+    assert stats["lowered linears (cpu.hadamard+onednn)"] == 2
     with torch.inference_mode():
         assert rel_err(lowered(ids).logits, reference(ids).logits) < 1e-5
 
 
 @pytest.mark.parametrize(
-    "pipeline,kernel,tol",
+    "pipeline,lowering,kernel,tol",
     [
-        ("w8a8-dynamic", "cpu.int_mm", 1e-5),
-        ("w4a8", "cpu.int_mm", 1e-5),
-        ("w4a16{group-size=32}", "cpu.int4pack_mm", 1e-2),
-        ("w4a16", "cpu.int4pack_mm", 1e-2),
-        ("w8a16{symmetric=true}", "cpu.int8pack_mm", 1e-2),
+        ("w8a8-dynamic", "lower-cpu{int8-engine=onednn}", "cpu.onednn", 1e-5),
+        ("w8a8-dynamic", "lower-cpu{int8-engine=int_mm}", "cpu.int_mm", 1e-5),
+        ("w4a8", "lower-cpu{int8-engine=onednn}", "cpu.onednn", 1e-5),
+        ("w4a8", "lower-cpu{int8-engine=int_mm}", "cpu.int_mm", 1e-5),
+        ("w4a16{group-size=32}", "lower-cpu", "cpu.int4pack_mm", 1e-2),
+        ("w4a16", "lower-cpu", "cpu.int4pack_mm", 1e-2),
+        ("w8a16{symmetric=true}", "lower-cpu", "cpu.int8pack_mm", 1e-2),
     ],
 )
 def test_lowered_model_runs_kernels_and_matches_the_reference_path(
-    pipeline: str, kernel: str, tol: float, monkeypatch: pytest.MonkeyPatch
+    pipeline: str, lowering: str, kernel: str, tol: float, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setenv("SLIMC_CPU_COMPILE", "0")
     model = tiny_llama(seed=0, layers=2)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     reference = slimc.compile(model, pipeline, progress=False)
-    lowered = slimc.compile(model, f"{pipeline},lower-cpu", progress=False)
+    lowered = slimc.compile(model, f"{pipeline},{lowering}", progress=False)
     kernels = [m for m in lowered.modules() if isinstance(m, KernelLinear)]
     assert len(kernels) == 14 and {m.kernel for m in kernels} == {kernel}
     stats = lowered.slimc_program.statistics["lower-cpu"]

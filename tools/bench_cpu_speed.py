@@ -35,6 +35,10 @@ CONFIGS = {
     "fp32 eager": ("fp32", None),
     "bf16 eager": ("bf16", None),
     "W8A8 dynamic, lower-cpu": ("bf16", "w8a8-dynamic,lower-cpu"),
+    "W8A8 dynamic, lower-cpu on torch._int_mm": (
+        "bf16",
+        "w8a8-dynamic,lower-cpu{int8-engine=int_mm}",
+    ),
     "W8A8 dynamic + lm_head, lower-cpu": (
         "bf16",
         "linear-quant{scheme=w8a8-dynamic ignore=nothing},fuse-quantized-linear,lower-cpu",
@@ -189,12 +193,28 @@ def measure_linears(quick: bool) -> list[dict[str, object]]:
             x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
             reps = 5 if m * k * n < 1e9 else 3
             bf16 = median_ms(lambda: torch.nn.functional.linear(x, w_bf16), reps)  # noqa: B023
-            int8 = median_ms(lambda: ops.cpu_linear_int8_dynamic(x, q8, s8, None, -128, 127), reps)  # noqa: B023, E501
+            int8 = {
+                engine: median_ms(
+                    lambda e=engine: ops.cpu_linear_int8_dynamic(x, q8, s8, None, -128, 127, e),  # noqa: B023
+                    reps,
+                )
+                for engine in ("onednn", "int_mm")
+            }
             int4 = median_ms(
                 lambda: ops.cpu_linear_int4_weight(x, packed, sz, q4, group, None, 48),  # noqa: B023
                 reps,
             )
-            rows.append({"k": k, "n": n, "m": m, "bf16": bf16, "w8a8": int8, "w4a16": int4})
+            rows.append(
+                {
+                    "k": k,
+                    "n": n,
+                    "m": m,
+                    "bf16": bf16,
+                    "w8a8": int8["onednn"],
+                    "w8a8_int_mm": int8["int_mm"],
+                    "w4a16": int4,
+                }
+            )
     return rows
 
 
@@ -247,14 +267,17 @@ def render(results: dict[str, object], command: str) -> str:
     lines += [
         "### Per linear (median ms; x = speed-up over bf16 F.linear)",
         "",
-        "| K x N | M | bf16 | W8A8 dynamic (`cpu.int_mm`) | x | W4A16 g64 (`cpu.int4pack_mm`) | x |",
-        "|---|---|---|---|---|---|---|",
+        "| K x N | M | bf16 | W8A8 dynamic (`cpu.onednn`) | x | W8A8 dynamic (`cpu.int_mm`) "
+        "| x | W4A16 g64 (`cpu.int4pack_mm`) | x |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["linears"]:
-        lines.append(
-            f"| {r['k']} x {r['n']} | {r['m']} | {r['bf16']:.3f} | {r['w8a8']:.3f} "
-            f"| {r['bf16'] / r['w8a8']:.2f} | {r['w4a16']:.3f} | {r['bf16'] / r['w4a16']:.2f} |"
-        )
+        cells = [
+            f"{r[key]:.3f} | {r['bf16'] / r[key]:.2f}"
+            for key in ("w8a8", "w8a8_int_mm", "w4a16")
+            if key in r
+        ]
+        lines.append(f"| {r['k']} x {r['n']} | {r['m']} | {r['bf16']:.3f} | {' | '.join(cells)} |")
     lines.append(END)
     return "\n".join(lines)
 

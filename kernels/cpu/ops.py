@@ -4,9 +4,10 @@ Each op takes the float activation first and its prepared constants after (the l
 contract of `slimc.kernel`); `lower-cpu` builds the constants with `prepare_*`.
 
 * `slimc::cpu_linear_int8_dynamic`: per-token symmetric activation quantization (compiled),
-  `torch._int_mm` (int8 x int8 -> int32), the per-token x per-channel scale epilogue (compiled).
-  Exact against `slimc::quantize_per_token` + `slimc::linear_w8a8` up to the float rounding of
-  the epilogue (the integer products are the same).
+  the int8 x int8 -> int32 product on the `engine` the lowering chose (oneDNN's prepacked int8
+  linear, which also applies the per-channel weight scale, or `torch._int_mm`), the remaining
+  scale epilogue (compiled). Exact against `slimc::quantize_per_token` + `slimc::linear_w8a8`
+  up to the float rounding of the epilogue (the integer products are the same).
 * `slimc::cpu_linear_int8_dynamic_hadamard`: the same behind an online input rotation
   (`slimc::hadamard`, what `quarot{online-inputs=...}` leaves): the rotation computed as the
   reference computes it (fp32, one matmul per Kronecker factor), its signs / sqrt(n) fused into
@@ -22,16 +23,20 @@ contract of `slimc.kernel`); `lower-cpu` builds the constants with `prepare_*`.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
+from slimc.kernels.cpu import onednn
 from torch import Tensor
 
 from slimc.kernel import register_eager_impl
 from slimc.ops.packing import unpack_int4
 from slimc.quant.qparams import FP32_EPS
 from slimc.rotate.hadamard import apply as apply_hadamard
+
+log = logging.getLogger(__name__)
 
 INT4_GROUPS = (32, 64, 128, 256)
 """Group sizes `_weight_int4pack_mm_for_cpu` accepts."""
@@ -98,6 +103,11 @@ def _epilogue(acc: Tensor, row_scale: Tensor, w_scale: Tensor, bias: Tensor) -> 
 
 
 @_compile(EAGER_EPILOGUE_ELEMENTS)
+def _row_epilogue(out: Tensor, row_scale: Tensor, bias: Tensor) -> Tensor:
+    return out * row_scale + bias
+
+
+@_compile(EAGER_EPILOGUE_ELEMENTS)
 def _epilogue_static(
     acc: Tensor, zp_term: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor
 ) -> Tensor:
@@ -147,26 +157,53 @@ def _zero_bias(bias: Tensor | None, n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.float32) if bias is None else bias.float()
 
 
+_warned_engines: set[str] = set()
+
+
+def _int8_linear(
+    xq: Tensor, row_scale: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor, engine: str
+) -> Tensor:
+    """fp32 [M, N] = (xq @ qweight^T) * row_scale * w_scale + bias on `engine` (see
+    `onednn.ENGINES`); a oneDNN binding runs on `torch._int_mm` where this torch lacks oneDNN."""
+    if engine not in onednn.ENGINES:
+        raise ValueError(f"unknown int8 engine {engine!r}; expected one of {onednn.ENGINES}")
+    if engine == "onednn":
+        if onednn.available():
+            return _row_epilogue(onednn.scaled_matmul(xq, qweight, w_scale), row_scale, bias)
+        if engine not in _warned_engines:
+            _warned_engines.add(engine)
+            log.warning("oneDNN's int8 linear is not available here: running torch._int_mm")
+    return _epilogue(_int_mm_rows(xq, qweight), row_scale, w_scale, bias)
+
+
 # --------------------------------------------------------------------------- int8 x int8
 
 
 @_kernel_op(
     "cpu_linear_int8_dynamic",
-    schema="(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, int qmin, int qmax) -> Tensor",
+    schema=(
+        "(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, int qmin, int qmax, "
+        'str engine="int_mm") -> Tensor'
+    ),
 )
 def cpu_linear_int8_dynamic(
-    x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None, qmin: int, qmax: int
+    x: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    qmin: int,
+    qmax: int,
+    engine: str = "int_mm",
 ) -> Tensor:
     """Per-token int activations (range [qmin, qmax]) x int8 weights [N, K], scale [N]."""
     n = qweight.shape[0]
     xq, row_scale = _quantize_rows(_rows(x), float(qmax), float(qmin))
-    acc = _int_mm_rows(xq, qweight)
-    out = _epilogue(acc, row_scale, w_scale, _zero_bias(bias, n))
+    out = _int8_linear(xq, row_scale, qweight, w_scale, _zero_bias(bias, n), engine)
     return out.to(x.dtype).reshape(*x.shape[:-1], n).contiguous()
 
 
 @cpu_linear_int8_dynamic.register_fake
-def _(x, qweight, w_scale, bias, qmin, qmax):
+def _(x, qweight, w_scale, bias, qmin, qmax, engine="int_mm"):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -174,7 +211,7 @@ def _(x, qweight, w_scale, bias, qmin, qmax):
     "cpu_linear_int8_dynamic_hadamard",
     schema=(
         "(Tensor x, Tensor sign_scale, Tensor qweight, Tensor w_scale, Tensor? bias, int qmin, "
-        "int qmax) -> Tensor"
+        'int qmax, str engine="int_mm") -> Tensor'
     ),
 )
 def cpu_linear_int8_dynamic_hadamard(
@@ -185,19 +222,19 @@ def cpu_linear_int8_dynamic_hadamard(
     bias: Tensor | None,
     qmin: int,
     qmax: int,
+    engine: str = "int_mm",
 ) -> Tensor:
     """`cpu_linear_int8_dynamic` of `slimc::hadamard(x, signs)`; sign_scale =
     `slimc.ops.rotate.rotation_scale(signs)` (fp32 [K])."""
     n = qweight.shape[0]
     rotated = apply_hadamard(_rows(x).float())
     xq, row_scale = _quantize_rotated_rows(rotated, sign_scale, x.dtype, float(qmax), float(qmin))
-    acc = _int_mm_rows(xq, qweight)
-    out = _epilogue(acc, row_scale, w_scale, _zero_bias(bias, n))
+    out = _int8_linear(xq, row_scale, qweight, w_scale, _zero_bias(bias, n), engine)
     return out.to(x.dtype).reshape(*x.shape[:-1], n).contiguous()
 
 
 @cpu_linear_int8_dynamic_hadamard.register_fake
-def _(x, sign_scale, qweight, w_scale, bias, qmin, qmax):
+def _(x, sign_scale, qweight, w_scale, bias, qmin, qmax, engine="int_mm"):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 

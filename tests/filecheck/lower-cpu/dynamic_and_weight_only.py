@@ -1,7 +1,8 @@
-# RUN: slimc-opt %s -p "w8a8-dynamic,lower-cpu" | filecheck %s
+# RUN: slimc-opt %s -p "w8a8-dynamic,lower-cpu{int8-engine=onednn}" | filecheck %s
+# RUN: slimc-opt %s -p "w8a8-dynamic,lower-cpu{int8-engine=int_mm}" | filecheck %s --check-prefix=INTMM
 # RUN: slimc-opt %s -p "w4a16{group-size=32},lower-cpu" | filecheck %s --check-prefix=W4A16
-# RUN: slimc-opt %s -p "w4a4,lower-cpu" | filecheck %s --check-prefix=W4A4
-"""lower-cpu: per-token int8 linears on torch._int_mm, int4 weight-only on int4pack_mm."""
+# RUN: slimc-opt %s -p "w4a4,lower-cpu{int8-engine=int_mm}" | filecheck %s --check-prefix=W4A4
+"""lower-cpu: per-token int8 linears on oneDNN or torch._int_mm, int4 weight-only on int4pack_mm."""
 
 from tests.models import tiny_llama
 
@@ -14,10 +15,14 @@ def build():
 # CHECK-LABEL: // stage: kernel
 # CHECK-NOT:   slimc.quantize_per_token
 # CHECK:       [[S:%[a-z_0-9]+]] = const "model.layers.0.mlp.down_proj.cpu_w_scale" : f32[64]
-# CHECK-NEXT:  slimc.cpu_linear_int8_dynamic({{%[a-z_0-9]+}}, %model_layers_0_mlp_down_proj_weight_q, [[S]], none, qmin=-128, qmax=127) : f32[{{.*}}, 64]  {kernel = "cpu.int_mm", config = {act = 'per-token [-128, 127]', epilogue = 'compiled'}}  loc("model.layers.0.mlp.down_proj")
+# CHECK-NEXT:  slimc.cpu_linear_int8_dynamic({{%[a-z_0-9]+}}, %model_layers_0_mlp_down_proj_weight_q, [[S]], none, qmin=-128, qmax=127, engine="onednn") : f32[{{.*}}, 64]  {kernel = "cpu.onednn", config = {act = 'per-token [-128, 127]', epilogue = 'compiled'}}  loc("model.layers.0.mlp.down_proj")
 # CHECK-NOT:   slimc.linear_w8a8
 # CHECK-NOT:   slimc.quantize_per_token
 # CHECK:       aten.linear({{.*}} loc("lm_head")
+
+# The same product on torch._int_mm (the default engine argument, not printed).
+# INTMM-LABEL: // stage: kernel
+# INTMM:       slimc.cpu_linear_int8_dynamic({{%[a-z_0-9]+}}, %model_layers_0_mlp_down_proj_weight_q, {{%[a-z_0-9]+}}, none, qmin=-128, qmax=127) : f32[{{.*}}, 64]  {kernel = "cpu.int_mm", {{.*}}loc("model.layers.0.mlp.down_proj")
 
 # int4 weights: the int4pack layout and bf16 (scale, zero) pairs per 32-wide group.
 # W4A16-LABEL: // stage: kernel
