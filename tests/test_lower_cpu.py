@@ -35,7 +35,7 @@ def test_int8_dynamic_is_the_reference(
     w = torch.randint(-127, 128, (48, 96), dtype=torch.int8, generator=gen)
     ws = torch.rand(48, generator=gen) * 1e-2
     bias = torch.randn(48, generator=gen) if with_bias else None
-    for shape in ((1, 96), (3, 5, 96), (17, 96)):
+    for shape in ((1, 96), (3, 5, 96), (17, 96), (2, 20, 96)):  # oneDNN from 512 outputs
         x = torch.randn(*shape, generator=gen)
         xq, xs = ops.quantize_per_token(x, qmin, qmax)
         ref = ops.linear_w8a8(xq, xs, None, w, ws, bias, torch.float32)
@@ -66,6 +66,16 @@ def test_int8_dynamic_behind_a_rotation_is_the_reference(
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_onednn_product_is_the_int32_product():
+    from slimc.kernels.cpu import onednn
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randint(-128, 128, (64, 320), dtype=torch.int8, generator=gen)
+    x = torch.randint(-128, 128, (24, 320), dtype=torch.int8, generator=gen)
+    expected = torch._int_mm(x, w.t()).float()
+    assert torch.equal(onednn.matmul(x, w), expected)
+
+
 def test_onednn_weights_are_packed_once_per_weight_and_freed_with_it():
     import gc
 
@@ -86,7 +96,7 @@ def test_onednn_binding_runs_int_mm_where_onednn_is_missing(
 ):
     gen = torch.Generator().manual_seed(3)
     w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=gen)
-    ws, x = torch.rand(16, generator=gen) * 1e-2, torch.randn(4, 32, generator=gen)
+    ws, x = torch.rand(16, generator=gen) * 1e-2, torch.randn(40, 32, generator=gen)
     expected = ops.cpu_linear_int8_dynamic(x, w, ws, None, -128, 127, "int_mm")
     monkeypatch.setenv("SLIMC_CPU_ONEDNN", "0")
     monkeypatch.setattr(cpu_kernels.ops, "_warned_engines", set())

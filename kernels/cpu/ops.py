@@ -5,8 +5,7 @@ contract of `slimc.kernel`); `lower-cpu` builds the constants with `prepare_*`.
 
 * `slimc::cpu_linear_int8_dynamic`: per-token symmetric activation quantization (compiled),
   the int8 x int8 -> int32 product on the `engine` the lowering chose (oneDNN's prepacked int8
-  linear, which also applies the per-channel weight scale, or `torch._int_mm`), the remaining
-  scale epilogue (compiled). Exact against `slimc::quantize_per_token` + `slimc::linear_w8a8`
+  linear or `torch._int_mm`), the scale epilogue (compiled). Exact against `slimc::quantize_per_token` + `slimc::linear_w8a8`
   up to the float rounding of the epilogue (the integer products are the same).
 * `slimc::cpu_linear_int8_dynamic_hadamard`: the same behind an online input rotation
   (`slimc::hadamard`, what `quarot{online-inputs=...}` leaves): the rotation computed as the
@@ -103,11 +102,6 @@ def _epilogue(acc: Tensor, row_scale: Tensor, w_scale: Tensor, bias: Tensor) -> 
 
 
 @_compile(EAGER_EPILOGUE_ELEMENTS)
-def _row_epilogue(out: Tensor, row_scale: Tensor, bias: Tensor) -> Tensor:
-    return out * row_scale + bias
-
-
-@_compile(EAGER_EPILOGUE_ELEMENTS)
 def _epilogue_static(
     acc: Tensor, zp_term: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor
 ) -> Tensor:
@@ -164,12 +158,13 @@ def _int8_linear(
     xq: Tensor, row_scale: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor, engine: str
 ) -> Tensor:
     """fp32 [M, N] = (xq @ qweight^T) * row_scale * w_scale + bias on `engine` (see
-    `onednn.ENGINES`); a oneDNN binding runs on `torch._int_mm` where this torch lacks oneDNN."""
+    `onednn.ENGINES`); a oneDNN binding runs on `torch._int_mm` for products with fewer than
+    `onednn.MIN_OUTPUTS` outputs, and where this torch lacks oneDNN."""
     if engine not in onednn.ENGINES:
         raise ValueError(f"unknown int8 engine {engine!r}; expected one of {onednn.ENGINES}")
-    if engine == "onednn":
+    if engine == "onednn" and xq.shape[0] * qweight.shape[0] >= onednn.MIN_OUTPUTS:
         if onednn.available():
-            return _row_epilogue(onednn.scaled_matmul(xq, qweight, w_scale), row_scale, bias)
+            return _epilogue(onednn.matmul(xq, qweight), row_scale, w_scale, bias)
         if engine not in _warned_engines:
             _warned_engines.add(engine)
             log.warning("oneDNN's int8 linear is not available here: running torch._int_mm")
