@@ -35,8 +35,9 @@ class LowerCPU(LoweringPass):
     """Lower fused linears to native CPU kernels (`slimc::cpu_linear_*`).
 
     * dynamic W8A8 / W4A8 / W4A4 (int4 weights widened to int8 once): compiled per-token
-      quantization, the int8 product on `int8-engine` (oneDNN's prepacked int8 linear where
-      torch has it, `cpu.onednn`; else `torch._int_mm`, `cpu.int_mm`), compiled scale epilogue;
+      quantization, the int8 product on `int8-engine` (by default oneDNN's prepacked int8
+      linear, `cpu.onednn`, for weights of 4M elements and more where torch has it; else
+      `torch._int_mm`, `cpu.int_mm`), compiled scale epilogue;
       the integer products are the reference's, so only the float epilogue's rounding differs;
     * the same behind an online input rotation (`slimc.hadamard`, from
       `quarot{online-inputs=...}`): the rotation runs inside the kernel op, computed as the
@@ -61,11 +62,13 @@ class LowerCPU(LoweringPass):
     int8_engine: Literal["auto", "onednn", "int_mm"] = option(
         "auto",
         "int8 x int8 product of dynamic linears: oneDNN's prepacked int8 linear, torch._int_mm, "
-        "or auto (oneDNN where this torch has it)",
+        "or auto (oneDNN for weights of 4M elements and more, where this torch has it)",
     )
 
-    def _engine(self) -> str:
-        return onednn.default_engine() if self.int8_engine == "auto" else self.int8_engine
+    def _engine(self, weight: torch.Tensor) -> str:
+        if self.int8_engine == "auto":
+            return onednn.default_engine(*weight.shape)
+        return self.int8_engine
 
     def plan(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
         if kind == "linear_w4a16":
@@ -143,7 +146,7 @@ class LowerCPU(LoweringPass):
             raise NotLowerable(f"weight scale has {scale.numel()} values for N={w.shape[0]}")
         if kind == "linear_w4a8":  # int4 codes widened to int8 once, for torch._int_mm
             qweight = self._new(program, node, "cpu_qweight_int8", unpack_int4(w).contiguous())
-        engine = self._engine()
+        engine = self._engine(w)
         w_scale = self._new(program, node, "cpu_w_scale", scale)
         args = (x, qweight, w_scale, bias, -qmax - 1, qmax, engine)
         if is_call(x, ops.hadamard.default):  # an online rotation: done by the kernel op

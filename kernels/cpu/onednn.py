@@ -27,10 +27,17 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
 
 
-def default_engine() -> str:
-    """The engine `lower-cpu` binds by default: oneDNN where available (measured 1.4-2.3x
-    `torch._int_mm` on an AMX Xeon, 4096x4096 at 128-512 rows), else `torch._int_mm`."""
-    return "onednn" if available() else "int_mm"
+MIN_WEIGHT_ELEMENTS = 1 << 22
+"""Weights from this size (N x K) on get oneDNN under `int8-engine=auto`. Whole-op times on an
+AMX Xeon (2 cores), oneDNN / torch._int_mm in us: 5632 x 2048 at 1 / 128 / 512 rows 430 / 529,
+1279 / 1538, 3692 / 5100; 2048 x 2048 221 / 224, 685 / 760; at 1024 x 2048 and below
+torch._int_mm is as fast or faster (576 x 576, one row: 86 / 64)."""
+
+
+def default_engine(n: int, k: int) -> str:
+    """The engine `int8-engine=auto` binds for an int8 weight [n, k]: oneDNN where this torch
+    has it and the weight has at least `MIN_WEIGHT_ELEMENTS` elements, else `torch._int_mm`."""
+    return "onednn" if available() and n * k >= MIN_WEIGHT_ELEMENTS else "int_mm"
 
 
 def packed_weight(qweight: Tensor) -> Tensor:
