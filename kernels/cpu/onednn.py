@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import weakref
 
 import torch
 from torch import Tensor
-
-log = logging.getLogger(__name__)
 
 ENGINES = ("onednn", "int_mm")
 """Engines of the int8 x int8 product: oneDNN's prepacked int8 linear, or `torch._int_mm`."""
@@ -67,7 +64,7 @@ def matmul(xq: Tensor, qweight: Tensor) -> Tensor:
         torch.zeros((), dtype=torch.int64),
         packed_weight(qweight),
         _unit_scales(n),
-        torch.zeros(n, dtype=torch.int64),
+        _zero_points(n),
         None,
         1.0,
         0,
@@ -81,3 +78,8 @@ def matmul(xq: Tensor, qweight: Tensor) -> Tensor:
 @functools.lru_cache(maxsize=64)
 def _unit_scales(n: int) -> Tensor:
     return torch.ones(n, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_points(n: int) -> Tensor:
+    return torch.zeros(n, dtype=torch.int64)

@@ -191,8 +191,21 @@ def cpu_linear_int8_dynamic(
     engine: str = "int_mm",
 ) -> Tensor:
     """Per-token int activations (range [qmin, qmax]) x int8 weights [N, K], scale [N]."""
-    n = qweight.shape[0]
     xq, row_scale = _quantize_rows(_rows(x), float(qmax), float(qmin))
+    return _dynamic_output(x, xq, row_scale, qweight, w_scale, bias, engine)
+
+
+def _dynamic_output(
+    x: Tensor,
+    xq: Tensor,
+    row_scale: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    engine: str,
+) -> Tensor:
+    """The dynamic ops' output from the activation codes: shaped like x, in x's dtype."""
+    n = qweight.shape[0]
     out = _int8_linear(xq, row_scale, qweight, w_scale, _zero_bias(bias, n), engine)
     return out.to(x.dtype).reshape(*x.shape[:-1], n).contiguous()
 
@@ -221,11 +234,9 @@ def cpu_linear_int8_dynamic_hadamard(
 ) -> Tensor:
     """`cpu_linear_int8_dynamic` of `slimc::hadamard(x, signs)`; sign_scale =
     `slimc.ops.rotate.rotation_scale(signs)` (fp32 [K])."""
-    n = qweight.shape[0]
     rotated = apply_hadamard(_rows(x).float())
     xq, row_scale = _quantize_rotated_rows(rotated, sign_scale, x.dtype, float(qmax), float(qmin))
-    out = _int8_linear(xq, row_scale, qweight, w_scale, _zero_bias(bias, n), engine)
-    return out.to(x.dtype).reshape(*x.shape[:-1], n).contiguous()
+    return _dynamic_output(x, xq, row_scale, qweight, w_scale, bias, engine)
 
 
 @cpu_linear_int8_dynamic_hadamard.register_fake
