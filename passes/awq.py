@@ -14,7 +14,7 @@ from torch import fx
 
 from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analysis import AnalysisManager
-from slimc.pass_base import OptionError, PassResult, Preserved, option
+from slimc.pass_base import GROUP_SIZE, OptionError, PassResult, Preserved, option
 from slimc.program import Program
 from slimc.quant.qparams import quantize_weight
 from slimc.quant.scheme import TensorQuantSpec, make_scheme
@@ -208,7 +208,9 @@ class AWQ(SmoothingPass):
 
     n_grid: int = option(20, "Number of ratios searched: r in {0, 1/n, ..., (n-1)/n}.")
     bits: int = option(4, "Weight bits of the quantizer the search simulates (4 or 8).")
-    group_size: int = option(-1, "Weight group size along K in the search; -1 = per channel.")
+    group_size: int = option(
+        -1, "Weight group size along K in the search; -1 = per channel.", check=GROUP_SIZE
+    )
     symmetric: bool = option(False, "Symmetric weight quantization in the search.")
     search_samples: int = option(
         16,

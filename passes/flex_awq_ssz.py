@@ -11,7 +11,7 @@ import torch
 
 from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analysis import AnalysisManager
-from slimc.pass_base import OptionError, PassResult, Preserved, option
+from slimc.pass_base import GROUP_SIZE, OptionError, PassResult, Preserved, option
 from slimc.program import Program
 from slimc.quant.scheme import TensorQuantSpec
 from slimc.smooth.base import SmoothingPass
@@ -65,7 +65,9 @@ class FlexAWQSSZ(SmoothingPass):
         "Weight quantizer the search measures: minmax, or ssz (use the ssz quantizer pass after).",
     )
     weight_bits: int = option(4, "Bits of the weight quantizer (4 or 8).")
-    group_size: int = option(-1, "Weight group size along K; -1 = per output channel.")
+    group_size: int = option(
+        -1, "Weight group size along K; -1 = per output channel.", check=GROUP_SIZE
+    )
     symmetric: bool = option(True, "Symmetric weight quantization.")
     seed: int = option(0, "Seed of the token sample.")
 

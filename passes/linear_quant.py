@@ -14,7 +14,7 @@ import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
 from slimc.ir.builder import call, getitems, is_constant, tensor_val
-from slimc.pass_base import OptionError, Pass, PassResult, option
+from slimc.pass_base import GROUP_SIZE, OptionError, Pass, PassResult, option
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
@@ -69,7 +69,9 @@ class LinearQuant(Pass):
     """Whether the weight method needs each linear's calibration inputs (GPTQ's Hessian)."""
 
     scheme: SchemeName = option("w8a8-dynamic", SCHEME_HELP)
-    group_size: int = option(-1, "Weight group size along K; -1 = per output channel.")
+    group_size: int = option(
+        -1, "Weight group size along K; -1 = per output channel.", check=GROUP_SIZE
+    )
     symmetric: bool | None = option(None, "Symmetric weights (default: the scheme's own).")
     observer: Literal["minmax", "histogram"] = option(
         "histogram",

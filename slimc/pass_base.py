@@ -6,7 +6,7 @@ import abc
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -18,11 +18,34 @@ if TYPE_CHECKING:
     from slimc.program import Program
 
 
-def option(default: Any, help: str) -> Any:  # noqa: A002 - `help` mirrors argparse
-    """Declare a pass option: a dataclass field with a default and help text."""
+@dataclass(frozen=True)
+class OptionCheck:
+    """A constraint on an option's value, checked when a pipeline is parsed."""
+
+    accepts: Callable[[Any], bool]
+    expect: str
+    """What a valid value is, for the error message ("-1 or a positive integer")."""
+
+
+GROUP_SIZE = OptionCheck(
+    lambda v: v == -1 or v > 0, "-1 (per output channel) or a positive group size"
+)
+"""The check of every `group-size` option."""
+
+
+def option(
+    default: Any,
+    help: str,  # noqa: A002 - `help` mirrors argparse
+    *,
+    check: OptionCheck | None = None,
+) -> Any:
+    """Declare a pass option: a dataclass field with a default, help text and optional check."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("pass options must be immutable; use a tuple")
-    return dataclasses.field(default=default, metadata={"help": help})
+    metadata: dict[str, Any] = {"help": help}
+    if check is not None:
+        metadata["check"] = check
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 class OptionError(ValueError):
@@ -101,6 +124,7 @@ class Pass(abc.ABC):
             OptionError: unknown option or a value that does not fit its type.
         """
         types_ = cls.option_types()
+        checks = {f.name: f.metadata.get("check") for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, raw in options.items():
             attr = key.replace("-", "_")
@@ -108,6 +132,12 @@ class Pass(abc.ABC):
                 known = ", ".join(_kebab(k) for k in types_) or "none"
                 raise OptionError(f"pass {cls.name!r} has no option {key!r} (options: {known})")
             kwargs[attr] = convert_option(cls.name, key, raw, types_[attr])
+            check = checks[attr]
+            if check is not None and not check.accepts(kwargs[attr]):
+                raise OptionError(
+                    f"option {key!r} of pass {cls.name!r}: bad value {','.join(raw)!r} "
+                    f"(expected {check.expect})"
+                )
         return cls(**kwargs)
 
     def spec(self, include_defaults: bool = False) -> PassSpec:
