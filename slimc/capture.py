@@ -46,6 +46,45 @@ def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
     return (torch.randint(0, vocab, (2, 16), generator=gen),)
 
 
+def exportable_token_ids(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[torch.Tensor]:
+    """The user's token ids, widened to an example torch.export keeps dynamic in both dims.
+
+    torch.export specializes a dimension whose example size is 1 (a batch-1 or one-token example
+    would give a graph for that size only) and gives two dimensions with the same example size
+    one symbol (a 3 x 3 example would tie batch to length). The ids are tiled to batch >= 2 and
+    length >= 2, with length != batch; the values and dtype stay the user's.
+
+    Raises:
+        UserError: the example is not one tensor of integer token ids [batch, length] or [length].
+    """
+    items = list(example_inputs)
+    ids = items[0] if len(items) == 1 else None
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dtype.is_floating_point
+        or ids.is_complex()
+        or ids.dim() not in (1, 2)
+        or ids.numel() == 0
+    ):
+        got = (
+            f"a {tuple(ids.shape)} {ids.dtype} tensor"
+            if isinstance(ids, torch.Tensor)
+            else f"{len(items)} inputs"
+        )
+        raise UserError(
+            f"example_inputs for {type(model).__name__} must be one tensor of token ids "
+            f"[batch, length]; got {got}"
+        )
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    batch, length = ids.shape
+    want_batch, want_length = max(batch, 2), max(length, 2)
+    if want_length == want_batch:
+        want_length += 1
+    reps = (-(-want_batch // batch), -(-want_length // length))
+    return (ids.repeat(*reps)[:want_batch, :want_length].contiguous(),)
+
+
 def capture(
     model: nn.Module,
     example_inputs: Sequence[Any] | None = None,
@@ -56,7 +95,9 @@ def capture(
     """Export `model` to one GraphModule with weights as constants and wrap it in a Program.
 
     Hugging Face causal LMs are captured as `input_ids -> logits` with dynamic batch and sequence
-    length and the SDPA attention implementation. Other modules need `example_inputs`.
+    length and the SDPA attention implementation; any example shape works (batch 1 and one token
+    included: see `exportable_token_ids`), and the program keeps the widened example it was
+    exported with. Other modules need `example_inputs` and are exported at their shapes.
 
     Raises:
         UserError: the model cannot be exported (the message gives torch.export's reason).
@@ -68,6 +109,7 @@ def capture(
         if example_inputs is None:
             example_inputs = default_example_inputs(model)
         if dynamic_shapes is None:
+            example_inputs = exportable_token_ids(model, example_inputs)
             dynamic_shapes = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)
         target: nn.Module = CausalLMLogits(model)
         prefix = WRAPPER_ATTR + "."
