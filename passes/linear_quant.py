@@ -155,9 +155,7 @@ class LinearQuant(Pass):
         scheme = self.quant_scheme()
         targets = self.targets(program)
         if not targets:
-            log.warning(
-                "%s: no linear matched (only=%s ignore=%s)", self.name, self.only, self.ignore
-            )
+            self._nothing_to_quantize(program, scheme)
             return PassResult(changed=False)
         if self._observes_inputs():
             self._calibrate_and_rewrite(program, targets, scheme)
@@ -166,6 +164,25 @@ class LinearQuant(Pass):
                 self._rewrite(program, node, scheme, None)
         program.recompile()
         return PassResult(changed=True)
+
+    def _nothing_to_quantize(self, program: Program, scheme: LinearQuantScheme) -> None:
+        """Say why no linear was chosen: an error unless earlier passes quantized them all.
+
+        Raises:
+            UserError: the graph has no float linear, or `only` / `ignore` exclude every one.
+        """
+        remaining = float_linears(program)
+        quantized = any(SCHEME_KEY in n.meta for n in program.graph.nodes)
+        if not remaining and quantized:
+            log.info("%s: every linear is already quantized", self.name)
+            return
+        what = f"{self.name}{{scheme={scheme.name}}} quantized no linear"
+        if not remaining:
+            raise UserError(f"{what}: the graph has no aten.linear with a constant weight")
+        filters = f"ignore={','.join(self.ignore)}"
+        if self.only:
+            filters = f"only={','.join(self.only)} and {filters}"
+        raise UserError(f"{what}: all {len(remaining)} linears are excluded by {filters}")
 
     # -- the weight method: MinMax rounding here, GPTQ / SSZ / AutoRound in subclasses ------
     def input_collector(self, scheme: LinearQuantScheme, k: int) -> Any:
