@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +49,80 @@ def normalize_calibration(calib: Any) -> list[tuple[Any, ...]] | None:
                 f"calibration item {i} is a {type(item).__name__}; expected a tensor or tuple"
             )
     return out
+
+
+def check_compile_inputs(model: Any, passes: Any) -> None:
+    """Refuse what `compile` cannot take, with the reason: not a module, a hub id, a pipeline
+    that is neither a string nor a list of passes, a model slimc or another tool quantized.
+
+    Raises:
+        UserError: naming the offending argument.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        where = Path(model).expanduser()
+        how = (
+            f"load it first: model, tokenizer = slimc.data.load_model({str(model)!r})"
+            if where.is_dir()
+            else "a local model directory is needed (slimc does not download from the "
+            "Hugging Face Hub): download it, then load it with slimc.data.load_model(DIR)"
+        )
+        raise UserError(f"slimc.compile needs an nn.Module, not the path {str(model)!r}; {how}")
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"slimc.compile needs an nn.Module as the model, got {type(model).__name__}"
+        )
+    is_sequence = isinstance(passes, Sequence) and all(isinstance(p, (str, Pass)) for p in passes)
+    if not isinstance(passes, (str, Pass)) and not is_sequence:
+        raise UserError(
+            "slimc.compile needs the pipeline as a string (\"w8a8-dynamic\") or a list of "
+            f"passes, got {type(passes).__name__} {repr(passes)[:60]}"
+        )
+    from slimc.nn import QuantizedLinear
+
+    compiled = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if compiled or hasattr(model, "slimc_program"):
+        where = f" ({compiled[0]} is a slimc QuantizedLinear)" if compiled else ""
+        raise UserError(
+            f"the model is already compiled by slimc{where}: compile the float model once with "
+            "the whole pipeline (e.g. \"w8a8-dynamic,lower-cpu\")"
+        )
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quantization:
+        method = getattr(quantization, "quant_method", None)
+        if isinstance(quantization, dict):
+            method = quantization.get("quant_method")
+        raise UserError(
+            f"the model is already quantized (quantization_config: quant_method={method}); "
+            "compile its float checkpoint instead"
+        )
+
+
+def check_token_ids(model: nn.Module, samples: list[tuple[Any, ...]] | None) -> None:
+    """Refuse empty calibration samples and, for causal LMs, token ids outside the vocabulary.
+
+    Raises:
+        UserError: naming the sample.
+    """
+    if samples is None:
+        return
+    vocab = None
+    if is_hf_causal_lm(model) and model.get_input_embeddings() is not None:
+        vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    for i, sample in enumerate(samples):
+        ids = sample[0] if sample else None
+        if not isinstance(ids, torch.Tensor):
+            continue
+        if ids.numel() == 0:
+            raise UserError(f"calibration sample {i} is empty (shape {list(ids.shape)})")
+        if vocab is None or ids.is_floating_point() or ids.is_complex():
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise UserError(
+                f"calibration sample {i} holds token id {bad}, outside the model's vocabulary "
+                f"of {vocab} (0..{vocab - 1}): was it tokenized with this model's tokenizer?"
+            )
 
 
 def default_calibration(model: nn.Module) -> list[tuple[Any, ...]]:
@@ -96,8 +172,10 @@ def compile_model(
         slimc.errors.UserError: bad pipeline, missing calibration data, model not exportable.
         slimc.pass_base.PassFailure: a pass failed; the message names its pipeline position.
     """
+    check_compile_inputs(model, passes)
     pm = PassManager.parse(passes, instrumentations=instrumentations)
     samples = normalize_calibration(calib)
+    check_token_ids(model, samples)
     if samples is None and pm.needs_calibration:
         if not is_hf_causal_lm(model):
             raise UserError("this pipeline needs calibration data: pass calib=...")

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from slimc.errors import UserError
+from slimc.export.atomic import apply_umask, current_umask
+from slimc.model_dir import check_model_directory, load_tokenizer
 
 __all__ = [
     "SMOLLM2_GGUF",
@@ -25,6 +27,7 @@ __all__ = [
     "cache_dir",
     "smollm2_dir",
     "load_model",
+    "model_directory",
     "wiki_documents",
     "calibration_samples",
     "pack_calibration",
@@ -79,7 +82,14 @@ def cache_dir() -> Path:
     """Return the slimc cache directory (``$SLIMC_CACHE`` or ``~/.cache/slimc``), creating it."""
     env = os.environ.get("SLIMC_CACHE")
     path = Path(env).expanduser() if env else Path.home() / ".cache" / "slimc"
-    path.mkdir(parents=True, exist_ok=True)
+    where = "SLIMC_CACHE" if env else "the default; set SLIMC_CACHE to move it"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "it is a file" if path.is_file() else exc.strerror or str(exc)
+        raise UserError(f"cannot use the cache directory {path} ({where}): {reason}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot use the cache directory {path} ({where}): it is not writable")
     return path
 
 
@@ -143,6 +153,7 @@ def smollm2_dir() -> Path:
         if not (tmp / "generation_config.json").exists() and model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        apply_umask(tmp)
         if out.exists():  # a stale, incomplete directory from an older layout
             shutil.rmtree(out)
         try:
@@ -162,6 +173,15 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def model_directory(path: str | os.PathLike[str] | None = None) -> Path:
+    """The checked directory of a model: `path`, or the packaged SmolLM2 for ``None``.
+
+    Raises:
+        UserError: the directory is missing or has no ``config.json``.
+    """
+    return smollm2_dir() if path is None else check_model_directory(path)
+
+
 def load_model(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer in fp32, eval mode, with SDPA attention.
 
@@ -172,22 +192,14 @@ def load_model(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
         ``(model, tokenizer)``.
 
     Raises:
-        UserError: The directory is missing, has no ``config.json``, or does not load.
+        UserError: The directory is missing, has no ``config.json`` or tokenizer files, or
+            does not load.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    d = smollm2_dir() if path is None else Path(path).expanduser()
-    if not d.exists():
-        raise UserError(f"model directory {d} does not exist")
-    if not d.is_dir():
-        raise UserError(f"model path {d} is not a directory (expected an HF checkpoint dir)")
-    if not (d / "config.json").is_file():
-        raise UserError(f"model directory {d} has no config.json (not an HF checkpoint)")
+    d = model_directory(path)
     t0 = time.perf_counter()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(d)
-    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input here
-        raise UserError(f"cannot load tokenizer from {d}: {_one_line(exc)}") from exc
+    tokenizer = load_tokenizer(d)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             d, dtype=torch.float32, attn_implementation="sdpa"
@@ -374,11 +386,16 @@ def eval_token_ids(tokenizer: Any, text: str | os.PathLike[str] = "wiki") -> tor
             logger.warning("ignoring unreadable token cache %s (%s)", cache, _one_line(exc))
     t0 = time.perf_counter()
     ids = _tokenize_text(tokenizer, DOC_SEPARATOR.join(_documents()))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".wiki-", suffix=".pt", dir=cache.parent)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".wiki-", suffix=".pt", dir=cache.parent)
+    except OSError as exc:
+        logger.warning("not caching the wiki tokens in %s (%s)", cache.parent, _one_line(exc))
+        return ids
     os.close(fd)
     try:
         torch.save(ids, tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, cache)
     finally:
         if os.path.exists(tmp):
