@@ -26,6 +26,7 @@ __all__ = [
     "pkg_dir",
     "cache_dir",
     "smollm2_dir",
+    "load_causal_lm",
     "load_model",
     "model_directory",
     "wiki_documents",
@@ -195,20 +196,29 @@ def load_model(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
         UserError: The directory is missing, has no ``config.json`` or tokenizer files, or
             does not load.
     """
+    d = model_directory(path)
+    tokenizer = load_tokenizer(d)
+    return load_causal_lm(d), tokenizer
+
+
+def load_causal_lm(d: Path) -> Any:
+    """The causal LM of a checked model directory (`model_directory`) in fp32, eval mode, SDPA.
+
+    Raises:
+        UserError: the weights do not load.
+    """
     from transformers import AutoModelForCausalLM
 
-    d = model_directory(path)
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(d)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             d, dtype=torch.float32, attn_implementation="sdpa"
         )
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input here
         raise UserError(f"cannot load model weights from {d}: {_one_line(exc)}") from exc
     model.eval()
     logger.info("loaded %s from %s in %.1f s", type(model).__name__, d, time.perf_counter() - t0)
-    return model, tokenizer
+    return model
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,9 +15,12 @@ import torch.nn.functional as F
 
 from slimc.errors import UserError
 
-__all__ = ["PPLResult", "perplexity"]
+__all__ = ["PPLResult", "count_windows", "perplexity"]
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_LOG_SECONDS = 30.0
+"""Without a terminal, a progress line is logged at most this often."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,59 @@ def _extract_logits(out: Any) -> torch.Tensor:
     return logits
 
 
+def _token_stream(token_ids: torch.Tensor) -> torch.Tensor:
+    ids = torch.as_tensor(token_ids)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise UserError(f"token_ids must be 1-D [T], got shape {tuple(ids.shape)}")
+    return ids
+
+
+def count_windows(token_ids: torch.Tensor, windows: int | None = 40, seqlen: int = 512) -> int:
+    """How many windows `perplexity` evaluates; checks the request before any model runs.
+
+    Raises:
+        UserError: `windows` is below 1 or more than the text's full windows, `seqlen < 2`.
+    """
+    ids = _token_stream(token_ids)
+    if seqlen < 2:
+        raise UserError(f"seqlen must be >= 2, got {seqlen}")
+    available = ids.numel() // seqlen
+    if available < 1:
+        raise UserError(
+            f"evaluation text has {ids.numel()} tokens, fewer than one {seqlen}-token window"
+        )
+    n = available if windows is None else int(windows)
+    if n < 1 or n > available:
+        raise UserError(
+            f"asked for {windows} windows of {seqlen} tokens; the text has "
+            f"{ids.numel()} tokens = {available} full windows"
+        )
+    return n
+
+
+class _ProgressLog:
+    """Progress lines on the log when there is no terminal for a bar (a logged run)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, ppl: float) -> None:
+        now = time.perf_counter()
+        if not self.enabled or done == self.total or now - self.last < PROGRESS_LOG_SECONDS:
+            return
+        self.last = now
+        logger.info(
+            "perplexity: %d/%d windows, running PPL %.3f, %.0f s",
+            done,
+            self.total,
+            ppl,
+            now - self.start,
+        )
+
+
 def perplexity(
     model: Callable[..., Any],
     token_ids: torch.Tensor,
@@ -108,7 +164,8 @@ def perplexity(
         windows: Number of windows; ``None`` uses every full window.
         seqlen: Window length in tokens.
         bos_token_id: If given, prepend this token to every window.
-        progress: Show a tqdm bar (only when stderr is a TTY).
+        progress: Show a tqdm bar when stderr is a TTY, else log a progress line every
+            ``PROGRESS_LOG_SECONDS``.
 
     Returns:
         A ``PPLResult``.
@@ -116,24 +173,8 @@ def perplexity(
     Raises:
         UserError: Fewer tokens than one window, or more windows requested than available.
     """
-    ids = torch.as_tensor(token_ids)
-    if ids.dim() == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.dim() != 1:
-        raise UserError(f"token_ids must be 1-D [T], got shape {tuple(ids.shape)}")
-    if seqlen < 2:
-        raise UserError(f"seqlen must be >= 2, got {seqlen}")
-    available = ids.numel() // seqlen
-    if available < 1:
-        raise UserError(
-            f"evaluation text has {ids.numel()} tokens, fewer than one {seqlen}-token window"
-        )
-    n = available if windows is None else int(windows)
-    if n < 1 or n > available:
-        raise UserError(
-            f"asked for {windows} windows of {seqlen} tokens; the text has "
-            f"{ids.numel()} tokens = {available} full windows"
-        )
+    ids = _token_stream(token_ids)
+    n = count_windows(ids, windows, seqlen)
     ids = ids.long()
     hf = _is_hf_model(model)
     device = _model_device(model)
@@ -142,13 +183,9 @@ def perplexity(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=n,
-        desc="perplexity",
-        unit="win",
-        leave=False,
-        disable=not progress or not sys.stderr.isatty(),
-    )
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=n, desc="perplexity", unit="win", leave=False, disable=not progress or not tty)
+    lines = _ProgressLog(n, enabled=progress and not tty)
     t0 = time.perf_counter()
     total_nll, total_n = 0.0, 0
     try:
@@ -174,8 +211,10 @@ def perplexity(
                 nll = F.cross_entropy(pred, target, reduction="none").double().sum().item()
                 total_nll += nll
                 total_n += seqlen - 1
+                running = math.exp(total_nll / total_n)
                 bar.update(1)
-                bar.set_postfix(ppl=f"{math.exp(total_nll / total_n):.3f}")
+                bar.set_postfix(ppl=f"{running:.3f}")
+                lines.update(w + 1, running)
                 logger.debug("window %d/%d: nll %.4f", w + 1, n, nll / (seqlen - 1))
     finally:
         bar.close()

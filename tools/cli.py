@@ -9,7 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slimc.tools._cli_args import add_calibration_arguments, calibration_from_args, group_size
+from slimc.tools._cli_args import int_at_least
 from slimc.tools._cli_common import run_guarded, setup_logging
+
+from slimc.pipeline_spec import format_words
 
 from slimc.quant.scheme import SCHEMES, make_scheme
 from slimc.registry import ANTI_OUTLIER, ROTATIONS, WEIGHT_METHODS
@@ -76,8 +80,9 @@ def build_pipeline(args: argparse.Namespace) -> str:
         opts.append("symmetric=true")
     if args.observer != "histogram":
         opts.append(f"observer={args.observer}")
-    if args.ignore is not None:
-        opts.append("ignore=" + ",".join(f'"{g}"' for g in args.ignore))
+    ignore = ignore_patterns(args)
+    if ignore is not None:
+        opts.append("ignore=" + (",".join(format_words((g,)) for g in ignore) or '""'))
     method = WEIGHT_METHODS[args.weight_method]
     if method == "linear-quant":
         return prefix + args.quant_type + ("{" + " ".join(opts) + "}" if opts else "")
@@ -112,83 +117,121 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def ignore_patterns(args: argparse.Namespace) -> list[str] | None:
+    """The globs `--ignore` / `--no-ignore` ask for: None = the pass default (lm_head)."""
+    if args.no_ignore:
+        return []
+    if args.ignore is None:
+        return None
+    return [g for g in args.ignore if g.strip()]  # `--ignore ''` ignores nothing
+
+
+def _linear_paths(model: Any) -> list[str]:
+    from torch import nn
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    ]
+
+
+def check_ignore_patterns(model: Any, patterns: list[str] | None) -> None:
+    """Refuse an --ignore glob that matches no linear (a typo would quantize lm_head silently)."""
+    from slimc.errors import UserError
+    from slimc.passes.linear_quant import matches
+
+    linears = _linear_paths(model)
+    for pattern in patterns or ():
+        if not any(matches(path, (pattern,)) for path in linears):
+            example = f" (linears are named like {linears[-1]!r})" if linears else ""
+            raise UserError(f"--ignore {pattern!r} matches no linear of the model{example}")
+
+
 def cmd_quant(args: argparse.Namespace) -> int:
     import slimc
-    from slimc.data import calibration_samples, eval_token_ids, load_model
+    from slimc.data import eval_token_ids, load_causal_lm, model_directory
     from slimc.errors import UserError
-    from slimc.evaluate import perplexity
+    from slimc.evaluate import count_windows, perplexity
     from slimc.export import save
     from slimc.export.atomic import check_target
+    from slimc.model_dir import check_float_checkpoint, load_tokenizer
     from slimc.pass_manager import PassManager
 
+    # every argument is checked before the model loads: nothing long runs on a bad input
     pipeline = build_pipeline(args)
-    pm = PassManager.parse(pipeline)  # checked before anything is loaded
+    pm = PassManager.parse(pipeline)
     if args.save is None and not args.eval:
         raise UserError("nothing to do: give --save DIR and/or --eval N")
+    model_dir = model_directory(args.model)
+    check_float_checkpoint(model_dir)
     if args.save is not None:
-        check_target(args.save, overwrite=args.overwrite)  # fail before the long work, not after
-    model, tokenizer = load_model(args.model)
+        check_target(args.save, overwrite=args.overwrite, protected=[model_dir])
+    tokenizer = load_tokenizer(model_dir)
+    ids = eval_token_ids(tokenizer) if args.eval else None
+    if ids is not None:
+        count_windows(ids, args.eval)
+    calib = None
+    if pm.needs_calibration or args.calib_data is not None:
+        calib = calibration_from_args(args, tokenizer)
+        if not pm.needs_calibration:
+            print("note: the pipeline calibrates nothing; --calib-data is unused", file=sys.stderr)
+            calib = None
+    model = load_causal_lm(model_dir)
+    check_ignore_patterns(model, ignore_patterns(args))
     print(f"pipeline: {pm.pipeline_spec(include_defaults=True)}", file=sys.stderr)
     rows: list[tuple[str, ...]] = [("model", "PPL", "delta", "quant time s", "peak RSS MB")]
-    ids = eval_token_ids(tokenizer) if args.eval else None
     fp32_ppl = None
     if ids is not None:
         fp32 = perplexity(model, ids, windows=args.eval)
         fp32_ppl = fp32.ppl
         rows.append(("fp32", f"{fp32.ppl:.3f}", "", "", f"{_peak_rss_mb():.0f}"))
-    calib = None
-    if pm.needs_calibration:
-        calib = calibration_samples(tokenizer, n=args.calib_samples)
     start = time.perf_counter()
     quantized = slimc.compile(model, pm.steps, calib=calib)
     seconds = time.perf_counter() - start
-    peak = _peak_rss_mb()
     qppl = ""
     delta = ""
     if ids is not None:
         q = perplexity(quantized, ids, windows=args.eval)
         qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
+    if args.save is not None:
+        fmt = choose_format(quantized, args.format)
+        save(quantized, args.save, format=fmt, tokenizer=tokenizer, overwrite=args.overwrite)
+        print(f"saved {fmt} model to {args.save}", file=sys.stderr)
     label = " + ".join(
         [args.quant_type]
         + ([args.rotation] if args.rotation else [])
         + ([args.anti_outlier] if args.anti_outlier else [])
         + ([args.weight_method] if args.weight_method != "rtn" else [])
     )
-    rows.append((label, qppl, delta, f"{seconds:.1f}", f"{peak:.0f}"))
-    if args.save is not None:
-        fmt = choose_format(quantized, args.format)
-        save(quantized, args.save, format=fmt, tokenizer=tokenizer, overwrite=args.overwrite)
-        print(f"saved {fmt} model to {args.save}", file=sys.stderr)
+    # the whole run's peak: quantization, the quantized evaluation and the save included
+    rows.append((label, qppl, delta, f"{seconds:.1f}", f"{_peak_rss_mb():.0f}"))
     if ids is not None:
         print(f"\nPPL on {args.eval} windows of 512 tokens (wiki):")
     print(_table(rows))
     return 0
 
 
-def _load_for_eval(path: str | None) -> tuple[Any, Any]:
-    """An HF / compressed-tensors directory via transformers, or a slimc pt2 directory."""
-    from slimc.data import load_model
-
-    if path is not None and (Path(path) / "model.pt2").is_file():
-        from transformers import AutoTokenizer
-
-        from slimc.export import load
-
-        return load(path), AutoTokenizer.from_pretrained(path)
-    return load_model(path)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from slimc.data import eval_token_ids
-    from slimc.evaluate import perplexity
+    from slimc.data import eval_token_ids, load_causal_lm, model_directory
+    from slimc.errors import UserError
+    from slimc.evaluate import count_windows, perplexity
+    from slimc.model_dir import load_tokenizer
 
-    model, tokenizer = _load_for_eval(args.model)
+    pt2 = args.model is not None and (Path(args.model).expanduser() / "model.pt2").is_file()
+    model_dir = Path(args.model).expanduser() if pt2 else model_directory(args.model)
+    tokenizer = load_tokenizer(model_dir)
     ids = eval_token_ids(tokenizer, args.text)
+    count_windows(ids, args.windows)  # before the model loads
     bos = tokenizer.bos_token_id if args.bos_per_window else None
     if args.bos_per_window and bos is None:
-        from slimc.errors import UserError
+        raise UserError(f"--bos-per-window: the tokenizer of {model_dir} has no BOS token")
+    if pt2:
+        from slimc.export import load
 
-        raise UserError(f"--bos-per-window: the tokenizer of {args.model} has no BOS token")
+        model = load(model_dir)
+    else:
+        model = load_causal_lm(model_dir)
     result = perplexity(model, ids, windows=args.windows, bos_token_id=bos)
     print(
         f"PPL {result.ppl:.3f}  (nll {result.nll:.4f}, {result.n_tokens} tokens, "
@@ -219,9 +262,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--group-size",
-        type=int,
+        type=group_size,
         default=None,
-        help="weight group size along K (default: per output channel)",
+        help="weight group size along K, a positive number (default, or -1: per output channel)",
     )
     q.add_argument("--symmetric", action="store_true", help="symmetric weights (w4a16/w8a16)")
     q.add_argument(
@@ -254,20 +297,21 @@ def make_parser() -> argparse.ArgumentParser:
         help="static activation range observer for w8a8 (default histogram: 2048-bin L2 clip "
         "search; minmax: the full observed range)",
     )
-    q.add_argument(
+    ignored = q.add_mutually_exclusive_group()
+    ignored.add_argument(
         "--ignore",
-        nargs="*",
+        nargs="+",
         default=None,
         metavar="GLOB",
-        help="module-path globs left in float (default: lm_head)",
+        help="module-path globs left in float, each matching at least one linear (an error "
+        "otherwise); replaces the default lm_head; --ignore '' ignores nothing",
     )
-    q.add_argument(
-        "--calib-samples",
-        type=int,
-        default=128,
-        help="calibration documents for passes that need data: static activations, "
-        "smoothing, gptq (default 128)",
+    ignored.add_argument(
+        "--no-ignore",
+        action="store_true",
+        help="quantize every linear, lm_head included (same as --ignore '')",
     )
+    add_calibration_arguments(q)
     q.add_argument(
         "--format",
         choices=FORMATS,
@@ -276,13 +320,17 @@ def make_parser() -> argparse.ArgumentParser:
         "when it can express the model, else pt2 (read by slimc eval and slimc.load); "
         "ascend-v1 = msModelSlim's AscendV1 for MindIE / vLLM-Ascend",
     )
-    q.add_argument("--save", type=Path, default=None, metavar="DIR", help="output directory")
+    q.add_argument("--save", default=None, metavar="DIR", help="output directory")
     q.add_argument(
-        "--overwrite", action="store_true", help="replace an existing non-empty --save directory"
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --save directory that holds a model (config.json with "
+        "weights, or a slimc pt2 / ascend-v1 output); never the working, home or --model "
+        "directory, nor a directory holding other files",
     )
     q.add_argument(
         "--eval",
-        type=int,
+        type=int_at_least(0, "a number of windows >= 0"),
         default=0,
         metavar="N",
         help="also measure fp32 and quantized PPL on N windows (protocol of data.md)",
@@ -292,7 +340,12 @@ def make_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model on wiki text or a text file")
     e.add_argument("--model", default=None, help="model directory (HF, compressed-tensors or pt2)")
     e.add_argument("--text", default="wiki", help="'wiki' (default) or a UTF-8 text file")
-    e.add_argument("--windows", type=int, default=40, help="number of 512-token windows")
+    e.add_argument(
+        "--windows",
+        type=int_at_least(1, "a positive number of windows"),
+        default=40,
+        help="number of 512-token windows",
+    )
     e.add_argument(
         "--bos-per-window",
         action="store_true",

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from slimc.tools.opt_inputs import load_input
+from slimc.tools._cli_args import add_calibration_arguments
+from slimc.tools.opt_inputs import check_output_file, load_input
 from slimc.tools.pass_reference import list_passes
 
 from slimc import registry
@@ -65,13 +66,7 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the expanded pipeline with every default (exits if no INPUT)",
     )
-    p.add_argument(
-        "--calib-samples",
-        type=int,
-        default=128,
-        metavar="N",
-        help="calibration samples for HF model directories (default 128)",
-    )
+    add_calibration_arguments(p.add_argument_group("calibration (HF model directories)"))
     p.add_argument(
         "--raw-capture",
         action="store_true",
@@ -222,6 +217,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.passes is None:
             pipeline = meta[PIPELINE_FILE]
     checked = PassManager.parse(pipeline, start_stage=stage, verify_each=False)  # before loading
+    if args.output:
+        check_output_file(args.output, "-o")
     steps = checked.steps
     if args.print_pipeline:
         print(checked.pipeline_spec(include_defaults=True))
@@ -248,7 +245,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         from slimc.reproducer import save_program
 
-        save_program(program, args.output)
+        try:
+            save_program(program, args.output)
+        except OSError as exc:
+            raise UserError(f"-o: cannot write {args.output} ({exc.strerror or exc})") from exc
     return 0
 
 

@@ -99,9 +99,42 @@ def _load_case(path: Path, builder: str) -> tuple[Any, Any, Any]:
     )
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """Check an output file path before any work: not a directory, in a writable directory.
+
+    Raises:
+        UserError: naming the flag and the path.
+    """
+    import tempfile
+
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise UserError(f"{flag}: {path} is a directory; give a file name (OUT.pt2)")
+    parent = out.absolute().parent
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{flag}: cannot write {path}: {ancestor} is not a directory")
+    try:  # create and remove a file: the only sure test (root, /proc, read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".slimc-probe-", dir=ancestor)
+    except OSError as exc:
+        raise UserError(
+            f"{flag}: cannot write {path}: cannot create files in {ancestor} "
+            f"({exc.strerror or exc})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def load_input(args: argparse.Namespace, needs_calibration: bool) -> Program:
     """The program named by INPUT, captured (or loaded) and with calibration data if needed."""
     kind, path, builder = _split_input(args.input)
+    if args.calib_data is not None and kind != "hf":
+        raise UserError(
+            f"--calib-data needs an HF model directory as INPUT (its tokenizer); {path} is a "
+            + ("case file: return calib from its builder" if kind == "case" else ".pt2 program")
+        )
     if kind == "pt2":
         from slimc.reproducer import load_program
 
@@ -121,13 +154,22 @@ def load_input(args: argparse.Namespace, needs_calibration: bool) -> Program:
                 "return (model, example_inputs, calib)"
             )
     else:
-        from slimc.data import calibration_samples, load_model
+        from slimc.tools._cli_args import calibration_from_args
 
-        model, tokenizer = load_model(path)
+        from slimc.data import load_causal_lm
+        from slimc.model_dir import check_float_checkpoint, check_model_directory, load_tokenizer
+
+        model_dir = check_model_directory(path)
+        check_float_checkpoint(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        samples = calibration_from_args(args, tokenizer) if needs_calibration else None
+        model = load_causal_lm(model_dir)
         program = capture_model(model, None, canonicalize=not args.raw_capture)
-        if needs_calibration:
-            samples = calibration_samples(tokenizer, n=args.calib_samples)
+        if samples is not None:
+            from slimc.compiler import check_token_ids
+
             program.calibration = [(ids,) for ids in samples]
+            check_token_ids(model, program.calibration)
     program.statistics.clear()
     program.metadata["progress"] = sys.stderr.isatty()
     return program

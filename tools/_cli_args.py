@@ -1,0 +1,85 @@
+"""Arguments shared by slimc's CLIs: numbers checked at parse time, calibration flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+DEFAULT_CALIB_SAMPLES = 128
+"""Samples of the packaged calibration text when --calib-samples is not given."""
+
+
+def int_at_least(low: int, what: str = "a number") -> Callable[[str], int]:
+    """An argparse `type`: an integer >= `low`, refused at parse time otherwise."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return convert
+
+
+def group_size(text: str) -> int:
+    """An argparse `type` for --group-size: -1 (per output channel) or a positive size."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value != -1 and value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected -1 (per output channel) or a positive group size, got {value}"
+        )
+    return value
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser | Any) -> None:
+    """--calib-data, --calib-samples and --calib-seq-len."""
+    parser.add_argument(
+        "--calib-data",
+        default=None,
+        metavar="FILE",
+        help="calibrate on your own text instead of the packaged Wikipedia leads: FILE.jsonl "
+        'holds one JSON object per line with the sample in its "text" string, FILE.txt holds '
+        "samples separated by blank lines; each sample is tokenized with the tokenizer's own "
+        "special tokens and cut to --calib-seq-len tokens",
+    )
+    parser.add_argument(
+        "--calib-samples",
+        type=int_at_least(1, "a positive number of samples"),
+        default=None,
+        metavar="N",
+        help=f"calibration samples for passes that need data (static activations, smoothing, "
+        f"gptq): the first N of --calib-data (an error if it holds fewer; default: all of "
+        f"them), or of the packaged text (default {DEFAULT_CALIB_SAMPLES})",
+    )
+    parser.add_argument(
+        "--calib-seq-len",
+        type=int_at_least(1, "a positive number of tokens"),
+        default=512,
+        metavar="N",
+        help="tokens per calibration sample; longer samples are truncated (default 512)",
+    )
+
+
+def calibration_from_args(args: argparse.Namespace, tokenizer: Any) -> list[Any]:
+    """The calibration samples the flags ask for (token-id tensors [1, L]).
+
+    Raises:
+        slimc.errors.UserError: a bad --calib-data file (see `slimc.calib_file`).
+    """
+    if args.calib_data is not None:
+        from slimc.calib_file import calibration_file_samples
+
+        return calibration_file_samples(
+            tokenizer, args.calib_data, n=args.calib_samples, seqlen=args.calib_seq_len
+        )
+    from slimc.data import calibration_samples
+
+    n = DEFAULT_CALIB_SAMPLES if args.calib_samples is None else args.calib_samples
+    return calibration_samples(tokenizer, n=n, seqlen=args.calib_seq_len)
