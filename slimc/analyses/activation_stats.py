@@ -138,13 +138,15 @@ class ActivationStats:
         return result
 
     def describe(self) -> str:
+        from slimc.analyses.linear_groups import where
+
         lines = [f"activation-stats: {len(self.stats)} linear inputs"]
         for x, st in self.stats.items():
             med = float(st.absmax.median())
             ratio = float(st.absmax.max()) / med if med > 0 else float("inf")
             users = ",".join(sorted({node_loc(u) or u.name for u in x.users}))
             lines.append(
-                f"  {x.name} -> {users}: absmax {float(st.absmax.max()):.4g} "
+                f"  {where(x)} -> {users}: absmax {float(st.absmax.max()):.4g} "
                 f"(max/median {ratio:.1f}), tokens {st.tokens}"
             )
         return "\n".join(lines)

@@ -47,37 +47,30 @@ class _Probe(fx.Interpreter):
 
 def probe_channel_maps(
     program: Program, groups: list[LinearGroup]
-) -> dict[fx.Node, torch.Tensor | str]:
-    """For each group's input node: the 0-based producer channel of every input channel.
+) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor | None] | str]:
+    """For each group's input node: its channel map and the producer rows it reads.
 
-    Returns a reason string instead of a map when the probe shows the path mixes channels.
+    The map gives the 0-based producer channel of every input channel; the rows are None when
+    every producer channel is read, else the sorted rows read (a part of a fused projection).
+    Returns a reason string instead when the probe shows the path mixes channels, or when a side
+    read of the producer (`group.side_reads`) also sees one of the rows the targets read.
     """
-    from slimc.analyses.group_discovery import _depends_on
-
     producers = {g.producer for g in groups if g.producer is not None}
     products: set[fx.Node] = set()
     for g in groups:
-        node = g.input
-        while node is not g.producer:
+        on_path = {g.producer, *g.path}
+        for node in g.path:
             if node.target is aten.mul.Tensor:
-                side = 0 if _depends_on(node.args[0], g.producer) else 1  # type: ignore[arg-type]
-                node.meta["_probe_side"] = side
+                node.meta["_probe_side"] = 0 if node.args[0] in on_path else 1
                 products.add(node)
-                node = node.args[side]  # type: ignore[assignment]
-            elif node.target is aten.scaled_dot_product_attention.default:
-                node = node.args[2]  # type: ignore[assignment]
-            elif node.target in (aten.matmul.default, aten.bmm.default):
-                node = node.args[1]  # type: ignore[assignment]
-            else:
-                node = node.args[0]  # type: ignore[assignment]
-    inputs = {g.input for g in groups}
+    wanted = {g.input for g in groups} | {n for g in groups for n in g.side_reads}
     interp = _Probe(program.graph_module, producers, products)  # type: ignore[arg-type]
     captured: dict[fx.Node, torch.Tensor] = {}
     original = interp.run_node
 
     def run_node(n: fx.Node) -> Any:
         out = original(n)
-        if n in inputs:
+        if n in wanted:
             captured[n] = out.detach()
         return out
 
@@ -88,13 +81,20 @@ def probe_channel_maps(
     finally:
         for n in products:
             n.meta.pop("_probe_side", None)
-    result: dict[fx.Node, torch.Tensor | str] = {}
+    result: dict[fx.Node, tuple[torch.Tensor, torch.Tensor | None] | str] = {}
     for g in groups:
-        result[g.input] = _decode(captured.get(g.input), g)
+        decoded = _decode(captured.get(g.input), g)
+        if not isinstance(decoded, str):
+            problem = _side_read_problem(g, decoded, captured)
+            if problem is not None:
+                decoded = problem
+        result[g.input] = decoded
     return result
 
 
-def _decode(value: torch.Tensor | None, group: LinearGroup) -> torch.Tensor | str:
+def _decode(
+    value: torch.Tensor | None, group: LinearGroup
+) -> tuple[torch.Tensor, torch.Tensor | None] | str:
     if value is None:
         return "the probe did not reach the consumer input"
     flat = value.reshape(-1, value.shape[-1]).double()
@@ -106,7 +106,35 @@ def _decode(value: torch.Tensor | None, group: LinearGroup) -> torch.Tensor | st
     if (ids - rounded).abs().max() > 1e-2 or rounded.min() < 1 or rounded.max() > sources:
         return "the path between producer and consumer mixes channels"
     channel_map = rounded.long() - 1
-    unread = sources - int(torch.unique(channel_map).numel())
-    if unread:
-        return f"the consumer reads only {sources - unread} of the producer's {sources} channels"
-    return channel_map
+    rows = torch.unique(channel_map)
+    return channel_map, (None if rows.numel() == sources else rows)
+
+
+def _side_read_problem(
+    group: LinearGroup,
+    decoded: tuple[torch.Tensor, torch.Tensor | None],
+    captured: dict[fx.Node, torch.Tensor],
+) -> str | None:
+    """Why scaling the rows the targets read would change a side read, or None if it cannot."""
+    from slimc.analyses.linear_groups import where_all
+
+    channel_map, rows = decoded
+    read = set((channel_map + 1).tolist())
+    bad = []
+    for node in group.side_reads:
+        value = captured.get(node)
+        if value is None:
+            bad.append(node)
+            continue
+        flat = value.detach().reshape(-1).double()
+        if flat.numel() == 0:
+            continue
+        rounded = flat.round()
+        if not torch.isfinite(flat).all() or (flat - rounded).abs().max() > 1e-2:
+            bad.append(node)
+        elif read & set(torch.unique(rounded).long().tolist()):
+            bad.append(node)
+    if not bad:
+        return None
+    what = "every channel" if rows is None else f"{len(read)} channels"
+    return f"{what} the targets read also reach {where_all(bad)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection
 
 import torch
 from torch import fx
@@ -17,6 +18,10 @@ from slimc.analyses.linear_groups import (
     LinearGroups,
     Refusal,
     ScaleCarrier,
+    module_of,
+    op_name,
+    where,
+    where_all,
 )
 from slimc.ir.builder import is_constant, tensor_val
 
@@ -62,18 +67,26 @@ def _norm_linear(x: fx.Node, linears: list[fx.Node], result: LinearGroups) -> Li
         chain.append(node)
     carrier = _carrier(node, channels)
     if carrier is None:
+        bare = _weightless_norm(node)
+        if bare is not None:
+            result.refused.append(
+                Refusal(
+                    "norm-linear",
+                    (module_of(bare), *[module_of(t) for t in linears]),
+                    f"the norm has no weight to absorb a scale ({bare_kind(bare)}) and its "
+                    "output has no other exact fold",
+                )
+            )
         return None
     targets = set(linears)
     inner_ok = all(_users_are(n, {chain[i - 1]}) for i, n in enumerate(chain) if i > 0)
     if not (_users_are(x, targets) and inner_ok):
-        others = sorted(
-            {u.name for n in chain for u in n.users if u not in targets and u not in chain}
-        )
+        others = [u for n in chain for u in n.users if u not in targets and u not in chain]
         result.refused.append(
             Refusal(
                 "norm-linear",
-                (carrier.node.name, *[t.name for t in linears]),
-                f"the scaled value is also read by {', '.join(others)}",
+                (module_of(carrier.node), *[module_of(t) for t in linears]),
+                f"the scaled value is also read by {where_all(others)}",
             )
         )
         return None
@@ -82,13 +95,38 @@ def _norm_linear(x: fx.Node, linears: list[fx.Node], result: LinearGroups) -> Li
             result.refused.append(
                 Refusal(
                     "norm-linear",
-                    (carrier.node.name, const.name),
+                    (module_of(carrier.node), *[module_of(t) for t in linears]),
                     f"constant {const.target} is shared by {len(const.users)} nodes: "
-                    + ", ".join(u.name for u in const.users),
+                    + where_all(const.users),
                 )
             )
             return None
     return LinearGroup("norm-linear", x, tuple(linears), carrier=carrier)
+
+
+def _weightless_norm(node: fx.Node) -> fx.Node | None:
+    """A norm with nothing to fold a scale into: `layer_norm`/`rms_norm` without a weight
+    (OLMo's non-parametric LayerNorm) or `x * rsqrt(...)` with no per-channel factor after it."""
+    if node.op != "call_function":
+        return None
+    if node.target in NORMS:
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        return node if weight is None else None
+    if node.target is aten.mul.Tensor:
+        for factor in node.args[:2]:
+            f = factor
+            while isinstance(f, fx.Node) and f.op == "call_function" and f.target in CASTS:
+                f = f.args[0]
+            if isinstance(f, fx.Node) and f.target is aten.rsqrt.default:
+                return node
+    return None
+
+
+def bare_kind(node: fx.Node) -> str:
+    """How a weightless norm was recognised, for its refusal."""
+    if node.target in NORMS:
+        return f"{op_name(node)} without weight"
+    return "x * rsqrt(...) without a per-channel weight"
 
 
 def _keeps_channels(node: fx.Node) -> bool:
@@ -152,21 +190,46 @@ def _carrier(node: fx.Node, channels: int) -> ScaleCarrier | None:
     return None
 
 
-def _depends_on(node: object, target: fx.Node, limit: int = 64) -> bool:
-    """Whether `node` is computed from `target` (bounded backward search)."""
+def _depends_on(node: object, target: fx.Node, stop: Collection[fx.Node] = ()) -> bool:
+    """Whether `node` is computed from `target` other than through the nodes in `stop`.
+
+    Nodes placed before `target` in the graph cannot depend on it and are not searched.
+    """
     if not isinstance(node, fx.Node):
         return False
     seen: set[fx.Node] = set()
     stack = [node]
-    while stack and len(seen) < 4096:
+    while stack:
         n = stack.pop()
         if n is target:
             return True
-        if n in seen or n.op != "call_function":
+        if n in seen or n in stop or n.op != "call_function" or n < target:
             continue
         seen.add(n)
-        stack.extend(a for a in n.all_input_nodes)
+        stack.extend(n.all_input_nodes)
     return False
+
+
+SELECTS = (MOVES - CASTS) | {aten.select.int, aten.narrow.default}
+"""Ops whose output elements are some of their input's elements, unchanged: a reader of the
+producer through one of them sees only the channels it selects."""
+
+
+def _side_reads(leaks: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Split the readers of the producer's values off the path into selections (the q and k
+    slices of a fused qkv; a split's parts) and the rest."""
+    selections: list[fx.Node] = []
+    others: list[fx.Node] = []
+    for u in leaks:
+        if u.op != "call_function":
+            others.append(u)
+        elif u.target in SELECTS or (u.target is operator.getitem and _is_split(u.args[0])):
+            selections.append(u)
+        elif u.target in SPLITS and all(g.target is operator.getitem for g in u.users):
+            selections.extend(u.users)
+        else:
+            others.append(u)
+    return selections, others
 
 
 def _path_group(
@@ -175,7 +238,12 @@ def _path_group(
     by_input: dict[fx.Node, list[fx.Node]],
     result: LinearGroups,
 ) -> LinearGroup | None:
-    """Walk back from `x` through channel-preserving ops to the single linear that produces it."""
+    """Walk back from `x` through channel-preserving ops to the single linear that produces it.
+
+    Other readers of the producer's output are allowed when they only select elements of it
+    (the q and k parts of a fused qkv, the gate half of a fused gate_up): the channel probe
+    then checks they never read a channel the targets read.
+    """
     path: list[fx.Node] = []
     kind: GroupKind = "linear-linear"
     node = x
@@ -215,38 +283,47 @@ def _path_group(
         if not isinstance(node, fx.Node):
             return None
     producer = node
+    heads = (module_of(producer), *[module_of(t) for t in linears])
     allowed = set(path) | set(linears)
     members = [producer, *path]
-    leaks = sorted({u.name for n in members for u in n.users if u not in allowed})
-    if leaks:
+    leaks = list(dict.fromkeys(u for n in members for u in n.users if u not in allowed))
+    side, others = _side_reads(leaks)
+    if others:
         result.refused.append(
-            Refusal(
-                kind,
-                (producer.name, *[t.name for t in linears]),
-                f"values also read by {', '.join(leaks)}",
-            )
+            Refusal(kind, heads, f"values also read by {where_all(others)}")
         )
         return None
+    on_path = set(members)
     for n in path:
-        if n.target is aten.mul.Tensor and _depends_on(
-            n.args[1] if _depends_on(n.args[0], producer) else n.args[0], producer
-        ):
+        if n.target is aten.mul.Tensor:
+            other = n.args[1] if n.args[0] in on_path else n.args[0]
+            if _depends_on(other, producer, side):
+                result.refused.append(
+                    Refusal(
+                        kind,
+                        heads,
+                        f"both factors of {where(n)} depend on the output of {where(producer)}",
+                    )
+                )
+                return None
+        scores = ()
+        if n.target is aten.scaled_dot_product_attention.default:
+            scores = n.args[:2]
+        elif n.target in (aten.matmul.default, aten.bmm.default):
+            scores = n.args[:1]
+        if any(_depends_on(a, producer, side) for a in scores):
             result.refused.append(
                 Refusal(
                     kind,
-                    (producer.name, n.name),
-                    "both factors of a product depend on the producer",
+                    heads,
+                    f"the attention scores of {where(n)} depend on the values of "
+                    f"{where(producer)}",
                 )
             )
             return None
-        if n.target is aten.scaled_dot_product_attention.default and (
-            _depends_on(n.args[0], producer) or _depends_on(n.args[1], producer)
-        ):
-            result.refused.append(
-                Refusal(kind, (producer.name, n.name), "attention scores depend on the producer")
-            )
-            return None
-    return LinearGroup(kind, x, tuple(linears), producer=producer)
+    return LinearGroup(
+        kind, x, tuple(linears), producer=producer, path=tuple(path), side_reads=tuple(side)
+    )
 
 
 def _is_split(node: object) -> bool:
@@ -254,8 +331,13 @@ def _is_split(node: object) -> bool:
 
 
 def _leads_to_linear(node: fx.Node) -> bool:
-    while node.op == "call_function" and node.target in MOVES:
-        node = node.args[0]  # type: ignore[assignment]
+    while node.op == "call_function":
+        if node.target in MOVES:
+            node = node.args[0]  # type: ignore[assignment]
+        elif node.target is operator.getitem and _is_split(node.args[0]):
+            node = node.args[0].args[0]  # type: ignore[union-attr,assignment]
+        else:
+            break
     return node.op == "call_function" and node.target is aten.linear.default
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -71,8 +72,13 @@ class LinearGroup:
 
     For `norm-linear`, `carrier` is the norm's weight; the input channels are scaled directly.
     For the other kinds, `producer` is the linear whose output rows are divided by the scale and
-    `channel_map[j]` is the producer output channel that feeds input channel `j` of the targets
-    (for grouped-query attention several o_proj channels share one v_proj channel).
+    `channel_map[j]` is the producer output channel (weight row) that feeds input channel `j` of
+    the targets (for grouped-query attention several o_proj channels share one v_proj channel).
+    When the targets read only part of the producer's output (the v part of a fused qkv, the up
+    half of a fused gate_up), `rows` lists the rows they read, in order: the scale has one entry
+    per listed row and only those rows are divided. `path` holds the nodes between producer and
+    input; `side_reads` the nodes off the path that read the producer's other channels (the q
+    and k parts), which the probe proved never see a scaled channel.
     """
 
     kind: GroupKind
@@ -81,6 +87,9 @@ class LinearGroup:
     carrier: ScaleCarrier | None = None
     producer: fx.Node | None = None
     channel_map: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    path: tuple[fx.Node, ...] = ()
+    side_reads: tuple[fx.Node, ...] = ()
 
     @property
     def layer(self) -> str | None:
@@ -99,38 +108,85 @@ class LinearGroup:
         return int(tensor_val(self.targets[0].args[1]).shape[1])
 
     def source_channels(self) -> int:
-        """Number of independent scale entries (producer output channels, or input channels)."""
+        """Number of independent scale entries (producer rows read, or input channels)."""
         if self.producer is None:
             return self.channels
+        if self.rows is not None:
+            return int(self.rows.numel())
         return int(tensor_val(self.producer.args[1]).shape[0])
 
+    def source_index(self) -> torch.Tensor | None:
+        """Per input channel, its scale entry: the position of its producer row in `rows`."""
+        if self.channel_map is None or self.rows is None:
+            return self.channel_map
+        return torch.searchsorted(self.rows, self.channel_map)
+
     def reduce(self, per_input: torch.Tensor, how: Literal["mean", "max"] = "mean") -> torch.Tensor:
-        """Reduce a per-input-channel vector to one value per producer channel."""
-        if self.channel_map is None:
+        """Reduce a per-input-channel vector to one value per source channel."""
+        index = self.source_index()
+        if index is None:
             return per_input
         out = torch.zeros(self.source_channels(), dtype=per_input.dtype)
         reduce = "mean" if how == "mean" else "amax"
-        return out.scatter_reduce(0, self.channel_map, per_input, reduce, include_self=False)
+        return out.scatter_reduce(0, index, per_input, reduce, include_self=False)
 
     def expand(self, per_source: torch.Tensor) -> torch.Tensor:
-        """Spread a per-producer-channel vector over the targets' input channels."""
-        return per_source if self.channel_map is None else per_source[self.channel_map]
+        """Spread a per-source-channel vector over the targets' input channels."""
+        index = self.source_index()
+        return per_source if index is None else per_source[index]
 
 
 def _short(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
+def op_name(node: fx.Node) -> str:
+    """`aten.slice`, `getitem`: the operator a node calls, without its overload."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"{t.namespace}.{t.overloadpacket.__name__}"
+    return getattr(t, "__name__", str(t))
+
+
+def where(node: fx.Node) -> str:
+    """A node as messages name it: a linear by its module path, a constant by its name, any
+    other op as `aten.slice in model.layers.0.self_attn` (the graph name only without a path)."""
+    if node.op == "get_attr":
+        return str(node.target)
+    loc = node_loc(node)
+    if node.op == "call_function" and node.target is aten.linear.default and loc:
+        return loc
+    if node.op != "call_function":
+        return node.name
+    return f"{op_name(node)} in {loc}" if loc else f"{op_name(node)} ({node.name})"
+
+
+def module_of(node: fx.Node) -> str:
+    """The module path a node was traced from (its graph name only without one)."""
+    return node_loc(node) or node.name
+
+
+def where_all(nodes: Iterable[fx.Node]) -> str:
+    """`where` of each node, repeats dropped, in the order given."""
+    return ", ".join(dict.fromkeys(where(n) for n in nodes))
+
+
 @dataclass
 class Refusal:
-    """A candidate subgraph where folding would not be exact, and why."""
+    """A candidate subgraph where folding would not be exact, and why.
+
+    `nodes` names the candidate by module paths: its norm or producer first, then its linears.
+    """
 
     kind: str
     nodes: tuple[str, ...]
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.kind} at {', '.join(self.nodes)}: {self.reason}"
+        head, *targets = self.nodes
+        if targets:
+            head += " -> " + ",".join(_short(t) for t in targets)
+        return f"{self.kind} at {head}: {self.reason}"
 
 
 @dataclass
@@ -167,9 +223,9 @@ class LinearGroups:
             for group in paths:
                 problem = maps.get(group.input)
                 if isinstance(problem, str):
-                    result.refused.append(Refusal(group.kind, _names(group), problem))
+                    result.refused.append(Refusal(group.kind, names(group), problem))
                     continue
-                group.channel_map = problem
+                group.channel_map, group.rows = problem
                 result.groups.append(group)
         order = {n: i for i, n in enumerate(program.graph.nodes)}
         result.groups.sort(key=lambda g: order[g.targets[0]])
@@ -192,17 +248,36 @@ class LinearGroups:
         lines = [f"linear-groups: {len(self.groups)} groups, {len(self.refused)} refused"]
         for g in self.groups:
             extra = ""
-            if g.channel_map is not None and len(g.channel_map) != g.source_channels():
+            if g.rows is not None:
+                assert g.producer is not None
+                total = int(tensor_val(g.producer.args[1]).shape[0])
+                extra = f"  [rows {_spans(g.rows)} of {total}"
+                if g.channel_map is not None and len(g.channel_map) != g.source_channels():
+                    extra += f" -> {len(g.channel_map)} channels"
+                extra += "]"
+            elif g.channel_map is not None and len(g.channel_map) != g.source_channels():
                 extra = f"  [{g.source_channels()} -> {len(g.channel_map)} channels]"
             lines.append(f"  {g.name}{extra}")
         lines.extend(f"  refused {r}" for r in self.refused)
         return "\n".join(lines)
 
 
-def _names(group: LinearGroup) -> tuple[str, ...]:
+def _spans(rows: torch.Tensor) -> str:
+    """`64:96` or `32:48,80:96`: sorted row indices as half-open spans."""
+    spans: list[list[int]] = []
+    for r in rows.tolist():
+        if spans and spans[-1][1] == r:
+            spans[-1][1] = r + 1
+        else:
+            spans.append([r, r + 1])
+    return ",".join(f"{a}:{b}" for a, b in spans)
+
+
+def names(group: LinearGroup) -> tuple[str, ...]:
+    """The group's norm or producer, then its linears, as module paths (for refusals)."""
     src = group.carrier.node if group.carrier else group.producer
     nodes = ([src] if src is not None else []) + list(group.targets)
-    return tuple(n.name for n in nodes)
+    return tuple(module_of(n) for n in nodes)
 
 
 def _weights_shared(group: LinearGroup, result: LinearGroups) -> bool:
@@ -211,17 +286,25 @@ def _weights_shared(group: LinearGroup, result: LinearGroups) -> bool:
     for lin in nodes:
         w = lin.args[1]
         assert isinstance(w, fx.Node)
-        others = [u.name for u in w.users if u is not lin]
-        bias = lin.args[2] if len(lin.args) > 2 else None
-        if isinstance(bias, fx.Node) and len(bias.users) > 1:
-            others.append(f"bias {bias.target}")
+        others = [u for u in w.users if u is not lin]
         if others:
             result.refused.append(
                 Refusal(
                     group.kind,
-                    _names(group),
-                    f"weight {w.target} of {lin.name} is shared with {', '.join(others)} "
+                    names(group),
+                    f"weight {w.target} of {where(lin)} is shared with {where_all(others)} "
                     "(tied weights)",
+                )
+            )
+            return True
+        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        if isinstance(bias, fx.Node) and len(bias.users) > 1:
+            readers = [u for u in bias.users if u is not lin]
+            result.refused.append(
+                Refusal(
+                    group.kind,
+                    names(group),
+                    f"bias {bias.target} of {where(lin)} is shared with {where_all(readers)}",
                 )
             )
             return True

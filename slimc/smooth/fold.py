@@ -20,6 +20,16 @@ def _bias_node(linear: fx.Node) -> fx.Node | None:
     return bias if isinstance(bias, fx.Node) else None
 
 
+def _divide_rows(t: torch.Tensor, s: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`t / s` along dim 0, or only `t[rows] / s` with the other rows kept bit for bit."""
+    scale = s.reshape(-1, *([1] * (t.dim() - 1)))
+    if rows is None:
+        return (t.double() / scale).to(t.dtype)
+    out = t.detach().clone()
+    out[rows] = (t[rows].double() / scale).to(t.dtype)
+    return out
+
+
 def weight_column_absmax(program: Program, group: LinearGroup) -> torch.Tensor:
     """Per input channel: max |W[:, c]| over every target linear of the group (float64)."""
     cols = [_weight(program, t.args[1]).detach().double().abs().amax(0) for t in group.targets]
@@ -42,7 +52,9 @@ def fold_scale(
     `scale` has one entry per source channel (`group.source_channels()`): the norm's channels
     for norm-linear, the producer's output channels otherwise. The division is folded into the
     norm weight and bias (`x * (c + w)` norms keep their offset `c`) or into the producer's rows
-    and bias. Arithmetic is float64, stored back in each constant's dtype.
+    and bias: only the rows in `group.rows` when the targets read part of a fused producer (the
+    v rows of a qkv projection), the others untouched. Arithmetic is float64, stored back in
+    each constant's dtype.
     """
     s = scale.detach().double()
     if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
@@ -64,11 +76,12 @@ def fold_scale(
     else:
         assert group.producer is not None
         p = group.producer
+        rows = group.rows  # None: every row; else only the part the targets read (fused qkv)
         w = _weight(program, p.args[1])
-        weights.set(str(p.args[1].target), (w.double() / s[:, None]).to(w.dtype))  # type: ignore[union-attr]
+        weights.set(str(p.args[1].target), _divide_rows(w, s, rows))  # type: ignore[union-attr]
         bias = _bias_node(p)
         if bias is not None:
             b = _weight(program, bias)
-            weights.set(str(bias.target), (b.double() / s).to(b.dtype))
+            weights.set(str(bias.target), _divide_rows(b, s, rows))
     if stats is not None and group.input in stats:
         stats[group.input].divide(s_in)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 
 import pytest
@@ -296,32 +295,32 @@ def test_refuses_norm_output_read_by_the_residual() -> None:
     (r,) = found.refused
     assert r.kind == "norm-linear"
     (add,) = names(program, torch.ops.aten.add.Tensor)
-    (linear,) = names(program, torch.ops.aten.linear.default)
-    assert linear in r.nodes
-    assert r.reason == f"the scaled value is also read by {add}"
-    assert str(r).startswith("norm-linear at ") and add in str(r)
+    # named by module paths (graph names only where a node has none: the root's add)
+    assert r.nodes == ("norm", "fc")
+    assert r.reason == f"the scaled value is also read by aten.add ({add})"
+    assert str(r) == f"norm-linear at norm -> fc: {r.reason}"
 
 
 def test_refuses_a_weight_tied_to_an_embedding() -> None:
     found, program = groups_of(TiedHead(), torch.randint(0, 32, (2, 5)))
     assert found.groups == []
     (r,) = found.refused
-    (emb,) = names(program, torch.ops.aten.embedding.default)
-    (linear,) = names(program, torch.ops.aten.linear.default)
-    (ln,) = names(program, torch.ops.aten.layer_norm.default)
-    assert r.nodes == (ln, linear)
-    assert r.reason == f"weight head.weight of {linear} is shared with {emb} (tied weights)"
+    assert r.nodes == ("norm", "head")
+    assert r.reason == "weight head.weight of head is shared with aten.embedding in emb (tied weights)"
 
 
 def test_refuses_a_norm_weight_shared_by_two_norms() -> None:
     found, program = groups_of(SharedNormWeight())
     assert found.groups == []
-    norms = sorted(names(program, torch.ops.aten.rms_norm.default))
-    assert len(found.refused) == 2 and len(norms) == 2
+    assert len(found.refused) == 2
     (weight,) = [n for n in program.graph.find_nodes(op="get_attr") if len(n.users) == 2]
+    assert [r.nodes for r in found.refused] == [("norm1", "fc1"), ("norm2", "fc2")]
     for r in found.refused:
-        assert r.kind == "norm-linear" and r.nodes[1] == weight.name
-        assert r.reason == f"constant {weight.target} is shared by 2 nodes: {', '.join(norms)}"
+        assert r.kind == "norm-linear"
+        assert r.reason == (
+            f"constant {weight.target} is shared by 2 nodes: "
+            "aten.rms_norm in norm1, aten.rms_norm in norm2"
+        )
 
 
 def test_nonlinear_op_between_linears_is_not_a_group() -> None:
@@ -334,7 +333,8 @@ def test_both_factors_depending_on_the_producer_is_refused() -> None:
     assert found.groups == []
     (r,) = found.refused
     (sigmoid,) = names(program, torch.ops.aten.sigmoid.default)
-    assert sigmoid in r.reason
+    assert r.nodes == ("fc1", "fc2")
+    assert r.reason == f"values also read by aten.sigmoid ({sigmoid})"
 
 
 def test_linear_linear_chain_through_views() -> None:
@@ -352,7 +352,7 @@ def test_linear_linear_chain_mixing_channels_is_refused() -> None:
     (r,) = found.refused
     assert r.kind == "linear-linear"
     assert r.reason == "the path between producer and consumer mixes channels"
-    assert set(r.nodes) == names(program, torch.ops.aten.linear.default)
+    assert r.nodes == ("fc1", "fc2")
 
 
 class LastTokenHead(nn.Module):
@@ -383,33 +383,6 @@ class ScaledChain(nn.Module):
         return self.fc2(self.fc1(x) * self.gamma * 0.5)
 
 
-class PartialRead(nn.Module):
-    """fc2 reads only channels 8..23 of fc1: no scale for the other channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.fc2 = nn.Linear(16, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x)[..., 8:24])
-
-
-class FusedQKV(nn.Module):
-    """One qkv linear split in three: scaling the v rows would also need q and k untouched."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(16, 48)
-        self.o = nn.Linear(16, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q, k, v = (t.view(b, s, 2, 8).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
-        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(out.transpose(1, 2).reshape(b, s, 16))
-
-
 def test_norm_linear_through_a_sequence_slice() -> None:
     found, program = groups_of(LastTokenHead())
     (g,) = found.groups
@@ -431,18 +404,3 @@ def test_constant_factors_keep_a_linear_linear_chain() -> None:
     assert torch.allclose(program(x), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_partial_read_of_the_producer_is_refused() -> None:
-    found, _ = groups_of(PartialRead())
-    assert found.groups == []
-    (r,) = found.refused
-    assert r.reason == "the consumer reads only 16 of the producer's 32 channels"
-
-
-def test_fused_qkv_is_refused_naming_the_other_parts() -> None:
-    found, program = groups_of(FusedQKV())
-    assert found.groups == []
-    (r,) = found.refused
-    assert r.kind == "ov"
-    getitems = sorted(n.name for n in program.graph.nodes if n.target is operator.getitem)
-    assert len(getitems) == 3
-    assert r.reason == f"values also read by {getitems[0]}, {getitems[1]}"

@@ -41,7 +41,7 @@ def nocalib():
 # CHECK-NEXT:    ov model.layers.0.self_attn.v_proj -> o_proj  [32 -> 64 channels]
 # CHECK-NEXT:    norm-linear model.layers.0.post_attention_layernorm -> gate_proj,up_proj
 # CHECK-NEXT:    up-down model.layers.0.mlp.up_proj -> down_proj
-# CHECK:         refused norm-linear at {{.*}}: weight lm_head.weight of {{.*}} is shared with embedding (tied weights)
+# CHECK:         refused norm-linear at model.norm -> lm_head: weight lm_head.weight of lm_head is shared with aten.embedding in model.embed_tokens (tied weights)
 # CHECK-NEXT:  activation-stats: 9 linear inputs
 # CHECK-NEXT:    {{.*}} -> model.layers.0.self_attn.k_proj,model.layers.0.self_attn.q_proj,model.layers.0.self_attn.v_proj: absmax {{.*}}, tokens 32
 

@@ -17,7 +17,7 @@ def build():
 # GROUPS-NEXT:    norm-linear model.decoder.layers.0.self_attn_layer_norm -> q_proj,k_proj,v_proj
 # GROUPS-NEXT:    ov model.decoder.layers.0.self_attn.v_proj -> out_proj
 # GROUPS-NEXT:    norm-linear model.decoder.layers.0.final_layer_norm -> fc1
-# GROUPS:         refused norm-linear at layer_norm_4, {{.*}}: weight lm_head.weight {{.*}} (tied weights)
+# GROUPS:         refused norm-linear at model.decoder.final_layer_norm -> lm_head: weight lm_head.weight {{.*}} (tied weights)
 
 # CHECK-LABEL: Pass statistics report
 # CHECK:         (4) smoothed norm-linear groups
