@@ -76,7 +76,7 @@ def check_float_checkpoint(d: Path) -> None:
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {config}: {one_line(exc)}") from exc
+        raise UserError(f"cannot load {config}: {one_line(exc)}") from exc
     qc = data.get("quantization_config") if isinstance(data, dict) else None
     if qc:
         method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"

@@ -142,8 +142,13 @@ def test_occupied_save_dir_is_refused_before_quantizing(model_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert "--overwrite" in err and "pipeline:" not in err  # refused before loading the model
     assert (out / "keep.txt").read_text() == "user data"
-    assert main([*argv, "--overwrite"]) == 0
-    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+    assert main([*argv, "--overwrite"]) == 1  # --overwrite replaces only a model directory
+    assert "does not look like a model directory" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    assert main(argv) == 0  # an empty directory is written
+    assert (out / "config.json").exists()
+    assert main([*argv, "--overwrite"]) == 0  # and the model it holds replaced
 
 
 def test_anti_outlier_smooths_before_quantizing(model_dir, tmp_path, capsys) -> None:

@@ -163,10 +163,11 @@ def cmd_quant(args: argparse.Namespace) -> int:
     pm = PassManager.parse(pipeline)
     if args.save is None and not args.eval:
         raise UserError("nothing to do: give --save DIR and/or --eval N")
+    if args.save is not None:
+        inputs = [args.model] if args.model is not None else []
+        check_target(args.save, overwrite=args.overwrite, protected=inputs)
     model_dir = model_directory(args.model)
     check_float_checkpoint(model_dir)
-    if args.save is not None:
-        check_target(args.save, overwrite=args.overwrite, protected=[model_dir])
     tokenizer = load_tokenizer(model_dir)
     ids = eval_token_ids(tokenizer) if args.eval else None
     if ids is not None:

@@ -55,16 +55,16 @@ def _is_same_or_ancestor(candidate: Path, of: Path) -> bool:
 def _refuse_protected(target: Path, protected: Sequence[str | os.PathLike[str]]) -> None:
     """Refuse the working directory, the home directory, their parents and the inputs."""
     real = target.resolve()
+    home = Path.home().resolve()
+    if _is_same_or_ancestor(real, home):
+        what = "the home directory" if real == home else "a parent of the home directory"
+        raise UserError(f"cannot save to {target}: it is {what}; give a new directory")
     try:
         cwd = Path.cwd().resolve()
     except OSError:  # the working directory was deleted
         cwd = None
     if cwd is not None and _is_same_or_ancestor(real, cwd):
         what = "the working directory" if real == cwd else "a parent of the working directory"
-        raise UserError(f"cannot save to {target}: it is {what}; give a new directory")
-    home = Path.home().resolve()
-    if _is_same_or_ancestor(real, home):
-        what = "the home directory" if real == home else "a parent of the home directory"
         raise UserError(f"cannot save to {target}: it is {what}; give a new directory")
     for item in protected:
         source = Path(item).expanduser().resolve()
