@@ -158,7 +158,8 @@ class AbsMean:
 
 
 def folded_values(group: LinearGroup) -> set[fx.Node]:
-    """Nodes whose values change when a scale is folded into the group (its input and path)."""
+    """Nodes whose values change when a scale is folded into the group (its input and path; not
+    the other parts of a fused producer, whose rows the fold leaves alone)."""
     if group.carrier is not None:
         starts = [group.carrier.weight, group.carrier.bias]
     else:
@@ -166,7 +167,7 @@ def folded_values(group: LinearGroup) -> set[fx.Node]:
         p = group.producer
         bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
         starts = [p.args[1], bias]
-    stop = set(group.targets)
+    stop = set(group.targets) | set(group.side_reads)  # side reads see only unscaled rows
     seen: set[fx.Node] = set()
     stack = [u for c in starts if isinstance(c, fx.Node) for u in c.users]
     while stack:

@@ -42,7 +42,8 @@ class SmoothingPass(Pass):
         from slimc.passes.linear_quant import matches
 
         chosen = []
-        for group in am.get(LinearGroups).in_layer_order():
+        found = am.get(LinearGroups)
+        for group in found.in_layer_order():
             if group.kind not in self.enable_subgraph_type:
                 continue
             paths = [node_loc(t) for t in group.targets]
@@ -52,7 +53,13 @@ class SmoothingPass(Pass):
                 continue
             chosen.append(group)
         if not chosen:
-            log.warning("%s: no group selected (kinds %s)", self.name, self.enable_subgraph_type)
+            kinds = ", ".join(self.enable_subgraph_type)
+            refused = [r for r in found.refused if r.kind in self.enable_subgraph_type]
+            why = ""
+            if refused:
+                more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+                why = f"; refused: {refused[0]}{more}"
+            log.warning("%s: no group selected (kinds %s)%s", self.name, kinds, why)
         for group in chosen:
             self.stat(program, f"smoothed {group.kind} groups")
         return chosen

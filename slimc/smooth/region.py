@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from slimc.analyses.linear_groups import where_all
 from slimc.program import Program, node_loc
 from slimc.runner import Hook
 
@@ -72,10 +73,10 @@ class Region:
         return cls(list(nodes), inputs, constants, outputs, prefix)
 
     def __str__(self) -> str:
-        where = self.prefix or ",".join(node_loc(n) or n.name for n in self.outputs)
+        at = self.prefix or ",".join(node_loc(n) or n.name for n in self.outputs)
         return (
-            f"{where} ({len(self.nodes)} nodes, inputs {', '.join(n.name for n in self.inputs)}"
-            f"; outputs {', '.join(n.name for n in self.outputs)})"
+            f"{at} ({len(self.nodes)} nodes, inputs {where_all(self.inputs)}"
+            f"; outputs {where_all(self.outputs)})"
         )
 
     def run(
@@ -128,9 +129,11 @@ def lca_region(targets: Sequence[fx.Node], nodes: Sequence[fx.Node]) -> Region:
         loc = node_loc(n)
         if loc is not None and (loc == prefix or loc.startswith(within)):
             members.add(n)
-    missing = [t.name for t in targets if t not in members]
+    missing = [t for t in targets if t not in members]
     if missing:
-        raise RegionError(f"targets {', '.join(missing)} are not in the segment of module {prefix}")
+        raise RegionError(
+            f"targets {where_all(missing)} are not in the segment of module {prefix}"
+        )
     # helper nodes without a location that only connect region nodes (e.g. getitems)
     changed = True
     while changed:
@@ -183,7 +186,7 @@ class Recorder:
                     wanted.discard(a)
         if wanted:
             raise RegionError(
-                f"inputs {', '.join(a.name for a in wanted)} are only read as keyword arguments"
+                f"inputs {where_all(sorted(wanted))} are only read as keyword arguments"
             )
         if not self._readers:
             raise RegionError("the region reads nothing from outside")

@@ -151,7 +151,11 @@ def test_region_across_layers_is_refused(program: Program) -> None:
     g0 = group_at(program, "ov", 0, "self_attn.o_proj")
     g1 = group_at(program, "ov", 1, "self_attn.o_proj")
     seg = segment_of(program, g0.targets[0])
-    with pytest.raises(RegionError, match="not in the segment"):
+    with pytest.raises(
+        RegionError,
+        match=r"^targets model\.layers\.1\.self_attn\.o_proj are not in the segment of module "
+        r"model\.layers$",
+    ):
         lca_region((g0.targets[0], g1.targets[0]), seg.nodes)
 
 
