@@ -381,3 +381,43 @@ def test_console_script_errors_are_one_line(tmp_path: Path) -> None:
         f"slimc: error: cannot save to {tmp_path}: it is the working directory; "
         "give a new directory"
     )
+
+
+# -- slimc.compile arguments -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("model", "passes", "message"),
+    [
+        ("tiny", 123, 'pipeline as a string ("w8a8-dynamic") or a list of passes, got int 123'),
+        ("tiny", ["w8a16", 3], "or a list of passes, got list"),
+        ("org/name", "w8a16", "not the path 'org/name'; a local model directory is needed"),
+        (42, "w8a16", "needs an nn.Module as the model, got int"),
+    ],
+)
+def test_compile_arguments_are_checked(model, passes, message) -> None:
+    import slimc
+    from slimc.errors import UserError
+
+    with pytest.raises(UserError) as exc:
+        slimc.compile(tiny_llama(layers=1) if model == "tiny" else model, passes)
+    assert message in str(exc.value)
+
+
+def test_compile_on_a_local_directory_path_says_how_to_load_it(model_dir) -> None:
+    import slimc
+    from slimc.errors import UserError
+
+    with pytest.raises(UserError, match=r"load it first: model, tokenizer = slimc\.data\.load_"):
+        slimc.compile(str(model_dir), "w8a16")
+
+
+def test_compile_refuses_compiled_and_quantized_models() -> None:
+    import slimc
+    from slimc.errors import UserError
+
+    model = tiny_llama(layers=1)
+    compiled = slimc.compile(model, "w8a16")
+    with pytest.raises(UserError, match="already compiled by slimc .model.layers.0.self_attn.q"):
+        slimc.compile(compiled, "lower-cpu")
+    model.config.quantization_config = {"quant_method": "gptq"}
+    with pytest.raises(UserError, match=r"already quantized \(quantization_config: quant_meth"):
+        slimc.compile(model, "w8a16")
