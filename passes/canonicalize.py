@@ -8,6 +8,7 @@ import torch
 from torch import fx
 
 from slimc.analysis import AnalysisManager
+from slimc.linear_forms import canonicalize_linears
 from slimc.pass_base import Pass, PassResult, Preserved
 from slimc.program import Program
 from slimc.stage import Stage
@@ -52,9 +53,15 @@ def _same_as_input(node: fx.Node) -> fx.Node | None:
 
 @dataclass(frozen=True, kw_only=True)
 class Canonicalize(Pass):
-    """Remove export guards, runtime asserts and no-op casts; drop dead code.
+    """Remove export guards, runtime asserts and no-op casts; rewrite linears; drop dead code.
 
-    Exact: every removed node is an assertion, a guard call or returns its input unchanged.
+    Linears computed as matmul / mm / addmm on a constant 2-D weight (with or without a
+    transpose, a bias add, or the reshapes around `addmm`: GPT-2's `Conv1D`, `FalconLinear`)
+    become `aten.linear(x, weight[out, in], bias)`; a weight stored [in, out] is transposed in
+    the program (write-back stores it back in the model's layout).
+
+    Exact: every removed node is an assertion, a guard call or returns its input unchanged, and
+    a rewritten linear computes the same product.
     """
 
     name = "canonicalize"
@@ -76,9 +83,12 @@ class Canonicalize(Pass):
                 node.replace_all_uses_with(src)
                 graph.erase_node(node)
                 changed += 1
+        linears = canonicalize_linears(program)
+        if linears:
+            self.stat(program, "linears recognised from matmul/addmm", linears)
         before = len(graph.nodes)
         graph.eliminate_dead_code()
-        changed += before - len(graph.nodes)
+        changed += linears + before - len(graph.nodes)
         if changed:
             program.recompile()
             self.stat(program, "removed-nodes", changed)

@@ -18,7 +18,13 @@ class QuantizedLinear(nn.Module):
         weight_zero_point: int8 [N, G] or absent for symmetric weights.
         input_scale / input_zero_point: float32 [1] / int32 [1] for static activations.
         bias: optional float bias.
+
+    Attributes:
+        replaced_type: class name of the float layer this one replaced when that was not an
+            `nn.Linear` (GPT-2's `Conv1D`), else None; such a layer has no compressed-tensors form.
     """
+
+    replaced_type: str | None = None
 
     def __init__(
         self,
@@ -163,8 +169,10 @@ class KernelLinear(nn.Module):
 
     What write-back makes of a node a lowering pass bound to a kernel (see `slimc.kernel`).
     `arg_spec` lists the op's arguments after `x`: ("buffer", name) for a tensor held here,
-    ("value", literal) for anything else.
+    ("value", literal) for anything else. `replaced_type` as for `QuantizedLinear`.
     """
+
+    replaced_type: str | None = None
 
     def __init__(
         self,

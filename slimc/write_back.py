@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from slimc.errors import UserError
 from slimc.kernel import binding_of
+from slimc.linear_forms import RECOGNIZED_LINEARS_KEY, TRANSPOSED_WEIGHTS_KEY
 from slimc.nn import (
     HadamardInputRotation,
     HadamardRotation,
@@ -250,19 +251,50 @@ def _untie_parameters(model: nn.Module, program: Program) -> None:
             model.all_tied_weights_keys = {}
 
 
+def _check_replaceable(program: Program, path: str | None, old: nn.Module | None) -> None:
+    """Refuse to replace a module that is neither a linear nor one canonicalize recognised as one.
+
+    Raises:
+        UserError: `old` is not a layer computing the linear at `path`.
+    """
+    if isinstance(old, (nn.Linear, QuantizedLinear, KernelLinear)):
+        return
+    recognized = program.metadata.get(RECOGNIZED_LINEARS_KEY, {})
+    if old is not None and path in recognized:
+        return
+    raise UserError(
+        f"cannot write back quantized linear {path!r}: not an nn.Linear in the model"
+    )
+
+
+def _replaced_type(old: nn.Module | None) -> str | None:
+    """The class name write-back records on a quantized layer replacing a non-Linear module."""
+    if isinstance(old, (QuantizedLinear, KernelLinear)):
+        return old.replaced_type
+    return None if isinstance(old, nn.Linear) else type(old).__name__
+
+
 def write_back(model: nn.Module, program: Program) -> None:
     """Copy transformed weights into `model` and swap quantized linears for QuantizedLinear.
 
+    Weights the program holds transposed (GPT-2's `Conv1D`, stored [in, out]) are stored back in
+    the module's layout; a quantized linear canonicalize recognised from a matmul / addmm form
+    replaces the module that computed it, as for an `nn.Linear`.
+
     Raises:
-        UserError: a fused linear whose module path is not an `nn.Linear` of `model`.
+        UserError: a fused linear whose module path is neither an `nn.Linear` of `model` nor a
+            module canonicalize recognised as a linear.
     """
     _untie_parameters(model, program)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
+    transposed = set(program.metadata.get(TRANSPOSED_WEIGHTS_KEY, ()))
     for target, tensor in program.weights.items():
         param = params.get(target)
         if param is None or param.data_ptr() == tensor.data_ptr():
             continue
+        if target in transposed:  # held [out, in] by the program, [in, out] by the module
+            tensor = tensor.t()
         if param.shape != tensor.shape:
             raise UserError(
                 f"cannot write back {target!r}: shape {tuple(tensor.shape)} "
@@ -297,10 +329,8 @@ def write_back(model: nn.Module, program: Program) -> None:
             parent, leaf, old = old, "module", old.module
         elif isinstance(old, HadamardInputRotation):  # the kernel op now does the rotation
             old = old.module
-        if not isinstance(old, (nn.Linear, QuantizedLinear, KernelLinear)):
-            raise UserError(
-                f"cannot write back quantized linear {path!r}: not an nn.Linear in the model"
-            )
+        _check_replaceable(program, path, old)
+        new.replaced_type = _replaced_type(old)
         setattr(parent, leaf, new)
     for node in input_rotations:
         _wrap_with_input_rotation(model, program, node)

@@ -135,3 +135,54 @@ def captured(name: str):
     if name not in _CAPTURED:
         _CAPTURED[name] = capture(builders[name](seed=0, layers=2))
     return copy.deepcopy(_CAPTURED[name])
+
+
+def tiny_gpt2(seed: int = 0, layers: int = 2):
+    """A small random `GPT2LMHeadModel`: `Conv1D` linears (weights stored [in, out], `addmm` in the
+    graph), LayerNorms, fused c_attn, tied head; norms and biases randomized."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=128,
+        n_embd=64,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).to(torch.float32).eval()
+    _randomize_norms_and_biases(model)
+    return model
+
+
+def tiny_falcon(seed: int = 0, layers: int = 2):
+    """A small random `FalconForCausalLM`: `FalconLinear` (`x @ W.T + b` in the graph) with
+    biases, multi-query attention, parallel attention/MLP; norms and biases randomized."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        bias=True,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = FalconForCausalLM(config).to(torch.float32).eval()
+    _randomize_norms_and_biases(model)
+    return model
+
+
+def _randomize_norms_and_biases(model: torch.nn.Module) -> None:
+    """LayerNorms start as (1, 0) and biases as 0: make them all matter."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and name.endswith("weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.uniform_(-0.5, 0.5)

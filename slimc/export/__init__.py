@@ -11,11 +11,25 @@ from typing import Any
 from slimc.errors import UserError
 from slimc.export.atomic import atomic_directory, check_target
 
-__all__ = ["FORMATS", "load", "save"]
+__all__ = ["FORMATS", "load", "resolve_format", "save"]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("compressed-tensors", "ascend-v1", "pt2")
+FORMATS = ("compressed-tensors", "ascend-v1", "pt2", "auto")
+
+
+def resolve_format(model: Any, format: str) -> str:  # noqa: A002 - the user-facing option name
+    """``auto``: compressed-tensors when it can hold `model`, else pt2 (the reason is logged)."""
+    if format != "auto":
+        return format
+    from slimc.export.compressed_tensors import check_expressible
+
+    try:
+        check_expressible(model)
+    except UserError as exc:
+        log.info("saving as pt2: %s", str(exc).split(";")[0])
+        return "pt2"
+    return "compressed-tensors"
 
 
 def save(
@@ -47,7 +61,9 @@ def save(
     Args:
         model: the model returned by ``slimc.compile`` (or a Program, for ``pt2``).
         path: the output directory.
-        format: ``"compressed-tensors"``, ``"ascend-v1"`` or ``"pt2"``.
+        format: ``"compressed-tensors"``, ``"ascend-v1"``, ``"pt2"`` or ``"auto"``.
+            ``"auto"``: compressed-tensors when it can hold the model, else pt2 (a model with
+            run-time rotations, norm biases or quantized GPT-2 ``Conv1D`` layers).
         tokenizer: a tokenizer to save alongside (compressed-tensors falls back to the one in
             the model's local source directory).
         overwrite: replace an existing non-empty directory.
@@ -62,6 +78,7 @@ def save(
     if format not in FORMATS:
         raise UserError(f"unknown save format {format!r}; expected one of {', '.join(FORMATS)}")
     target = check_target(path, overwrite=overwrite)
+    format = resolve_format(model, format)  # noqa: A001
     with atomic_directory(target, overwrite=overwrite) as tmp:
         if format == "pt2":
             from slimc.export.pt2 import save_pt2

@@ -166,8 +166,9 @@ def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
 
     Raises:
         UserError: not a Hugging Face model, run-time pieces a plain HF model cannot load
-            (norm output biases, online rotations), no quantized layers, or a scheme that
-            compressed-tensors cannot express; the message names the reason and points to pt2.
+            (norm output biases, online rotations), quantized layers that were not Linear
+            modules (GPT-2's Conv1D), no quantized layers, or a scheme that compressed-tensors
+            cannot express; the message names the reason and points to pt2.
     """
     from transformers import PreTrainedModel
 
@@ -194,6 +195,14 @@ def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
             f"time, which a Hugging Face model of this class cannot load; {PT2_HINT}"
         )
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    not_linear = [(n, q.replaced_type) for n, q in quantized.items() if q.replaced_type]
+    if not_linear:
+        name, kind = not_linear[0]
+        more = f" (and {len(not_linear) - 1} more)" if len(not_linear) > 1 else ""
+        raise UserError(
+            f"compressed-tensors quantizes Linear modules, and {name}{more} is a {kind}, whose "
+            f"weight a Hugging Face model of this class holds transposed; {PT2_HINT}"
+        )
     if not quantized:
         raise UserError(
             "the model has no quantized linear layers (compile it with slimc.compile first)"

@@ -103,7 +103,10 @@ def dequantize_weight(
 def _float_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     _check_dim(w.shape[1], x.shape[-1], "weight input dim K")
     b = None if bias is None else bias.to(x.dtype)
-    return F.linear(x, w.to(x.dtype), b).contiguous()
+    out = F.linear(x, w.to(x.dtype), b)
+    # with a bias, F.linear on [..., K] returns a view of its 2-D result; a custom op's output
+    # that is a view cannot be modified in place under autograd (Falcon's `mlp_output += ...`)
+    return out.clone() if out._base is not None else out.contiguous()
 
 
 def _out_shape(x: Tensor, n: int) -> list[int]:
