@@ -192,3 +192,9 @@ def test_a_second_quantizer_after_everything_is_quantized_is_fine() -> None:
     pipeline = 'linear-quant{scheme=w8a16 ignore=""},linear-quant{scheme=w4a16 ignore=""}'
     q = slimc.compile(mlp, pipeline, example_inputs=(x,), progress=False)
     assert {m.scheme.name for m in q.modules() if isinstance(m, QuantizedLinear)} == {"w8a16"}
+
+
+def test_gpt2_ascend_v1_is_refused_with_the_reason(tmp_path):
+    q = _compiled("gpt2", "w8a8-dynamic")
+    with pytest.raises(UserError, match=r"AscendV1 describes Linear layers, .* is a Conv1D.*pt2"):
+        slimc.save(q, tmp_path / "av1", format="ascend-v1")

@@ -126,6 +126,13 @@ def _check_model(model: nn.Module) -> dict[str, QuantizedLinear]:
             f"rotation) that AscendV1 cannot describe; {PT2_HINT}"
         )
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    not_linear = [(n, q.replaced_type) for n, q in quantized.items() if q.replaced_type]
+    if not_linear:
+        name, kind = not_linear[0]
+        raise UserError(
+            f"AscendV1 describes Linear layers, and {name} (and {len(not_linear) - 1} more) is "
+            f"a {kind}, whose weight the model's loaders hold transposed; {PT2_HINT}"
+        )
     if not quantized:
         raise UserError(
             "the model has no quantized linear layers (compile it with slimc.compile first)"
