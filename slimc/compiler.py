@@ -71,8 +71,7 @@ def check_compile_inputs(model: Any, passes: Any) -> None:
         raise UserError(
             f"slimc.compile needs an nn.Module as the model, got {type(model).__name__}"
         )
-    is_sequence = isinstance(passes, Sequence) and all(isinstance(p, (str, Pass)) for p in passes)
-    if not isinstance(passes, (str, Pass)) and not is_sequence:
+    if not isinstance(passes, (str, Pass, Sequence)):  # list items: checked by PassManager
         raise UserError(
             "slimc.compile needs the pipeline as a string (\"w8a8-dynamic\") or a list of "
             f"passes, got {type(passes).__name__} {repr(passes)[:60]}"
@@ -173,6 +172,8 @@ def compile_model(
         slimc.pass_base.PassFailure: a pass failed; the message names its pipeline position.
     """
     check_compile_inputs(model, passes)
+    if isinstance(passes, Pass):
+        passes = [passes]
     pm = PassManager.parse(passes, instrumentations=instrumentations)
     samples = normalize_calibration(calib)
     check_token_ids(model, samples)

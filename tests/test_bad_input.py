@@ -388,7 +388,7 @@ def test_console_script_errors_are_one_line(tmp_path: Path) -> None:
     ("model", "passes", "message"),
     [
         ("tiny", 123, 'pipeline as a string ("w8a8-dynamic") or a list of passes, got int 123'),
-        ("tiny", ["w8a16", 3], "or a list of passes, got list"),
+        ("tiny", ["w8a16", 3], "pipeline items must be pass objects or strings, got 3"),
         ("org/name", "w8a16", "not the path 'org/name'; a local model directory is needed"),
         (42, "w8a16", "needs an nn.Module as the model, got int"),
     ],
