@@ -23,26 +23,45 @@ class _Probe(fx.Interpreter):
     Products on a path pass the producer-side factor through unchanged (they scale elements, they
     do not move channels); attention over a value that is constant along the sequence returns
     that value, so the numbers arrive at the consumer input telling which producer channel feeds
-    each consumer channel.
+    each consumer channel. Every floating value is computed in float64 (constants, inputs and
+    dtype arguments are promoted), so channel numbers stay exact in a bf16 or fp16 model.
     """
 
     def __init__(self, gm: fx.GraphModule, producers: set[fx.Node], products: set[fx.Node]) -> None:
         super().__init__(gm)
         self.producers = producers
         self.products = products
-        self.seen: dict[fx.Node, torch.Tensor] = {}
+
+    def placeholder(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _wide(super().placeholder(target, args, kwargs))
+
+    def get_attr(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _wide(super().get_attr(target, args, kwargs))
+
+    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        args, kwargs = fx.node.map_aggregate((args, kwargs), _wide)  # type: ignore[assignment,arg-type]
+        return super().call_function(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if n in self.producers:
             channels = out.shape[-1]
-            ids = torch.arange(1, channels + 1, dtype=torch.float64).to(out.dtype)
+            ids = torch.arange(1, channels + 1, dtype=torch.float64)
             out = ids.expand(out.shape).clone()
         elif n in self.products:
             a, b = (self.env[x] if isinstance(x, fx.Node) else x for x in n.args[:2])
             picked = a if n.meta.get("_probe_side") == 0 else b
             out = picked.expand(out.shape).clone()
         return out
+
+
+def _wide(value: Any) -> Any:
+    """A floating tensor or dtype as float64; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.double()
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return torch.float64
+    return value
 
 
 def probe_channel_maps(

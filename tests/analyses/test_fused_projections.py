@@ -285,3 +285,27 @@ def test_refusals_of_decoders_name_module_paths(model: str) -> None:
             "norm-linear at model.norm -> lm_head: weight lm_head.weight of lm_head is shared "
             "with aten.embedding in model.embed_tokens (tied weights)"
         )
+
+
+class WideChain(nn.Module):
+    """fc1 -> fc2 over 600 channels: more channel numbers than bf16 holds exactly (256)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 600)
+        self.fc2 = nn.Linear(600, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_channel_probe_is_exact_in_low_precision(dtype: torch.dtype) -> None:
+    """The probe numbers channels in float64 whatever the model's dtype: no channel aliases
+    another (which would pass for a partial read of the wrong rows)."""
+    torch.manual_seed(0)
+    model = WideChain().to(dtype).eval()
+    program = capture(model, (torch.randn(2, 5, 16, dtype=dtype),))
+    (g,) = LinearGroups.compute(program).groups
+    assert torch.equal(g.channel_map, torch.arange(600))  # type: ignore[arg-type]
+    assert g.rows is None and g.source_channels() == 600
