@@ -80,7 +80,8 @@ class AdaptRotation(QuaRot):
     head rotations, untying, refusals). msModelSlim's adapt_rotation stages 1 and 2. The
     activation error of `A Q` and `A Q R` is reported in the statistics. Exact: float outputs
     are unchanged (`Q R` is orthogonal). Online rotations are Hadamard transforms, so models
-    that need them are refused (use quarot{online=true}).
+    that need them are refused (quarot rotates them). LayerNorm models are handled as by
+    quarot (mean-baking, `Q R` made to keep the all-ones direction).
     """
 
     name = "adapt-rotation"
@@ -89,7 +90,7 @@ class AdaptRotation(QuaRot):
     online: bool = option(
         False,
         "Must stay false: online rotations are Hadamard transforms and the learned rotation is "
-        "not one (models needing them are refused; use quarot{online=true}).",
+        "not one (models needing them are refused; quarot rotates them at run time).",
     )
     layer_type: tuple[str, ...] = option(
         ("up_proj",), "Module-path globs of the stream-reading linears whose inputs are fitted."
@@ -108,7 +109,7 @@ class AdaptRotation(QuaRot):
 
     def __post_init__(self) -> None:
         checks = [
-            (not self.online, "online=true is not supported (use quarot{online=true})"),
+            (not self.online, "online=true is not supported (quarot rotates such values)"),
             (bool(self.layer_type), "layer-type names no module path"),
             (self.max_samples >= 1, f"max-samples must be >= 1, got {self.max_samples}"),
             (2 <= self.quant_bits <= 8, f"quant-bits must be in [2, 8], got {self.quant_bits}"),
@@ -119,6 +120,10 @@ class AdaptRotation(QuaRot):
         for ok, msg in checks:
             if not ok:
                 raise OptionError(f"pass {self.name!r}: {msg}")
+
+    @property
+    def online_hint(self) -> str:
+        return "quarot rotates it at run time; a learned rotation is not a Hadamard"
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         program.require_calibration(self.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import fx
@@ -12,14 +13,25 @@ from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analyses.residual_stream import ResidualStream
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
-from slimc.pass_base import Pass, PassResult, option
+from slimc.pass_base import OptionError, Pass, PassResult, option
+from slimc.pipeline_spec import OptionValue
 from slimc.program import Program, node_loc
 from slimc.rotate import fold
+from slimc.rotate.mean_bake import bake_means, keeping_ones
 from slimc.rotate.hadamard import DEFAULT_SEED, random_hadamard, random_signs
 from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
+
+OnlineMode = Literal["auto", "always", "never"]
+ONLINE_ALIASES: dict[object, str] = {
+    "true": "always",
+    "false": "never",
+    True: "always",
+    False: "never",
+}
+"""Spellings of `online` kept from when it was a bool (`online=true` is `always`)."""
 
 
 class RotationRefused(UserError):
@@ -50,12 +62,32 @@ class QuaRot(Pass):
     which the ov channel map of LinearGroups confirms). Q = H diag(+-1) / sqrt(n) with seeded
     signs (msModelSlim's `random_hadamard_matrix`, seed 1234); non-power-of-two sizes use
     Paley x Sylvester Hadamard matrices. Reference: Ashkboos et al., QuaRot (2024).
-    Exact: float outputs are unchanged. Models whose stream cannot be rotated offline
-    (LayerNorm's mean, values added to the stream that no linear produces, such as Gemma2's
-    sandwich norms) are refused with the node named; with `online=true` the latter are rotated
-    at run time by a `slimc.hadamard` op instead (written back as `slimc.nn.HadamardRotation`).
-    `online-inputs` adds QuaRot's run-time rotation of chosen linears' inputs (down_proj): the
-    input is rotated by a Hadamard of its width and the weight absorbs the inverse.
+    Values added to the stream that no weight produces (the outputs of Gemma2/Gemma3/OLMo2's
+    post-sublayer "sandwich" norms) cannot be rotated offline: with `online=auto` (the default)
+    each is rotated at run time by a `slimc.hadamard` op (Q itself, written back as
+    `slimc.nn.HadamardRotation` around the norm) and counted as "online rotations";
+    `online=always` does the same (`true` is its old spelling); `online=never` (`false`) refuses
+    such models, naming the module. No online rotation is added where a fold is exact.
+    LayerNorm streams (OPT, GPT-2, GPT-NeoX, Falcon, StableLM, OLMo, Cohere): a LayerNorm is
+    `RMSNorm(x - mean(x)) * w + b`. First the means are baked into the writers (SliceGPT's and
+    QuaRot's step): embedding rows, positional tables and every linear adding into the stream
+    produce mean-free vectors (`E -> E - mean_c(E)`, `W -> (I - 11^T/d) W`, `b -> b - mean(b)`),
+    exact because every reader of the stream subtracts the mean anyway (where one does not, the
+    weights are left as they are). Then Q is made to keep the all-ones direction:
+    `Q -> Q G`, G the Householder reflection taking `1 Q` back to `1` (Q is unchanged on the
+    vectors orthogonal to both). Such a Q keeps the stream mean-free and commutes with the mean
+    subtraction (`mean(x Q) = mean(x)`, `|x Q - m 1| = |x - m 1|`), so each LayerNorm, kept as
+    it is in the graph and in the user's model, computes `RMSNorm(x) Q` on the rotated stream:
+    modules and checkpoints keep their form. A general Hadamard Q would need the LayerNorms to
+    be replaced by RMSNorms, which transformers cannot load. The LayerNorm's weight is fused into
+    its readers like an RMSNorm's; its bias goes into the readers' biases when all have one
+    (`c -> c + W b`), else stays in the norm as `(b / w) Q` (a zero weight under a nonzero bias:
+    readers are given biases). Online rotations are Hadamards that do not keep the all-ones
+    direction, so a LayerNorm stream that needs them is refused.
+    Exact: float outputs are unchanged. Anything else reading the stream in a way a rotation
+    does not commute with is refused with the node named. `online-inputs` adds QuaRot's
+    run-time rotation of chosen linears' inputs (down_proj): the input is rotated by a Hadamard
+    of its width and the weight absorbs the inverse.
     """
 
     name = "quarot"
@@ -67,16 +99,36 @@ class QuaRot(Pass):
     rotate_heads: bool = option(
         True, "Also rotate each attention head's values (v_proj rows, o_proj columns)."
     )
-    online: bool = option(
-        False,
-        "Rotate values added to the stream that no weight absorbs (e.g. sandwich norms' "
-        "outputs) at run time with slimc.hadamard; without it such models are refused.",
+    online: OnlineMode = option(
+        "auto",
+        "Values added to the stream that no weight absorbs (sandwich norms' outputs): auto and "
+        "always rotate them at run time with slimc.hadamard, only where a fold is not exact "
+        "(true = always); never refuses such models (false = never).",
     )
     online_inputs: tuple[str, ...] = option(
         (),
         "Module-path globs of linears whose input is also rotated at run time by a Hadamard "
         "of its width (QuaRot's down_proj rotation for 4-bit activations); W -> W Q is folded.",
     )
+
+    def __post_init__(self) -> None:
+        online = ONLINE_ALIASES.get(self.online, self.online)
+        if online not in ("auto", "always", "never"):
+            raise OptionError(
+                f"option 'online' of pass {self.name!r}: bad value {self.online!r} "
+                "(expected auto, always or never)"
+            )
+        object.__setattr__(self, "online", online)
+
+    @classmethod
+    def from_options(cls, options: dict[str, OptionValue]) -> Pass:
+        """As `Pass.from_options`, with `online=true|false` read as `always|never`."""
+        raw = options.get("online")
+        aliased = raw is not None and len(raw) == 1 and raw[0].lower() in ONLINE_ALIASES
+        if aliased and cls.option_types()["online"] == OnlineMode:
+            assert raw is not None
+            options = {**options, "online": (ONLINE_ALIASES[raw[0].lower()],)}
+        return super().from_options(options)
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         stream = am.get(ResidualStream)
@@ -99,11 +151,16 @@ class QuaRot(Pass):
                 where = node_loc(linear) or linear.name
                 raise RotationRefused(f"{self.name}: input of {where}: {exc}") from None
         self._untie(program, stream, heads, inputs)
-        for norm in stream.norms:
-            fold.fuse_norm(program, norm)
+        baked = bake_means(program, stream) if stream.mean_free_readers else 0
+        norm_biases = [n.carrier.bias for n in stream.norms if fold.fuse_norm(program, n)]
         q = self.hidden_rotation(program, stream, q)
+        if stream.centers:
+            q = keeping_ones(q)
         for embedding in stream.embeddings:
             fold.rotate_embedding(program, embedding, q)
+        for bias in norm_biases:
+            assert bias is not None
+            fold.rotate_bias(program, bias, q)
         for linear in stream.readers:
             fold.rotate_input(program, linear, q)
         for linear in stream.writers:
@@ -124,6 +181,11 @@ class QuaRot(Pass):
         program.recompile()
 
         self.stat(program, "fused norms", len(stream.norms))
+        if stream.centers:
+            self.stat(program, "mean-subtracting norms (LayerNorm)", _layer_norms(stream))
+            self.stat(program, "mean-baked weights", baked)
+            if norm_biases:
+                self.stat(program, "norm biases rotated in place", len(norm_biases))
         self.stat(program, "rotated embeddings", len(stream.embeddings))
         self.stat(program, "rotated linears", len({*stream.readers, *stream.writers}))
         self.stat(program, "rotated attention heads (v/o pairs)", len(heads))
@@ -161,20 +223,33 @@ class QuaRot(Pass):
             first = stream.refused[0]
             more = f" (and {len(stream.refused) - 1} more)" if len(stream.refused) > 1 else ""
             raise RotationRefused(f"{self.name}: cannot rotate the residual stream: {first}{more}")
-        if stream.online and not self.online:
+        if stream.online and self.online not in ("auto", "always"):
             point = stream.online[0]
             raise RotationRefused(
                 f"{self.name}: {point.value.name} ({node_loc(point.value) or '?'}) is added to the "
                 f"residual stream at {point.add.name}, but {point.reason}: no weight can absorb "
-                "the rotation offline (use quarot{online=true} to rotate it at run time)"
+                f"the rotation offline ({self.online_hint})"
+            )
+        if stream.online and stream.centers:
+            point = stream.online[0]
+            raise RotationRefused(
+                f"{self.name}: {point.value.name} ({node_loc(point.value) or '?'}) is added to a "
+                f"residual stream that {_where(stream.mean_readers[0])} centers, but "
+                f"{point.reason}: an online Hadamard would not keep the stream's mean"
             )
         for norm in stream.norms:
-            users = [u.name for u in norm.carrier.weight.users]
-            if len(users) > 1:
-                raise RotationRefused(
-                    f"{self.name}: norm weight {norm.carrier.weight.target} is shared by "
-                    f"{', '.join(users)}; its scale cannot be fused into one norm's readers"
-                )
+            for const in (norm.carrier.weight, norm.carrier.bias):
+                users = [u.name for u in const.users] if const is not None else []
+                if const is not None and len(users) > 1:
+                    raise RotationRefused(
+                        f"{self.name}: norm constant {const.target} is shared by "
+                        f"{', '.join(users)}; it cannot be fused into one norm's readers"
+                    )
+
+    @property
+    def online_hint(self) -> str:
+        """What to do about a value no weight can rotate, when this pass will not rotate it."""
+        return "quarot{online=auto} rotates it at run time"
 
     def _head_rotations(self, am: AnalysisManager) -> list[HeadRotation]:
         """The v -> o groups whose value path moves whole heads; others are left unrotated."""
@@ -205,6 +280,7 @@ class QuaRot(Pass):
         uses += [(linear, fold.WEIGHT) for linear in inputs]
         uses += [(linear, fold.WEIGHT) for linear in (*stream.readers, *stream.writers)]
         uses += [(linear, fold.BIAS) for linear in stream.writers]
+        uses += [(linear, fold.BIAS) for norm in stream.norms for linear in norm.readers]
         for head in heads:
             assert head.group.producer is not None
             uses += [(head.group.producer, fold.WEIGHT), (head.group.producer, fold.BIAS)]
@@ -215,3 +291,14 @@ class QuaRot(Pass):
             self.stat(program, "untied embeddings", tables)
         if len(moved) > tables:
             self.stat(program, "untied weights", len(moved) - tables)
+
+
+def _where(node: fx.Node) -> str:
+    loc = node_loc(node)
+    return f"{node.name} ({loc})" if loc else node.name
+
+
+def _layer_norms(stream: ResidualStream) -> int:
+    return sum(n.target is aten.layer_norm.default for n in stream.mean_readers) + sum(
+        n.target in (aten.mean.dim, aten.sum.dim_IntList) for n in stream.mean_readers
+    )

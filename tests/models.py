@@ -186,3 +186,77 @@ def _randomize_norms_and_biases(model: torch.nn.Module) -> None:
                 param.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 param.uniform_(-0.5, 0.5)
+
+
+def tiny_decoder(config_class: str, model_class: str, seed: int = 0, layers: int = 2, **config):
+    """A small random decoder of any transformers family (vocab 128, hidden 64, 4 heads), fp32,
+    eval mode, every norm weight in U(0.5, 1.5) and every bias in U(-0.5, 0.5).
+
+    Args:
+        config_class / model_class: names in `transformers` (`"GPTNeoXConfig"`, ...).
+        seed: torch seed for the random weights.
+        layers: number of decoder layers.
+        config: more config arguments (they override the tiny sizes).
+    """
+    import transformers
+
+    kwargs = {
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **config,
+    }
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs))
+    model = model.to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():
+        for module in model.modules():
+            norm = "norm" in type(module).__name__.lower()
+            for name, param in module.named_parameters(recurse=False):
+                if norm and name == "weight":
+                    param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+                elif name == "bias":
+                    param.copy_(torch.rand(param.shape, generator=gen) - 0.5)
+    return model
+
+
+def tiny_gpt_neox(seed: int = 0, layers: int = 2):
+    """GPT-NeoX: LayerNorms with biases, fused query_key_value, parallel attention + MLP."""
+    return tiny_decoder("GPTNeoXConfig", "GPTNeoXForCausalLM", seed, layers)
+
+
+def tiny_stablelm(seed: int = 0, layers: int = 2):
+    """StableLM: LayerNorms with biases read by linears without biases, GQA 4/2."""
+    return tiny_decoder(
+        "StableLmConfig", "StableLmForCausalLM", seed, layers, num_key_value_heads=2
+    )
+
+
+def tiny_olmo(seed: int = 0, layers: int = 2):
+    """OLMo: non-parametric LayerNorms (no weight, no bias)."""
+    return tiny_decoder("OlmoConfig", "OlmoForCausalLM", seed, layers)
+
+
+def tiny_cohere(seed: int = 0, layers: int = 2):
+    """Cohere: a LayerNorm written out in ops (mean, sub, pow), parallel attention + MLP, tied
+    head, logits scaled."""
+    return tiny_decoder("CohereConfig", "CohereForCausalLM", seed, layers, logit_scale=0.5)
+
+
+def tiny_gemma3(seed: int = 0, layers: int = 2):
+    """Gemma3: `x * (1 + w)` RMSNorms, sandwich norms, q/k norms, GQA 4/2."""
+    return tiny_decoder(
+        "Gemma3TextConfig", "Gemma3ForCausalLM", seed, layers, num_key_value_heads=2, head_dim=16
+    )
+
+
+def tiny_olmo2(seed: int = 0, layers: int = 2):
+    """OLMo2: RMSNorms after each sublayer only (post-norms), q/k norms."""
+    return tiny_decoder("Olmo2Config", "Olmo2ForCausalLM", seed, layers)

@@ -68,8 +68,12 @@ class ResidualStream:
     through its norms: q/k/v, gate/up, lm_head) right-rotated (`W Q`) after each of the `norms`
     scales is fused into its readers, and each of the `online` values is rotated at run time.
     What lets the rotation through: channel sums of squares (RMSNorm statistics), per-token
-    factors, residual adds, casts and moves that keep the channel dim. Anything else reading the
-    stream is refused with the node named (LayerNorm's mean, a graph output of hidden states).
+    factors, residual adds, casts and moves that keep the channel dim. `mean_readers` are the
+    nodes that subtract the channel mean (LayerNorm, `x - mean(x)`, and the means themselves):
+    they let a rotation through only if it maps the all-ones direction to itself; nodes in
+    `mean_dependent` read the stream's mean (an RMSNorm or a linear on the raw stream), which
+    mean-baking would change. Anything else reading the stream is refused with the node named
+    (a graph output of hidden states, a per-channel op that is not a norm scale).
     """
 
     name = "residual-stream"
@@ -82,6 +86,20 @@ class ResidualStream:
     norms: list[NormScale] = field(default_factory=list)
     online: list[OnlinePoint] = field(default_factory=list)
     refused: list[StreamRefusal] = field(default_factory=list)
+    mean_readers: list[fx.Node] = field(default_factory=list)
+    mean_dependent: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def centers(self) -> bool:
+        """Whether a norm subtracts the stream's channel mean (LayerNorm): the rotation must then
+        map the all-ones direction to itself."""
+        return bool(self.mean_readers)
+
+    @property
+    def mean_free_readers(self) -> bool:
+        """Whether every reader of the stream removes its channel mean first (each value read is
+        the same for `x` and `x - mean(x)`), so mean-baking the writers is exact."""
+        return self.centers and not self.mean_dependent
 
     @classmethod
     def compute(cls, program: Program, am: AnalysisManager | None = None) -> ResidualStream:
@@ -111,6 +129,11 @@ class ResidualStream:
             f"{len(self.readers)} readers, {len(self.norms)} norms, {len(self.online)} online, "
             f"{len(self.refused)} refused"
         ]
+        if self.centers:
+            bake = "exact" if self.mean_free_readers else "not exact (the mean is read)"
+            lines.append(
+                f"  {len(self.mean_readers)} nodes subtract the channel mean; mean-baking {bake}"
+            )
         lines += [f"  embedding {_where(n)}" for n in self.embeddings]
         lines += [f"  writer {_where(n)}" for n in self.writers]
         for norm in self.norms:
@@ -118,6 +141,8 @@ class ResidualStream:
             lines.append(f"  norm {_where(norm.carrier.node)} -> {readers}")
         lines += [f"  online {_where(p.value)}: {p.reason}" for p in self.online]
         lines += [f"  refused {r}" for r in self.refused]
+        if self.centers:
+            lines += [f"  reads the mean {_where(n)} ({n.name})" for n in self.mean_dependent]
         return "\n".join(lines)
 
 
@@ -147,7 +172,9 @@ class _Walker:
 
     `rot` holds the stream tensors (their channels are rotated); `norm_of` tags those that still
     carry a norm's scale (only linears may read them); `squares` holds `x * x` of stream tensors
-    (only channel sums may read them). Every other node keeps its value.
+    (only channel sums may read them); `centered` holds the stream tensors whose channel mean was
+    removed (a LayerNorm's output, `x - mean(x)`); `means` maps a channel mean to its input.
+    Every other node keeps its value.
     """
 
     def __init__(self, result: ResidualStream) -> None:
@@ -155,6 +182,8 @@ class _Walker:
         self.rot: set[fx.Node] = result.nodes
         self.norm_of: dict[fx.Node, NormScale] = {}
         self.squares: set[fx.Node] = set()
+        self.centered: set[fx.Node] = set()
+        self.means: dict[fx.Node, fx.Node] = {}
 
     def refuse(self, node: fx.Node, reason: str) -> None:
         self.result.refused.append(StreamRefusal(node, reason))
@@ -203,6 +232,7 @@ class _Walker:
                 self.refuse(node, "a linear reading the stream has no constant weight")
                 return
             self.result.readers.append(node)
+            self.reads_mean(node, x)
             if tag is not None:
                 tag.readers.append(node)
         elif tag is not None and self.per_token_scaling(node):
@@ -212,29 +242,82 @@ class _Walker:
             self.refuse(node, f"reads the output of norm {norm}, whose scale only linears absorb")
         elif t is aten.pow.Tensor_Scalar and node.args[1] == 2:
             self.squares.add(node)
+            self.reads_mean(node, x)
         elif t is aten.linalg_vector_norm.default and _is_l2_over_channels(node):
-            return  # |x| per token: unchanged by the rotation
+            self.reads_mean(node, x)  # |x| per token: unchanged by the rotation
         elif t in (aten.mul.Tensor, aten.div.Tensor):
             self.visit_product(node)
         elif t in (aten.add.Tensor, aten.sub.Tensor):
             self.visit_sum(node)
         elif t is aten.rms_norm.default:
+            self.reads_mean(node, x)
             self.visit_rms_norm(node)
-        elif t in (aten.layer_norm.default, aten.native_layer_norm.default):
-            self.refuse(
-                node,
-                "LayerNorm subtracts the channel mean, which a rotation does not keep "
-                "(the model would need mean-baking)",
-            )
+        elif t is aten.layer_norm.default and channel_op:
+            self.visit_layer_norm(node)
+        elif t in CHANNEL_SUMS and channel_op and self.channel_mean(node):
+            return
         elif t in CHANNEL_SUMS:
             self.refuse(node, f"{_op(node)} of the stream's channels is not rotation-invariant")
         else:
             self.refuse(node, f"{_op(node)} reads the stream; a rotation through it is not exact")
 
-    def mark(self, node: fx.Node, tag: NormScale | None) -> None:
+    def mark(self, node: fx.Node, tag: NormScale | None, centered: bool | None = None) -> None:
+        """Add `node` to the stream (with the norm scale it carries); it is centered when told,
+        or when every stream tensor it reads is."""
         self.rot.add(node)
         if tag is not None:
             self.norm_of[node] = tag
+        if centered is None:
+            centered = all(a in self.centered for a in node.all_input_nodes if a in self.rot)
+        if centered:
+            self.centered.add(node)
+
+    def reads_mean(self, node: fx.Node, x: object) -> None:
+        """`node` reads stream tensor `x` in a way that depends on its channel mean (unless `x`
+        is centered): mean-baking the writers would change its value."""
+        if x not in self.centered:
+            self.result.mean_dependent.append(node)
+
+    def channel_mean(self, node: fx.Node) -> bool:
+        """`mean(x, -1)` / `sum(x, -1)` of a stream tensor: a per-token value that a rotation
+        fixing the all-ones direction keeps. Whether its users only center `x` decides whether
+        mean-baking (which makes it zero) is exact."""
+        x = node.args[0]
+        val = _tensor(x)
+        if val is None or not _is_last_dim(node.args[1], val.dim()):
+            return False
+        assert isinstance(x, fx.Node)
+        self.result.mean_readers.append(node)
+        self.means[node] = x
+        centering = all(
+            u.target in SHAPE_ONLY or (u.target is aten.sub.Tensor and u.args == (x, node))
+            for u in node.users
+        )
+        if not centering or node.target is not aten.mean.dim:
+            self.reads_mean(node, x)
+        return True
+
+    def visit_layer_norm(self, node: fx.Node) -> None:
+        """A LayerNorm over the channels: its output is centered, and its weight and bias are a
+        norm scale for the linears reading it."""
+        shape = node.args[1]
+        if not isinstance(shape, (list, tuple)) or list(shape) != [self.result.hidden]:
+            hidden = self.result.hidden
+            self.refuse(node, f"layer_norm over {shape}, not over the {hidden} channels")
+            return
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+        self.result.mean_readers.append(node)
+        if weight is None and bias is None:
+            self.mark(node, None, centered=True)
+            return
+        carrier = _carrier(node, self.result.hidden)
+        if carrier is None:
+            self.refuse(node, "layer_norm whose weight is not a constant (or a bias without one)")
+            return
+        norm = NormScale(carrier)
+        self.result.norms.append(norm)
+        self.mark(node, norm, centered=True)
 
     def visit_square_user(self, node: fx.Node) -> None:
         square = node.args[0]
@@ -265,6 +348,7 @@ class _Walker:
         a, b = node.args[0], node.args[1]
         if node.target is aten.mul.Tensor and a is b:
             self.squares.add(node)
+            self.reads_mean(node, a)
             return
         if a in self.rot and b in self.rot:
             self.refuse(node, "multiplies two stream tensors")
@@ -293,17 +377,23 @@ class _Walker:
             return
         other = b if a in self.rot else a
         val = _tensor(other)
+        if a in self.rot and isinstance(other, fx.Node) and _per_token(other):
+            # x - s: a per-token shift along the all-ones direction (x - mean(x) centers x)
+            self.result.mean_readers.append(node)
+            centers = node.target is aten.sub.Tensor and self.means.get(other) is a
+            self.mark(node, None, centered=centers or a in self.centered)
+            return
         if val is None or val.dim() == 0 or val.shape[-1] != self.result.hidden:
             self.refuse(node, "adds a value that is not a hidden-size tensor to the stream")
             return
         assert isinstance(other, fx.Node)
-        writer, path, why = self.trace_writer(other, node)
-        if writer is None:
+        writers, path, why = self.trace_writers(other, node)
+        if not writers:
             self.result.online.append(OnlinePoint(other, node, why))
-        else:
+        for writer in writers:
             bucket = self.result.embeddings if writer.target is aten.embedding.default else None
             (bucket if bucket is not None else self.result.writers).append(writer)
-            self.rot.update([writer, *path])
+        self.rot.update([*writers, *path])
         self.mark(node, None)
 
     def visit_rms_norm(self, node: fx.Node) -> None:
@@ -320,39 +410,60 @@ class _Walker:
         self.mark(node, norm)
 
     # -- writers -----------------------------------------------------------------------------
-    def trace_writer(
+    def trace_writers(
         self, value: fx.Node, add: fx.Node
-    ) -> tuple[fx.Node | None, list[fx.Node], str]:
-        """The linear (or embedding) whose output reaches `add` as `value`, through casts, moves
-        and scalar factors read by nothing else; or None and the reason."""
-        path: list[fx.Node] = []
-        node = value
-        while True:
+    ) -> tuple[list[fx.Node], list[fx.Node], str]:
+        """The linears (or embeddings) whose outputs reach `add` as `value`, through casts,
+        moves, scalar factors and sums of such values (parallel attention + MLP), read by
+        nothing else; or no writer and the reason."""
+        writers: dict[fx.Node, None] = {}
+        path: dict[fx.Node, None] = {}
+        stack = [value]
+        while stack:
+            node = stack.pop()
+            if node in writers or node in path:
+                continue
             if node.op != "call_function":
-                return None, [], f"{node.name} is not computed by a linear"
+                return [], [], f"{node.name} is not computed by a linear"
             t = node.target
-            if t is aten.linear.default and is_constant(node.args[1]):
-                break
-            if t is aten.embedding.default and is_constant(node.args[0]):
-                break
+            if (t is aten.linear.default and is_constant(node.args[1])) or (
+                t is aten.embedding.default and is_constant(node.args[0])
+            ):
+                writers[node] = None
+                continue
             scalar_factor = t in (aten.mul.Tensor, aten.div.Tensor) and isinstance(
                 node.args[1], (int, float)
             )
             if scalar_factor or (t in MOVES and _keeps_channels(node)):
-                path.append(node)
-                node = node.args[0]  # type: ignore[assignment]
+                path[node] = None
+                stack.append(node.args[0])  # type: ignore[arg-type]
+            elif t is aten.add.Tensor and self.is_sum_of_values(node):
+                path[node] = None
+                stack.extend(node.args)  # type: ignore[arg-type]
             else:
-                return None, [], f"{_op(node)} at {_where(node)} is not a linear, cast or move"
+                return [], [], f"{_op(node)} at {_where(node)} is not a linear, cast or move"
         allowed = {add, *path}
         leaks = sorted(
             u.name
-            for n in (node, *path)
+            for n in (*writers, *path)
             for u in n.users
             if u not in allowed and _reads_value(u, n)
         )
         if leaks:
-            return None, [], f"the output of {node.name} is also read by {', '.join(leaks)}"
-        return node, path, ""
+            first = next(iter(writers))
+            return [], [], f"the output of {first.name} is also read by {', '.join(leaks)}"
+        return list(writers), list(path), ""
+
+    def is_sum_of_values(self, node: fx.Node) -> bool:
+        """`a + b` of two hidden-size tensors that are not stream tensors."""
+        if len(node.args) != 2 or node.kwargs:
+            return False
+        vals = [_tensor(a) for a in node.args]
+        return all(
+            isinstance(a, fx.Node) and a not in self.rot and v is not None and v.dim() > 0
+            and v.shape[-1] == self.result.hidden
+            for a, v in zip(node.args, vals, strict=True)
+        )
 
 
 def _reads_value(user: fx.Node, node: fx.Node) -> bool:

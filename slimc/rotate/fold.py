@@ -78,18 +78,62 @@ def _update(program: Program, node: fx.Node, fn: Callable[[torch.Tensor], torch.
 
 
 # -- norms and rotations ---------------------------------------------------------------------------
-def fuse_norm(program: Program, norm: NormScale) -> None:
+def fuse_norm(program: Program, norm: NormScale) -> bool:
     """Multiply the readers' columns by the norm scale (`c + w` for `x * (c + w)` norms), and set
-    the scale to one (`w = 1 - c`), so the norm output is the plain normalized stream."""
+    the scale to one (`w = 1 - c`), so the norm output is the plain normalized stream.
+
+    A norm bias `b` (LayerNorm) goes where it keeps the model's form: into the readers' biases
+    (`c -> c + W b`) when each reader has one; otherwise it stays in the norm as `b / s` (the
+    readers' `W diag(s)` turn it back into `W b`), which the caller must then rotate with the
+    stream; where a zero scale meets a nonzero bias, the readers are given biases.
+
+    Returns:
+        Whether the norm keeps a bias (to be rotated like the stream, `b -> b Q`).
+    """
     carrier = norm.carrier
     stored = _get(program, carrier.weight)
     weight = stored.detach().double()
     scale = (weight + carrier.offset).reshape(-1)
+    kept = _fuse_bias(program, norm, scale) if carrier.bias is not None else False
     for reader in norm.readers:
         const = _const(reader, WEIGHT)
         assert const is not None
         _update(program, const, lambda w: w * scale)
     _set(program, carrier.weight, torch.full_like(weight, 1.0 - carrier.offset), stored)
+    return kept
+
+
+def _fuse_bias(program: Program, norm: NormScale, scale: torch.Tensor) -> bool:
+    """Move a norm's bias out of the norm's scale (see `fuse_norm`); True if it stays there."""
+    assert norm.carrier.bias is not None
+    stored = _get(program, norm.carrier.bias)
+    bias = stored.detach().double().reshape(-1)
+    if not bool(bias.any()):
+        return False
+    if all(_const(r, BIAS) is not None for r in norm.readers) or bool((bias[scale == 0]).any()):
+        for reader in norm.readers:
+            weight = _const(reader, WEIGHT)
+            assert weight is not None
+            stored_w = _get(program, weight)
+            w = stored_w.detach().double()
+            const = _const(reader, BIAS)
+            if const is None:
+                loc = node_loc(reader) or reader.name
+                zeros = torch.zeros(w.shape[0], dtype=stored_w.dtype)
+                const = program.constant_node(program.unique_target(f"{loc}.bias"), zeros, reader)
+                reader.args = (*reader.args[:BIAS], const, *reader.args[BIAS + 1 :])
+                log.info("%s: given a bias (the LayerNorm bias before it)", loc)
+            _update(program, const, lambda c, w=w: c + w @ bias)
+        _set(program, norm.carrier.bias, torch.zeros_like(bias).reshape(stored.shape), stored)
+        return False
+    kept = torch.where(scale == 0, torch.zeros_like(bias), bias / scale)
+    _set(program, norm.carrier.bias, kept.reshape(stored.shape), stored)
+    return True
+
+
+def rotate_bias(program: Program, bias: fx.Node, q: torch.Tensor) -> None:
+    """`b -> b Q`: a per-channel constant added to the stream's channels (a norm bias)."""
+    _update(program, bias, lambda b: (b.reshape(-1) @ q).reshape(b.shape))
 
 
 def rotate_input(program: Program, linear: fx.Node, q: torch.Tensor) -> None:

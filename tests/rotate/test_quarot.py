@@ -9,11 +9,12 @@ from torch import nn
 import slimc
 from slimc.analyses.residual_stream import ResidualStream
 from slimc.capture import capture
-from slimc.errors import UserError
+from slimc.errors import PipelineError, UserError
 from slimc.nn import HadamardInputRotation, HadamardRotation, QuantizedLinear
 from slimc.pass_manager import PassManager
 from slimc.rotate.hadamard import random_hadamard
-from tests.models import captured, tiny_gemma2, tiny_llama
+from slimc.passes.quarot import QuaRot
+from tests.models import captured, tiny_gemma2, tiny_gemma3, tiny_llama, tiny_olmo2
 
 TOLERANCE = 1e-4  # max |out - ref| / max |ref|, fp32
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(7))
@@ -65,6 +66,9 @@ def test_rotated_graph_keeps_logits(heads: bool) -> None:
     assert stats["rotated embeddings"] == 1
     assert stats["untied embeddings"] == 1
     assert stats["rotated attention heads (v/o pairs)"] == (2 if heads else 0)
+    # online=auto adds no run-time rotation where every fold is exact
+    assert "online rotations" not in stats and "mean-baked weights" not in stats
+    assert not [n for n in program.graph.nodes if "hadamard" in str(n.target)]
     v_after = program.weights.get("model.layers.0.self_attn.v_proj.weight")
     assert not torch.allclose(v_after, v_before)
 
@@ -132,20 +136,50 @@ def test_rotation_then_dynamic_w8a8_quantizes_and_saves(tmp_path) -> None:
     assert float((got - want).norm() / want.norm()) < 3e-2
 
 
-# -- what cannot be rotated offline ----------------------------------------------------------------
-def test_gemma2_sandwich_norms_are_refused_with_the_node_named() -> None:
+# -- values no weight can rotate: online rotations ------------------------------------------------
+def test_online_option_spellings() -> None:
+    assert QuaRot().online == "auto" and QuaRot(online=True).online == "always"
+    spellings = [("true", "always"), ("False", "never"), ("always", "always"), ("auto", "auto")]
+    for text, mode in spellings:
+        (step,) = PassManager.parse(f"quarot{{online={text}}}").steps
+        assert isinstance(step, QuaRot) and step.online == mode
+    with pytest.raises(PipelineError, match="option 'online' of pass 'quarot': bad value 'maybe'"):
+        PassManager.parse("quarot{online=maybe}")
+
+
+@pytest.mark.parametrize("never", ["never", "false"])
+def test_online_never_refuses_sandwich_norms_with_the_module_named(never: str) -> None:
     program = captured("gemma2")
     with pytest.raises(
         UserError,
         match=r"type_as_1 \(model.layers.0.post_attention_layernorm\) is added to the residual "
-        r"stream at add_12.*quarot\{online=true\}",
+        r"stream at add_12.*\(quarot\{online=auto\} rotates it at run time\)",
     ):
-        PassManager.parse("quarot").run(program)
+        PassManager.parse(f"quarot{{online={never}}}").run(program)
+
+
+@pytest.mark.parametrize("family", [tiny_gemma2, tiny_gemma3, tiny_olmo2])
+def test_sandwich_norms_are_rotated_online_by_plain_quarot(family) -> None:
+    """Gemma2/Gemma3 (pre and post norms) and OLMo2 (post norms only): exact, counted."""
+    model = family(seed=0, layers=2)
+    program = capture(model)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    PassManager.parse("quarot").run(program)
+    with torch.no_grad():
+        assert rel_err(program(IDS), ref) < TOLERANCE
+    stats = program.statistics["quarot"]
+    assert stats["online rotations"] == 4  # after attention and after the MLP, 2 layers
+    hadamards = [n for n in program.graph.nodes if "hadamard" in str(n.target)]
+    assert sorted({n.meta["slimc_loc"].rsplit(".", 1)[-1] for n in hadamards}) == [
+        "post_attention_layernorm",
+        "post_feedforward_layernorm",
+    ]
 
 
 def test_gemma2_online_rotation_is_exact_and_written_back(tmp_path) -> None:
     model = tiny_gemma2(layers=2)
-    rotated = slimc.compile(model, "quarot{online=true}", progress=False)
+    rotated = slimc.compile(model, "quarot", progress=False)
     assert rel_err(logits(rotated), logits(model)) < TOLERANCE
     wrapped = [n for n, m in rotated.named_modules() if isinstance(m, HadamardRotation)]
     assert wrapped == [
@@ -155,20 +189,11 @@ def test_gemma2_online_rotation_is_exact_and_written_back(tmp_path) -> None:
     ]
     stats = rotated.slimc_program.statistics["quarot"]
     assert stats["online rotations"] == 4 and stats["fused norms"] == 5
-    q = slimc.compile(model, "quarot{online=true},w8a8-dynamic", progress=False)
+    q = slimc.compile(model, "quarot{online=always},w8a8-dynamic", progress=False)
     with torch.no_grad():
         assert torch.equal(q.slimc_program(IDS), logits(q))
     with pytest.raises(UserError, match="quarot rotates the output of model.layers.0.*pt2"):
         slimc.save(q, tmp_path / "ct")
-
-
-def test_layer_norm_models_are_refused_with_the_node_named() -> None:
-    with pytest.raises(
-        UserError,
-        match=r"quarot: cannot rotate the residual stream: layer_norm "
-        r"\(model.decoder.layers.0.self_attn_layer_norm\): LayerNorm subtracts the channel mean",
-    ):
-        PassManager.parse("quarot").run(captured("opt"))
 
 
 def test_hidden_states_output_is_refused() -> None:

@@ -60,6 +60,6 @@ def gemma2():
 
 # NOMATCH: slimc-opt: error: adapt-rotation: no linear reading the residual stream matches layer-type=down_proj
 
-# ONLINE: slimc-opt: error: pass 'adapt-rotation': online=true is not supported (use quarot{online=true})
+# ONLINE: slimc-opt: error: pass 'adapt-rotation': online=true is not supported (quarot rotates such values)
 
-# GEMMA2: slimc-opt: error: adapt-rotation: type_as_1 (model.layers.0.post_attention_layernorm) is added to the residual stream at add_12, {{.*}} (use quarot{online=true} to rotate it at run time)
+# GEMMA2: slimc-opt: error: adapt-rotation: type_as_1 (model.layers.0.post_attention_layernorm) is added to the residual stream at add_12, {{.*}} (quarot rotates it at run time; a learned rotation is not a Hadamard)
