@@ -19,6 +19,7 @@ import torch
 from slimc.errors import UserError
 from slimc.export.atomic import apply_umask, current_umask
 from slimc.model_dir import check_model_directory, load_tokenizer
+from slimc.model_dir import one_line as _one_line
 
 __all__ = [
     "SMOLLM2_GGUF",
@@ -167,11 +168,6 @@ def smollm2_dir() -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved fp32 SmolLM2 to %s in %.1f s", out, time.perf_counter() - t0)
     return out
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def model_directory(path: str | os.PathLike[str] | None = None) -> Path:
