@@ -39,7 +39,7 @@ class _Probe(fx.Interpreter):
         return _wide(super().get_attr(target, args, kwargs))
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        args, kwargs = fx.node.map_aggregate((args, kwargs), _wide)  # type: ignore[assignment,arg-type]
+        args, kwargs = fx.node.map_aggregate((args, kwargs), _wide)  # type: ignore[assignment]
         return super().call_function(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:

@@ -210,7 +210,10 @@ def _depends_on(node: object, target: fx.Node, stop: Collection[fx.Node] = ()) -
     return False
 
 
-SELECTS = (MOVES - CASTS) | {aten.select.int, aten.narrow.default}
+PICKS = frozenset({aten.select.int, aten.narrow.default})
+"""Selections besides the moves: `qkv.view(b, s, 3, h, d).select(2, i)` picks one part."""
+
+SELECTS = (MOVES - CASTS) | PICKS
 """Ops whose output elements are some of their input's elements, unchanged: a reader of the
 producer through one of them sees only the channels it selects."""
 
@@ -253,7 +256,7 @@ def _path_group(
         if node.target is aten.linear.default and is_constant(node.args[1]):
             break
         path.append(node)
-        if node.target in MOVES:
+        if node.target in MOVES or node.target in PICKS:
             node = node.args[0]  # type: ignore[assignment]
         elif node.target is aten.mul.Tensor:
             a, b = node.args[0], node.args[1]
@@ -332,7 +335,7 @@ def _is_split(node: object) -> bool:
 
 def _leads_to_linear(node: fx.Node) -> bool:
     while node.op == "call_function":
-        if node.target in MOVES:
+        if node.target in MOVES or node.target in PICKS:
             node = node.args[0]  # type: ignore[assignment]
         elif node.target is operator.getitem and _is_split(node.args[0]):
             node = node.args[0].args[0]  # type: ignore[union-attr,assignment]

@@ -306,7 +306,9 @@ def test_refuses_a_weight_tied_to_an_embedding() -> None:
     assert found.groups == []
     (r,) = found.refused
     assert r.nodes == ("norm", "head")
-    assert r.reason == "weight head.weight of head is shared with aten.embedding in emb (tied weights)"
+    assert r.reason == (
+        "weight head.weight of head is shared with aten.embedding in emb (tied weights)"
+    )
 
 
 def test_refuses_a_norm_weight_shared_by_two_norms() -> None:

@@ -1,4 +1,4 @@
-"""Every smoothing pass on fused projections (Phi-3, GPT-NeoX): exact, and only the rows read scaled."""
+"""Every smoothing pass on fused projections (Phi-3, GPT-NeoX): exact, only the rows read scaled."""
 
 from __future__ import annotations
 
