@@ -421,3 +421,16 @@ def test_compile_refuses_compiled_and_quantized_models() -> None:
     model.config.quantization_config = {"quant_method": "gptq"}
     with pytest.raises(UserError, match=r"already quantized \(quantization_config: quant_meth"):
         slimc.compile(model, "w8a16")
+
+
+def test_save_api_never_replaces_the_directory_the_model_came_from(model_dir, tmp_path) -> None:
+    import slimc
+    from slimc.errors import UserError
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "float-model"
+    shutil.copytree(model_dir, source)
+    q = slimc.compile(AutoModelForCausalLM.from_pretrained(source), "w8a16")
+    with pytest.raises(UserError, match="it holds the input model"):
+        slimc.save(q, source, overwrite=True)
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in model_dir.iterdir())

@@ -77,7 +77,7 @@ def save(
     """
     if format not in FORMATS:
         raise UserError(f"unknown save format {format!r}; expected one of {', '.join(FORMATS)}")
-    target = check_target(path, overwrite=overwrite)
+    target = check_target(path, overwrite=overwrite, protected=_source_directories(model))
     format = resolve_format(model, format)  # noqa: A001
     with atomic_directory(target, overwrite=overwrite) as tmp:
         if format == "pt2":
@@ -94,6 +94,14 @@ def save(
             save_compressed_tensors(model, tmp, tokenizer)
     log.info("saved %s model to %s", format, target)
     return target
+
+
+def _source_directories(model: Any) -> list[Path]:
+    """The local directory the model was loaded from (never overwritten by a save), if any."""
+    source = str(getattr(model, "name_or_path", "") or "")
+    config = getattr(model, "config", None)
+    source = source or str(getattr(config, "_name_or_path", "") or "")
+    return [Path(source)] if source and Path(source).is_dir() else []
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
