@@ -75,11 +75,12 @@ class QuaRot(Pass):
     exact because every reader of the stream subtracts the mean anyway (where one does not, the
     weights are left as they are). Then Q is made to keep the all-ones direction:
     `Q -> Q G`, G the Householder reflection taking `1 Q` back to `1` (Q is unchanged on the
-    vectors orthogonal to both). Such a Q keeps the stream mean-free and commutes with the mean
-    subtraction (`mean(x Q) = mean(x)`, `|x Q - m 1| = |x - m 1|`), so each LayerNorm, kept as
+    vectors orthogonal to both). Such a Q keeps the stream mean-free, so each LayerNorm, kept as
     it is in the graph and in the user's model, computes `RMSNorm(x) Q` on the rotated stream:
-    modules and checkpoints keep their form. A general Hadamard Q would need the LayerNorms to
-    be replaced by RMSNorms, which transformers cannot load. The LayerNorm's weight is fused into
+    modules and checkpoints keep their form (a general Hadamard Q would need the LayerNorms
+    replaced by RMSNorms, which transformers cannot load). Such a Q alone already commutes with
+    the mean subtraction (`mean(x Q) = mean(x)`); the baking removes the stream's mean, so no
+    LayerNorm cancels a large mean in low precision, and leaves the writers' weights mean-free. The LayerNorm's weight is fused into
     its readers like an RMSNorm's; its bias goes into the readers' biases when all have one
     (`c -> c + W b`), else stays in the norm as `(b / w) Q` (a zero weight under a nonzero bias:
     readers are given biases). Online rotations are Hadamards that do not keep the all-ones

@@ -186,3 +186,15 @@ def test_a_layer_norm_stream_needing_an_online_rotation_is_refused() -> None:
     program = capture(_Stream(online=True).eval(), (torch.randint(0, 32, (2, 5)),))
     with pytest.raises(UserError, match=r"post.*is added to a residual stream that .*centers"):
         PassManager.parse("quarot").run(program)
+
+
+def test_adapt_rotation_keeps_a_layer_norm_model_exact() -> None:
+    """The learned `Q R` is made to keep the all-ones direction too."""
+    model = models.tiny_opt(seed=0, layers=2)
+    program = capture(model)
+    gen = torch.Generator().manual_seed(1)
+    program.calibration = [(torch.randint(0, 128, (1, 32), generator=gen),) for _ in range(4)]
+    program.metadata["progress"] = False
+    PassManager.parse("adapt-rotation{layer-type=fc1 steps=3}").run(program)
+    assert rel_err(graph_logits(program), logits(model)) < TOLERANCE
+    assert program.statistics["adapt-rotation"]["mean-baked weights"] == 10
