@@ -198,3 +198,13 @@ def test_adapt_rotation_keeps_a_layer_norm_model_exact() -> None:
     PassManager.parse("adapt-rotation{layer-type=fc1 steps=3}").run(program)
     assert rel_err(graph_logits(program), logits(model)) < TOLERANCE
     assert program.statistics["adapt-rotation"]["mean-baked weights"] == 10
+
+
+@pytest.mark.parametrize("family", ["opt", "stablelm"])
+def test_rotated_and_quantized_layer_norm_model_saves_and_reloads(family: str, tmp_path) -> None:
+    """compressed-tensors: the LayerNorms (weight 1, bias in place or moved into the readers)
+    load as they are; the reload matches up to its per-token scale (absmax / 127.5)."""
+    quantized = slimc.compile(build(family), "quarot,w8a8-dynamic", progress=False)
+    reloaded = slimc.load(slimc.save(quantized, tmp_path / "ct"))
+    got, want = logits(reloaded), logits(quantized)
+    assert float((got - want).norm() / want.norm()) < 3e-2
