@@ -310,7 +310,8 @@ def test_print_analyses_after_smoothing(slimc_opt, cases: Path) -> None:
     assert res.err.index("Pass statistics report") < groups < stats
     assert "activation-stats: 9 linear inputs" in res.err
     assert re.search(
-        r"^  mul_\d+ -> model.layers.0.mlp.gate_proj,model.layers.0.mlp.up_proj: "
+        r"^  aten\.mul in model\.layers\.0\.post_attention_layernorm -> "
+        r"model.layers.0.mlp.gate_proj,model.layers.0.mlp.up_proj: "
         r"absmax [0-9.e+-]+ \(max/median [0-9.]+\), tokens 32$",
         res.err,
         re.MULTILINE,
