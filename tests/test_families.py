@@ -101,14 +101,11 @@ class Zoo:
 
         return capture_or_copy
 
-    def compile(
-        self, family: str, pipeline: str, dtype: torch.dtype = torch.float32, **kw: Any
-    ) -> nn.Module:
+    def compile(self, family: str, pipeline: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """`slimc.compile(model, pipeline)` of the family's model, once per module."""
         key = (family, pipeline, dtype)
         if key not in self.compiled:
-            self.compiled[key] = slimc.compile(
-                self.model(family, dtype), pipeline, progress=False, **kw
-            )
+            self.compiled[key] = slimc.compile(self.model(family, dtype), pipeline, progress=False)
         return self.compiled[key]
 
 
