@@ -182,9 +182,11 @@ def test_autoround_is_closer_to_float_than_rtn(captured: Program, scheme: str) -
     ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(9))
     ref = logits(captured, ids)
     errors, programs = {}, {}
+    # 30 iterations were too few for transformers 5.25's initialisation of this model (4% below
+    # RTN); at 100 (AutoRound's light default is 50, full 200) it is 31% below on w4a16
     for pipeline in (
         f"linear-quant{{scheme={scheme}}}",
-        f"autoround{{scheme={scheme} iters=30 seqlen=128 batch-size=8}}",
+        f"autoround{{scheme={scheme} iters=100 seqlen=128 batch-size=8}}",
     ):
         p = calibrated(captured)
         PassManager.parse(pipeline).run(p)
