@@ -36,7 +36,8 @@ class LowerCPU(LoweringPass):
 
     * dynamic W8A8 / W4A8 / W4A4 (int4 weights widened to int8 once): compiled per-token
       quantization, the int8 product on `int8-engine` (by default oneDNN's prepacked int8
-      linear, `cpu.onednn`, for weights of 4M elements and more where torch has it; else
+      linear, `cpu.onednn`, for weights of 4M elements and more where torch has it and the
+      CPU has VNNI or AMX, so its int32 sums are exact; else
       `torch._int_mm`, `cpu.int_mm`), compiled scale epilogue;
       the integer products are the reference's, so only the float epilogue's rounding differs;
     * the same behind an online input rotation (`slimc.hadamard`, from
@@ -62,7 +63,8 @@ class LowerCPU(LoweringPass):
     int8_engine: Literal["auto", "onednn", "int_mm"] = option(
         "auto",
         "int8 x int8 product of dynamic linears: oneDNN's prepacked int8 linear, torch._int_mm, "
-        "or auto (oneDNN for weights of 4M elements and more, where this torch has it)",
+        "or auto (oneDNN for weights of 4M elements and more, where this torch has it and the CPU "
+        "has VNNI or AMX)",
     )
 
     def _engine(self, weight: torch.Tensor) -> str:

@@ -69,11 +69,30 @@ def test_int8_dynamic_behind_a_rotation_is_the_reference(
 def test_onednn_product_is_the_int32_product():
     from slimc.kernels.cpu import onednn
 
+    if not onednn.available():
+        pytest.skip("oneDNN's int8 linear is not exact on this CPU (no VNNI / AMX)")
     gen = torch.Generator().manual_seed(5)
     w = torch.randint(-128, 128, (64, 320), dtype=torch.int8, generator=gen)
     x = torch.randint(-128, 128, (24, 320), dtype=torch.int8, generator=gen)
     expected = torch._int_mm(x, w.t()).float()
     assert torch.equal(onednn.matmul(x, w), expected)
+
+
+def test_onednn_is_not_used_where_its_int8_sums_saturate(monkeypatch: pytest.MonkeyPatch):
+    """Without VNNI / AMX, oneDNN adds product pairs in int16 with saturation: never bind it."""
+    import platform
+
+    from slimc.kernels.cpu import onednn
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    onednn.exact_int8_products.cache_clear()
+    try:
+        assert not onednn.available()
+        assert onednn.default_engine(8192, 8192) == "int_mm"
+    finally:
+        onednn.exact_int8_products.cache_clear()
 
 
 def test_onednn_weights_are_packed_once_per_weight_and_freed_with_it():

@@ -17,11 +17,29 @@ _PACKED: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
 
 
 def available() -> bool:
-    """Whether this torch has oneDNN's int8 linear (x86 and Arm builds with oneDNN do);
-    SLIMC_CPU_ONEDNN=0 turns it off."""
+    """Whether oneDNN's int8 linear is here and exact: this torch has it (x86 and Arm builds with
+    oneDNN do) and the CPU has VNNI or AMX; SLIMC_CPU_ONEDNN=0 turns it off.
+
+    Without VNNI (AVX2-only x86, e.g. an AMD EPYC before Zen 4), oneDNN's u8 x s8 kernel adds
+    pairs of products in int16 with saturation (`vpmaddubsw`), so full-range int8 activations
+    give wrong sums (off by up to 6 in the logits of a random test): `torch._int_mm` runs there.
+    """
     if os.environ.get("SLIMC_CPU_ONEDNN", "1") == "0":
         return False
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
+        return False
+    return exact_int8_products()
+
+
+@functools.lru_cache(maxsize=1)
+def exact_int8_products() -> bool:
+    """Whether the CPU accumulates int8 products in int32 (AVX512-VNNI or AMX on x86; Arm's
+    oneDNN builds use exact dot-product instructions)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
 
 
 MIN_WEIGHT_ELEMENTS = 1 << 22
