@@ -33,7 +33,9 @@ class Family:
         pre_norm_groups: each layer's linears read a norm with a weight that a smoothing scale
             folds into (not OLMo's weightless LayerNorm, not OLMo2's norms after each block).
         bitwise_capture: the captured graph computes bit for bit what the model computes
-            (Falcon's `x @ W.T + b` becomes one `aten.linear`: the bias is added in the product).
+            (Falcon's `x @ W.T + b` becomes one `aten.linear`: the bias is added in the product;
+            GPT-2's `addmm` on an [in, out] weight becomes a linear on the transposed weight,
+            whose multi-threaded GEMM sums in another order).
     """
 
     config_class: str
@@ -125,6 +127,7 @@ FAMILY_SPECS: dict[str, Family] = {
         layer_norm=True,
         gated_mlp=False,
         save_format="pt2",
+        bitwise_capture=False,
     ),
     "gpt_neox": Family(
         "GPTNeoXConfig",
