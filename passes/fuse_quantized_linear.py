@@ -10,61 +10,17 @@ from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.analysis import AnalysisManager
-from slimc.ir.builder import call, getitems, is_constant
+from slimc.ir.builder import call, getitems, new_constant
+from slimc.linear_match import QdqLinear, match_qdq_linear
+from slimc.ops.fused import LinearArgs, fused_linear_for
 from slimc.ops.packing import pack_int4
 from slimc.pass_base import Pass, PassResult
-from slimc.program import SCHEME_KEY, Program, node_loc
-from slimc.quant.scheme import LinearQuantScheme
+from slimc.program import SCHEME_KEY, Program
 from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 ops = torch.ops.slimc
-
-
-def _is(node: object, op: object) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op
-
-
-@dataclass(frozen=True)
-class QdqLinear:
-    """The pieces of one QDQ-form quantized linear."""
-
-    linear: fx.Node
-    scheme: LinearQuantScheme
-    x: fx.Node
-    qweight: fx.Node
-    w_scale: fx.Node
-    w_zero_point: fx.Node | None
-    bias: fx.Node | None
-    x_scale: fx.Node | None = None
-    x_zero_point: fx.Node | None = None
-
-
-def match_qdq_linear(node: fx.Node) -> QdqLinear | None:
-    """Recognise `aten.linear(act?, dequantize_affine(const), bias?)` made by linear-quant."""
-    scheme = node.meta.get(SCHEME_KEY)
-    if not _is(node, aten.linear.default) or scheme is None:
-        return None
-    x, w = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else None
-    if not _is(w, ops.dequantize_affine.default) or not is_constant(w.args[0]):
-        return None
-    pieces = dict(
-        linear=node,
-        scheme=scheme,
-        qweight=w.args[0],
-        w_scale=w.args[2],
-        w_zero_point=w.args[3],
-        bias=bias,
-    )
-    act = scheme.activation
-    if act is None:
-        return QdqLinear(x=x, **pieces)
-    if not (_is(x, ops.dequantize_affine.default) and _is(x.args[0], ops.quantize_affine.default)):
-        return None
-    q = x.args[0]
-    return QdqLinear(x=q.args[0], x_scale=q.args[2], x_zero_point=q.args[3], **pieces)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,19 +57,23 @@ class FuseQuantizedLinear(Pass):
         if m.scheme.weight.bits != 4:
             return m.qweight
         q = program.weights.get(str(m.qweight.target))
-        target = program.unique_target(f"{node_loc(m.linear) or m.linear.name}.weight_packed")
-        return program.constant_node(target, pack_int4(q), m.linear)
+        return new_constant(program, m.linear, "weight_packed", pack_int4(q))
 
     def _fuse(self, program: Program, m: QdqLinear) -> fx.Node:
         before, origin = m.linear, str(self)
-        act, wbits = m.scheme.activation, m.scheme.weight.bits
-        qweight = self._packed(program, m)
-        out_dtype = m.linear.meta["val"].dtype
+        act, fused = m.scheme.activation, fused_linear_for(m.scheme)
+        weights = dict(
+            weight=self._packed(program, m),
+            weight_scale=m.w_scale,
+            bias=m.bias,
+        )
         if act is None:
-            op = ops.linear_w4a16.default if wbits == 4 else ops.linear_w8a16.default
             group = m.scheme.weight.group_size if m.scheme.weight.granularity == "group" else -1
-            args = (m.x, qweight, m.w_scale, m.w_zero_point, group, m.bias)
-            return call(program, op, args, before=before, origin=origin)
+            args = LinearArgs(
+                m.x, weight_zero_point=m.w_zero_point, group_size=group, **weights
+            )
+            return call(program, fused.op, fused.call_args(args), before=before, origin=origin)
+        out_dtype = m.linear.meta["val"].dtype
         if act.dynamic:
             qt = call(
                 program,
@@ -123,11 +83,13 @@ class FuseQuantizedLinear(Pass):
                 origin=origin,
             )
             xq, x_scale = getitems(program, qt, 2, before=before)
-            if wbits == 4:
-                args4 = (xq, x_scale, qweight, m.w_scale, m.bias, out_dtype)
-                return call(program, ops.linear_w4a8.default, args4, before=before, origin=origin)
-            args8 = (xq, x_scale, None, qweight, m.w_scale, m.bias, out_dtype)
-            return call(program, ops.linear_w8a8.default, args8, before=before, origin=origin)
-        quant = m.linear.args[0].args[0]  # the static quantize_affine node, kept
-        args = (quant, m.x_scale, m.x_zero_point, qweight, m.w_scale, m.bias, out_dtype)
-        return call(program, ops.linear_w8a8.default, args, before=before, origin=origin)
+            args = LinearArgs(xq, input_scale=x_scale, out_dtype=out_dtype, **weights)
+        else:  # the static quantize_affine node is kept: its int8 output feeds the fused op
+            args = LinearArgs(
+                m.x_quant,
+                input_scale=m.x_scale,
+                input_zero_point=m.x_zero_point,
+                out_dtype=out_dtype,
+                **weights,
+            )
+        return call(program, fused.op, fused.call_args(args), before=before, origin=origin)

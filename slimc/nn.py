@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from slimc.kernel import eager_impl
+from slimc.ops.fused import LinearArgs, fused_linear_for
 from slimc.quant.scheme import LinearQuantScheme
 
 
@@ -60,40 +61,38 @@ class QuantizedLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # buffers are read in the fused op's argument order: Dynamo lifts them in that order
         ops = torch.ops.slimc
-        act = self.scheme.activation
+        act, fused = self.scheme.activation, fused_linear_for(self.scheme)
         if act is None:
-            op = ops.linear_w4a16 if self.scheme.weight.bits == 4 else ops.linear_w8a16
-            return op(
+            args = LinearArgs(
                 x,
-                self.qweight,
-                self.weight_scale,
-                self.weight_zero_point,
-                self.group_size,
-                self.bias,
+                weight=self.qweight,
+                weight_scale=self.weight_scale,
+                weight_zero_point=self.weight_zero_point,
+                group_size=self.group_size,
+                bias=self.bias,
             )
+            return fused.packet(*fused.call_args(args))
         if act.dynamic:
             xq, x_scale = ops.quantize_per_token(x, act.qmin, act.qmax)
-            if self.scheme.weight.bits == 4:
-                return ops.linear_w4a8(
-                    xq, x_scale, self.qweight, self.weight_scale, self.bias, x.dtype
-                )
-            return ops.linear_w8a8(
-                xq, x_scale, None, self.qweight, self.weight_scale, self.bias, x.dtype
+            input_zero_point = None
+        else:
+            block = act.block_size(x.shape)
+            xq = ops.quantize_affine(
+                x, block, self.input_scale, self.input_zero_point, act.qmin, act.qmax, torch.int8
             )
-        block = act.block_size(x.shape)
-        xq = ops.quantize_affine(
-            x, block, self.input_scale, self.input_zero_point, act.qmin, act.qmax, torch.int8
-        )
-        return ops.linear_w8a8(
+            x_scale, input_zero_point = self.input_scale, self.input_zero_point
+        args = LinearArgs(
             xq,
-            self.input_scale,
-            self.input_zero_point,
-            self.qweight,
-            self.weight_scale,
-            self.bias,
-            x.dtype,
+            input_scale=x_scale,
+            input_zero_point=input_zero_point,
+            weight=self.qweight,
+            weight_scale=self.weight_scale,
+            bias=self.bias,
+            out_dtype=x.dtype,
         )
+        return fused.packet(*fused.call_args(args))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight [N, K] this layer computes with."""

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 import torch
 from torch import fx, nn
 
 from slimc.errors import UserError
+from slimc.ir.builder import constant_value
 from slimc.kernel import binding_of
 from slimc.linear_forms import RECOGNIZED_LINEARS_KEY, TRANSPOSED_WEIGHTS_KEY
+from slimc.linear_match import match_qdq_linear
 from slimc.nn import (
     HadamardInputRotation,
     HadamardRotation,
@@ -18,50 +18,32 @@ from slimc.nn import (
     OutputBias,
     QuantizedLinear,
 )
+from slimc.ops.fused import bound_args, fused_linear_kind
+from slimc.ops.packing import pack_int4
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.rotate.online import ONLINE_INPUT_ROTATION_KEY, ONLINE_ROTATION_KEY
 from slimc.smooth.shift import NORM_BIAS_KEY
 
 log = logging.getLogger(__name__)
 
-FUSED_LINEARS = ("linear_w8a8", "linear_w8a16", "linear_w4a16", "linear_w4a8")
-
-
-def _fused_name(node: fx.Node) -> str | None:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload) and t.namespace == "slimc":
-        name = t._schema.name.split("::")[-1]
-        return name if name in FUSED_LINEARS else None
-    return None
-
-
-def _const(program: Program, node: Any) -> torch.Tensor | None:
-    if node is None:
-        return None
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        raise ValueError(f"expected a constant, got {node}")
-    return program.weights.get(str(node.target))
-
 
 def quantized_linear_from_node(program: Program, node: fx.Node) -> QuantizedLinear:
     """Build the runtime module equivalent to one fused linear node."""
     scheme = node.meta[SCHEME_KEY]
-    name = _fused_name(node)
-    a = node.args
-    out_features = node.meta["val"].shape[-1]
-    if name in ("linear_w8a16", "linear_w4a16"):
-        qweight, scale, zp, bias = (_const(program, a[i]) for i in (1, 2, 3, 5))
-        input_scale = input_zp = None
-    elif name == "linear_w4a8":
-        qweight, scale, bias = (_const(program, a[i]) for i in (2, 3, 4))
-        zp = input_scale = input_zp = None
-    else:
-        qweight, scale, bias = (_const(program, a[i]) for i in (3, 4, 5))
-        zp = input_scale = input_zp = None
-        if scheme.activation is not None and not scheme.activation.dynamic:
-            input_scale, input_zp = _const(program, a[1]), _const(program, a[2])
+    fused = fused_linear_kind(node)
+    assert fused is not None
+    args = fused.read(node)
+    qweight, scale, zp, bias = (
+        constant_value(program, a)
+        for a in (args.weight, args.weight_scale, args.weight_zero_point, args.bias)
+    )
+    input_scale = input_zp = None
+    if scheme.activation is not None and not scheme.activation.dynamic:
+        input_scale = constant_value(program, args.input_scale)
+        input_zp = constant_value(program, args.input_zero_point)
     assert qweight is not None and scale is not None
     in_features = qweight.shape[1] * (2 if scheme.weight.bits == 4 else 1)
+    out_features = node.meta["val"].shape[-1]
     return QuantizedLinear(
         scheme,
         in_features,
@@ -77,26 +59,23 @@ def quantized_linear_from_node(program: Program, node: fx.Node) -> QuantizedLine
 
 def quantized_linear_from_qdq(program: Program, node: fx.Node) -> QuantizedLinear | None:
     """Build the runtime module for a QDQ-form quantized linear (pipelines that stop at QDQ)."""
-    from slimc.ops.packing import pack_int4
-    from slimc.passes.fuse_quantized_linear import match_qdq_linear
-
     m = match_qdq_linear(node)
     if m is None:
         return None
-    qweight = _const(program, m.qweight)
+    qweight = constant_value(program, m.qweight)
     assert qweight is not None
     n, k = qweight.shape
     static = m.scheme.activation is not None and not m.scheme.activation.dynamic
-    x_scale = _const(program, m.x_scale) if static else None
-    x_zp = _const(program, m.x_zero_point) if static else None
+    x_scale = constant_value(program, m.x_scale) if static else None
+    x_zp = constant_value(program, m.x_zero_point) if static else None
     return QuantizedLinear(
         m.scheme,
         k,
         n,
         pack_int4(qweight) if m.scheme.weight.bits == 4 else qweight,
-        _const(program, m.w_scale),
-        _const(program, m.w_zero_point),
-        _const(program, m.bias),
+        constant_value(program, m.w_scale),
+        constant_value(program, m.w_zero_point),
+        constant_value(program, m.bias),
         None if x_scale is None else x_scale.reshape(-1),
         None if x_zp is None else x_zp.reshape(-1),
     )
@@ -110,7 +89,7 @@ def kernel_linear_from_node(program: Program, node: fx.Node) -> KernelLinear:
     buffers: dict[str, torch.Tensor] = {}
     for i, arg in enumerate(node.args[1:]):
         if isinstance(arg, fx.Node):
-            tensor = _const(program, arg)
+            tensor = constant_value(program, arg)
             if tensor is None:
                 raise UserError(f"kernel op {node.name}: argument {i + 1} is not a constant")
             buffers[f"arg{i}"] = tensor
@@ -137,7 +116,7 @@ def _rotates_its_input(node: fx.Node) -> bool:
 def _replacement(program: Program, node: fx.Node) -> nn.Module | None:
     if binding_of(node) is not None:
         return kernel_linear_from_node(program, node)
-    if _fused_name(node) is not None:
+    if fused_linear_kind(node) is not None:
         return quantized_linear_from_node(program, node)
     if node.target is torch.ops.aten.linear.default:
         return quantized_linear_from_qdq(program, node)
@@ -159,7 +138,7 @@ def _wrap_with_bias(model: nn.Module, program: Program, node: fx.Node) -> None:
     parent, leaf, module = _module_at(model, path)
     if module is None or not leaf:
         raise UserError(f"cannot write back the bias added after {path!r}: no such module")
-    bias = _const(program, node.args[1])
+    bias = constant_value(program, node.args[1])
     assert bias is not None
     if isinstance(module, OutputBias):
         module.bias.copy_(bias)
@@ -174,14 +153,14 @@ def _wrap_with_rotation(model: nn.Module, program: Program, node: fx.Node) -> No
         UserError: the rotated value is not the output of a module of `model`.
     """
     path = node_loc(node)
-    value = node.args[0]
+    value = bound_args(node)["x"]
     parent, leaf, module = _module_at(model, path)
     readers = [u for u in node.users if node_loc(u) == path]
     if module is None or not leaf or not isinstance(value, fx.Node) or readers:
         raise UserError(
             f"cannot write back the online rotation after {path!r}: not a module's output"
         )
-    signs = _const(program, node.args[1])
+    signs = constant_value(program, bound_args(node)["signs"])
     assert signs is not None
     if isinstance(module, HadamardRotation):
         module.signs.copy_(signs)
@@ -199,7 +178,7 @@ def _wrap_with_input_rotation(model: nn.Module, program: Program, node: fx.Node)
     parent, leaf, module = _module_at(model, path)
     if module is None or not leaf:
         raise UserError(f"cannot write back the input rotation of {path!r}: no such module")
-    signs = _const(program, node.args[1])
+    signs = constant_value(program, bound_args(node)["signs"])
     assert signs is not None
     if isinstance(module, HadamardInputRotation):
         module.signs.copy_(signs)
@@ -211,12 +190,12 @@ def _add_missing_bias(
     model: nn.Module, program: Program, node: fx.Node, params: dict[str, torch.Tensor]
 ) -> None:
     """Give a float nn.Linear the bias a pass created for it in the graph."""
-    bias = node.args[2] if len(node.args) > 2 else None
+    bias = bound_args(node)["bias"]
     if not isinstance(bias, fx.Node) or str(bias.target) in params:
         return
     _, _, module = _module_at(model, node_loc(node))
     if isinstance(module, nn.Linear) and module.bias is None:
-        value = _const(program, bias)
+        value = constant_value(program, bias)
         assert value is not None
         module.bias = nn.Parameter(value.detach().clone().to(module.weight.dtype))
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from slimc.program import LOC_KEY, Program
+from slimc.program import LOC_KEY, Program, node_loc
 
 
 def infer_val(program: Program, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -63,7 +63,35 @@ def getitems(program: Program, node: fx.Node, count: int, before: fx.Node) -> li
 
 
 def is_constant(node: Any) -> bool:
+    """Whether `node` reads a constant of the weight store (a `get_attr` node)."""
     return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def constant_value(
+    program: Program, arg: Any, *, error: type[Exception] = ValueError
+) -> torch.Tensor | None:
+    """The tensor constant argument `arg` reads; None for an absent (None) argument.
+
+    Raises:
+        error: `arg` is neither None nor a constant.
+    """
+    if arg is None:
+        return None
+    if not is_constant(arg):
+        raise error(f"argument {arg} is not a constant")
+    return program.weights.get(str(arg.target))
+
+
+def constant_arg(node: fx.Node, index: int) -> fx.Node | None:
+    """The constant node at position `index` of `node`'s arguments, else None."""
+    arg = node.args[index] if len(node.args) > index else None
+    return arg if is_constant(arg) else None
+
+
+def new_constant(program: Program, node: fx.Node, suffix: str, value: torch.Tensor) -> fx.Node:
+    """A new constant `<node's module path>.<suffix>` holding `value`, placed for `node`."""
+    target = program.unique_target(f"{node_loc(node) or node.name}.{suffix}")
+    return program.constant_node(target, value, node)
 
 
 def tensor_val(node: fx.Node) -> torch.Tensor:
