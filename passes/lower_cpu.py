@@ -12,12 +12,29 @@ from slimc.kernels.cpu import int4_group_for, onednn, prepare_int4
 from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
+from slimc.ir.builder import constant_value, new_constant
 from slimc.kernel import KernelBinding
-from slimc.lowering import KernelCall, LoweringPass, NotLowerable, is_call, per_token_source
+from slimc.lowering import (
+    KernelCall,
+    LoweringPass,
+    NotLowerable,
+    is_call,
+    per_token_source,
+    static_source,
+)
+from slimc.ops.fused import (
+    LINEAR_W4A8,
+    LINEAR_W4A16,
+    LINEAR_W8A8,
+    LINEAR_W8A16,
+    FusedLinear,
+    LinearArgs,
+    bound_args,
+)
 from slimc.ops.packing import unpack_int4
 from slimc.ops.rotate import rotation_scale
 from slimc.pass_base import option
-from slimc.program import Program, node_loc
+from slimc.program import Program
 
 log = logging.getLogger(__name__)
 ops = torch.ops.slimc
@@ -72,46 +89,35 @@ class LowerCPU(LoweringPass):
             return onednn.default_engine(*weight.shape)
         return self.int8_engine
 
-    def plan(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
-        if kind == "linear_w4a16":
-            return self._int4_weight(program, node)
-        if kind == "linear_w8a16":
-            return self._int8_weight(program, node)
-        if kind == "linear_w8a8" and is_call(node.args[0], ops.quantize_affine.default):
-            return self._static(program, node)
-        return self._dynamic(program, node, kind)
+    def plan(self, program: Program, node: fx.Node, fused: FusedLinear) -> KernelCall:
+        args = fused.read(node)
+        if fused is LINEAR_W4A16:
+            return self._int4_weight(program, node, args)
+        if fused is LINEAR_W8A16:
+            return self._int8_weight(program, node, args)
+        static = static_source(args.input)
+        if fused is LINEAR_W8A8 and static is not None:
+            return self._static(program, node, args, static)
+        return self._dynamic(program, node, fused, args)
 
-    def _const(self, program: Program, arg: Any) -> torch.Tensor | None:
-        if arg is None:
-            return None
-        if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
-            raise NotLowerable(f"argument {arg} is not a constant")
-        return program.weights.get(str(arg.target))
-
-    def _new(self, program: Program, node: fx.Node, suffix: str, value: torch.Tensor) -> fx.Node:
-        target = program.unique_target(f"{node_loc(node) or node.name}.{suffix}")
-        return program.constant_node(target, value, node)
-
-    def _int4_weight(self, program: Program, node: fx.Node) -> KernelCall:
-        x, qweight, scale, zp, group, bias = node.args
-        w = self._const(program, qweight)
+    def _int4_weight(self, program: Program, node: fx.Node, fused: LinearArgs) -> KernelCall:
         try:
             packed, sz, kgroup = prepare_int4(
-                w,
-                self._const(program, scale),
-                self._const(program, zp),
-                int(group),
+                _const(program, fused.weight),
+                _const(program, fused.weight_scale),
+                _const(program, fused.weight_zero_point),
+                int(fused.group_size),
                 _DTYPES[self.dtype],
             )
         except ValueError as exc:
             raise NotLowerable(str(exc)) from None
         args = (
-            x,
-            self._new(program, node, "cpu_int4pack", packed),
-            self._new(program, node, "cpu_scales_and_zeros", sz),
-            qweight,
+            fused.input,
+            new_constant(program, node, "cpu_int4pack", packed),
+            new_constant(program, node, "cpu_scales_and_zeros", sz),
+            fused.weight,
             kgroup,
-            bias,
+            fused.bias,
             self.int4_m_threshold,
         )
         binding = KernelBinding(
@@ -122,53 +128,51 @@ class LowerCPU(LoweringPass):
         )
         return KernelCall(ops.cpu_linear_int4_weight.default, args, binding)
 
-    def _int8_weight(self, program: Program, node: fx.Node) -> KernelCall:
-        x, qweight, scale, zp, group, bias = node.args
-        s = self._const(program, scale)
-        if zp is not None or int(group) != -1 or s is None:
+    def _int8_weight(self, program: Program, node: fx.Node, fused: LinearArgs) -> KernelCall:
+        s = _const(program, fused.weight_scale)
+        if fused.weight_zero_point is not None or int(fused.group_size) != -1 or s is None:
             raise NotLowerable("_weight_int8pack_mm takes symmetric per-channel weights only")
         args = (
-            x,
-            qweight,
-            self._new(program, node, "cpu_scale", s.reshape(-1).to(_DTYPES[self.dtype])),
-            bias,
+            fused.input,
+            fused.weight,
+            new_constant(program, node, "cpu_scale", s.reshape(-1).to(_DTYPES[self.dtype])),
+            fused.bias,
         )
         binding = KernelBinding("cpu.int8pack_mm", {"dtype": self.dtype}, "W8A16 per channel")
         return KernelCall(ops.cpu_linear_int8_weight.default, args, binding)
 
-    def _dynamic(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
-        if kind == "linear_w4a8":
-            qweight, w_scale, bias = node.args[2], node.args[3], node.args[4]
-        else:
-            qweight, w_scale, bias = node.args[3], node.args[4], node.args[5]
-        x, qmax = per_token_source(node.args[0])
-        w = self._const(program, qweight)
-        scale = self._const(program, w_scale).to(torch.float32).reshape(-1)
+    def _dynamic(
+        self, program: Program, node: fx.Node, kind: FusedLinear, fused: LinearArgs
+    ) -> KernelCall:
+        qweight = fused.weight
+        x, qmax = per_token_source(fused.input)
+        w = _const(program, qweight)
+        scale = _const(program, fused.weight_scale).to(torch.float32).reshape(-1)
         if scale.numel() != w.shape[0]:
             raise NotLowerable(f"weight scale has {scale.numel()} values for N={w.shape[0]}")
-        if kind == "linear_w4a8":  # int4 codes widened to int8 once, for torch._int_mm
-            qweight = self._new(program, node, "cpu_qweight_int8", unpack_int4(w).contiguous())
+        if kind is LINEAR_W4A8:  # int4 codes widened to int8 once, for torch._int_mm
+            qweight = new_constant(program, node, "cpu_qweight_int8", unpack_int4(w).contiguous())
         engine = self._engine(w)
-        w_scale = self._new(program, node, "cpu_w_scale", scale)
-        args = (x, qweight, w_scale, bias, -qmax - 1, qmax, engine)
+        w_scale = new_constant(program, node, "cpu_w_scale", scale)
+        args = (x, qweight, w_scale, fused.bias, -qmax - 1, qmax, engine)
         if is_call(x, ops.hadamard.default):  # an online rotation: done by the kernel op
             return self._rotated(program, node, kind, args)
         binding = KernelBinding(
             f"cpu.{engine}",
             {"act": f"per-token [{-qmax - 1}, {qmax}]", "epilogue": "compiled"},
-            reason=f"{kind}: compiled per-token quantization + {_ENGINE_TEXT[engine]} + scale "
+            reason=f"{kind.name}: compiled per-token quantization + {_ENGINE_TEXT[engine]} + scale "
             "epilogue",
         )
         return KernelCall(ops.cpu_linear_int8_dynamic.default, args, binding)
 
     def _rotated(
-        self, program: Program, node: fx.Node, kind: str, args: tuple[Any, ...]
+        self, program: Program, node: fx.Node, kind: FusedLinear, args: tuple[Any, ...]
     ) -> KernelCall:
-        rotated, signs = args[0].args
-        values = self._const(program, signs)
+        rotation = bound_args(args[0])
+        values = _const(program, rotation["signs"])
         if values is None:
             raise NotLowerable("online rotation signs are not a constant")
-        sign_scale = self._new(program, node, "cpu_sign_scale", rotation_scale(values))
+        sign_scale = new_constant(program, node, "cpu_sign_scale", rotation_scale(values))
         engine = args[6]
         binding = KernelBinding(
             f"cpu.hadamard+{engine}",
@@ -177,32 +181,41 @@ class LowerCPU(LoweringPass):
                 "rotation": "fp32",
                 "epilogue": "compiled",
             },
-            reason=f"{kind} behind an online rotation: fp32 Hadamard + compiled per-token "
+            reason=f"{kind.name} behind an online rotation: fp32 Hadamard + compiled per-token "
             f"quantization + {_ENGINE_TEXT[engine]} + scale epilogue",
         )
         return KernelCall(
-            ops.cpu_linear_int8_dynamic_hadamard.default, (rotated, sign_scale, *args[1:]), binding
+            ops.cpu_linear_int8_dynamic_hadamard.default,
+            (rotation["x"], sign_scale, *args[1:]),
+            binding,
         )
 
-    def _static(self, program: Program, node: fx.Node) -> KernelCall:
-        xq, x_scale, x_zp, qweight, w_scale, bias, _ = node.args
-        x, _, _, _, qmin, qmax, _ = xq.args
-        s = self._const(program, x_scale)
+    def _static(
+        self,
+        program: Program,
+        node: fx.Node,
+        fused: LinearArgs,
+        source: tuple[fx.Node, int, int],
+    ) -> KernelCall:
+        x, qmin, qmax = source
+        s = _const(program, fused.input_scale)
         if s is None or s.numel() != 1:
             raise NotLowerable("static activations must be quantized per tensor")
-        zp = self._const(program, x_zp)
+        zp = _const(program, fused.input_zero_point)
         zp = torch.zeros(1, dtype=torch.int32) if zp is None else zp.reshape(1).to(torch.int32)
-        w = self._const(program, qweight)
+        w = _const(program, fused.weight)
+        w_sum = w.to(torch.int32).sum(dim=1, dtype=torch.int32)
+        w_scale = _const(program, fused.weight_scale).reshape(-1)
         args = (
             x,
-            qweight,
-            self._new(program, node, "cpu_x_scale", s.reshape(1).to(torch.float32)),
-            self._new(program, node, "cpu_x_zero_point", zp),
-            self._new(program, node, "cpu_w_sum", w.to(torch.int32).sum(dim=1, dtype=torch.int32)),
-            self._new(program, node, "cpu_w_scale", self._const(program, w_scale).reshape(-1)),
-            bias,
-            int(qmin),
-            int(qmax),
+            fused.weight,
+            new_constant(program, node, "cpu_x_scale", s.reshape(1).to(torch.float32)),
+            new_constant(program, node, "cpu_x_zero_point", zp),
+            new_constant(program, node, "cpu_w_sum", w_sum),
+            new_constant(program, node, "cpu_w_scale", w_scale),
+            fused.bias,
+            qmin,
+            qmax,
         )
         binding = KernelBinding(
             "cpu.int_mm",
@@ -210,6 +223,10 @@ class LowerCPU(LoweringPass):
             reason="linear_w8a8 static: compiled quantization + torch._int_mm + epilogue",
         )
         return KernelCall(ops.cpu_linear_int8_static.default, args, binding)
+
+
+def _const(program: Program, arg: Any) -> torch.Tensor | None:
+    return constant_value(program, arg, error=NotLowerable)
 
 
 __all__ = ["LowerCPU", "int4_group_for"]

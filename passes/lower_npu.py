@@ -13,8 +13,16 @@ from slimc.kernels.npu.emulate import decode_quant_scale
 from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
+from slimc.ir.builder import constant_value, new_constant
 from slimc.kernel import KernelBinding
-from slimc.lowering import KernelCall, LoweringPass, NotLowerable, is_call, per_token_source
+from slimc.lowering import (
+    KernelCall,
+    LoweringPass,
+    NotLowerable,
+    per_token_source,
+    static_source,
+)
+from slimc.ops.fused import LINEAR_W8A8, FusedLinear, LinearArgs
 from slimc.pass_base import option
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.scheme import LinearQuantScheme
@@ -53,33 +61,28 @@ class LowerNPU(LoweringPass):
         super().refuse(program, node, exc)
 
     # -- one fused linear --------------------------------------------------------------------
-    def plan(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
+    def plan(self, program: Program, node: fx.Node, fused: FusedLinear) -> KernelCall:
         scheme: LinearQuantScheme = node.meta[SCHEME_KEY]
-        if kind in ("linear_w8a16", "linear_w4a16"):
-            return self._weight_only(program, node, scheme, kind)
-        xq = node.args[0]
-        if kind == "linear_w8a8" and is_call(xq, ops.quantize_affine.default):
-            return self._static(program, node, xq)
-        return self._dynamic(program, node, scheme, kind)
-
-    def _const(self, program: Program, arg: Any) -> torch.Tensor | None:
-        if arg is None:
-            return None
-        if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
-            raise NotLowerable(f"argument {arg} is not a constant")
-        return program.weights.get(str(arg.target))
-
-    def _new(self, program: Program, node: fx.Node, suffix: str, value: torch.Tensor) -> fx.Node:
-        target = program.unique_target(f"{node_loc(node) or node.name}.{suffix}")
-        return program.constant_node(target, value, node)
+        args = fused.read(node)
+        if not fused.quantized_input:
+            return self._weight_only(program, node, scheme, fused, args)
+        static = static_source(args.input)
+        if fused is LINEAR_W8A8 and static is not None:
+            return self._static(program, node, args, static)
+        return self._dynamic(program, node, scheme, fused, args)
 
     def _weight_only(
-        self, program: Program, node: fx.Node, scheme: LinearQuantScheme, kind: str
+        self,
+        program: Program,
+        node: fx.Node,
+        scheme: LinearQuantScheme,
+        kind: FusedLinear,
+        fused: LinearArgs,
     ) -> KernelCall:
-        x, qweight, scale, zp, group, bias = node.args
+        x, group = fused.input, fused.group_size
         dtype = x.meta["val"].dtype
         bits = scheme.weight.bits
-        w = self._const(program, qweight)
+        w = _const(program, fused.weight)
         if bits == 4:
             try:
                 weight = layout.int4pack_kn(w)
@@ -88,38 +91,38 @@ class LowerNPU(LoweringPass):
         else:
             weight = layout.int8_kn(w, 8)
         s, off = layout.antiquant_params(
-            self._const(program, scale), self._const(program, zp), dtype
+            _const(program, fused.weight_scale), _const(program, fused.weight_zero_point), dtype
         )
         g = int(group) if int(group) > 0 else 0
         args = (
             x,
-            self._new(program, node, "npu_weight", weight),
-            self._new(program, node, "npu_antiquant_scale", s),
-            None if off is None else self._new(program, node, "npu_antiquant_offset", off),
+            new_constant(program, node, "npu_weight", weight),
+            new_constant(program, node, "npu_antiquant_scale", s),
+            None if off is None else new_constant(program, node, "npu_antiquant_offset", off),
             g,
-            bias,
+            fused.bias,
         )
         op = ops.npu_linear_w4a16.default if bits == 4 else ops.npu_linear_w8a16.default
         binding = KernelBinding(
             WEIGHT_QUANT_BMM,
             {"weight": "int4pack" if bits == 4 else "int8", "group_size": g},
-            reason=f"{kind}: float activations, weight dequantized inside the matmul",
+            reason=f"{kind.name}: float activations, weight dequantized inside the matmul",
         )
         return KernelCall(op, args, binding)
 
     def _dynamic(
-        self, program: Program, node: fx.Node, scheme: LinearQuantScheme, kind: str
+        self,
+        program: Program,
+        node: fx.Node,
+        scheme: LinearQuantScheme,
+        kind: FusedLinear,
+        fused: LinearArgs,
     ) -> KernelCall:
-        xq = node.args[0]
-        if kind == "linear_w4a8":
-            qweight, w_scale, bias = node.args[2], node.args[3], node.args[4]
-        else:
-            qweight, w_scale, bias = node.args[3], node.args[4], node.args[5]
-        x, qmax = per_token_source(xq)
+        x, qmax = per_token_source(fused.input)
         bits = scheme.weight.bits
-        w = self._const(program, qweight)
+        w = _const(program, fused.weight)
         n = w.shape[0]
-        scale = self._const(program, w_scale).to(torch.float32).reshape(-1)
+        scale = _const(program, fused.weight_scale).to(torch.float32).reshape(-1)
         if scale.numel() != n:
             raise NotLowerable(f"weight scale has {scale.numel()} values for N={n} channels")
         if qmax == 7 and bits == 4:
@@ -145,37 +148,43 @@ class LowerNPU(LoweringPass):
             )
         args = (
             x,
-            self._new(program, node, "npu_weight", weight),
-            self._new(program, node, "npu_weight_scale", scale.contiguous()),
-            bias,
+            new_constant(program, node, "npu_weight", weight),
+            new_constant(program, node, "npu_weight_scale", scale.contiguous()),
+            fused.bias,
         )
         binding = KernelBinding(
             QUANT_MATMUL,
             {**config, "quant": "npu_dynamic_quant"},
-            reason=f"{kind}: per-token dynamic activations x per-channel weights",
+            reason=f"{kind.name}: per-token dynamic activations x per-channel weights",
         )
         return KernelCall(op, args, binding)
 
-    def _static(self, program: Program, node: fx.Node, xq: Any) -> KernelCall:
-        _, x_scale, x_zp, qweight, w_scale, bias, out_dtype = node.args
-        x, _, _, _, qmin, qmax, _ = xq.args
+    def _static(
+        self,
+        program: Program,
+        node: fx.Node,
+        fused: LinearArgs,
+        source: tuple[fx.Node, int, int],
+    ) -> KernelCall:
+        x, qmin, qmax = source
         if (qmin, qmax) != (-128, 127):
             raise NotLowerable(f"static activations in [{qmin}, {qmax}] are not int8")
-        s = self._const(program, x_scale)
+        s = _const(program, fused.input_scale)
         if s.numel() != 1:
             raise NotLowerable("static activations must be quantized per tensor")
-        zp = self._const(program, x_zp)
-        weight = layout.int8_kn(self._const(program, qweight), 8)
-        deq = layout.deq_scale(s, self._const(program, w_scale), out_dtype)
-        qbias = layout.quant_bias(weight, zp, self._const(program, bias), decode_quant_scale(deq))
+        zp = _const(program, fused.input_zero_point)
+        weight = layout.int8_kn(_const(program, fused.weight), 8)
+        deq = layout.deq_scale(s, _const(program, fused.weight_scale), fused.out_dtype)
+        bias = _const(program, fused.bias)
+        qbias = layout.quant_bias(weight, zp, bias, decode_quant_scale(deq))
         offset = torch.zeros(1, dtype=torch.int32) if zp is None else zp.reshape(1).to(torch.int32)
         args = (
             x,
-            self._new(program, node, "npu_input_scale", s.reshape(1).to(torch.float32)),
-            self._new(program, node, "npu_input_offset", offset.contiguous()),
-            self._new(program, node, "npu_weight", weight),
-            self._new(program, node, "npu_deq_scale", deq),
-            None if qbias is None else self._new(program, node, "npu_quant_bias", qbias),
+            new_constant(program, node, "npu_input_scale", s.reshape(1).to(torch.float32)),
+            new_constant(program, node, "npu_input_offset", offset.contiguous()),
+            new_constant(program, node, "npu_weight", weight),
+            new_constant(program, node, "npu_deq_scale", deq),
+            None if qbias is None else new_constant(program, node, "npu_quant_bias", qbias),
         )
         binding = KernelBinding(
             QUANT_MATMUL,
@@ -183,3 +192,7 @@ class LowerNPU(LoweringPass):
             reason="linear_w8a8: static per-tensor activations (npu_quantize), folded quant_bias",
         )
         return KernelCall(ops.npu_linear_w8a8.default, args, binding)
+
+
+def _const(program: Program, arg: Any) -> torch.Tensor | None:
+    return constant_value(program, arg, error=NotLowerable)

@@ -13,11 +13,27 @@ import torch
 from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
+from slimc.ir.builder import constant_value, new_constant
 from slimc.kernel import KernelBinding
-from slimc.lowering import KernelCall, LoweringPass, NotLowerable, is_call, per_token_source
+from slimc.lowering import (
+    KernelCall,
+    LoweringPass,
+    NotLowerable,
+    is_call,
+    per_token_source,
+    static_source,
+)
+from slimc.ops.fused import (
+    LINEAR_W4A8,
+    LINEAR_W4A16,
+    LINEAR_W8A8,
+    LINEAR_W8A16,
+    FusedLinear,
+    bound_args,
+)
 from slimc.ops.packing import unpack_int4
 from slimc.pass_base import option
-from slimc.program import Program, node_loc
+from slimc.program import Program
 
 log = logging.getLogger(__name__)
 ops = torch.ops.slimc
@@ -48,48 +64,47 @@ class LowerTriton(LoweringPass):
 
     device: str = option("", "GPU name whose config table to use (empty: the current CUDA device)")
 
-    def plan(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
-        op, args, binding = self._plan(program, node, kind, self.device or _default_device())
+    def plan(self, program: Program, node: fx.Node, fused: FusedLinear) -> KernelCall:
+        op, args, binding = self._plan(program, node, fused, self.device or _default_device())
         return KernelCall(op, args, binding)
 
     def _plan(
-        self, program: Program, node: fx.Node, kind: str, device: str
+        self, program: Program, node: fx.Node, kind: FusedLinear, device: str
     ) -> tuple[Any, tuple[Any, ...], KernelBinding]:
         out_dtype = node.meta["val"].dtype
-        if kind == "linear_w8a16":
+        fused = kind.read(node)
+        qweight, w_scale, bias = fused.weight, fused.weight_scale, fused.bias
+        if kind is LINEAR_W8A16:
             raise NotLowerable("no Triton kernel for int8 weight-only linears")
-        if kind == "linear_w4a16":
-            x, qweight, scale, zp, group, bias = node.args
+        if kind is LINEAR_W4A16:
+            x, zp, group = fused.input, fused.weight_zero_point, int(fused.group_size)
             n, k = _const(program, qweight).shape[0], _const(program, qweight).shape[1] * 2
-            sel = w4a16.select_explained(n, k, _rows(x), int(group), device)
+            sel = w4a16.select_explained(n, k, _rows(x), group, device)
             values = w4a16.config_values(sel.kernel, sel.config)
-            args = (x, qweight, scale, zp, int(group), bias, sel.kernel, values)
+            args = (x, qweight, w_scale, zp, group, bias, sel.kernel, values)
             return ops.triton_linear_w4a16.default, args, _binding(sel)
-        if kind == "linear_w8a8" and is_call(node.args[0], ops.quantize_affine.default):
-            xq, x_scale, x_zp, qweight, w_scale, bias, _ = node.args
-            x, _, _, _, qmin, qmax, _ = xq.args
+        static = static_source(fused.input)
+        if kind is LINEAR_W8A8 and static is not None:
+            x, qmin, qmax = static
             n, k = _const(program, qweight).shape
             sel = w8a8.select_explained(n, k, _rows(x), device)
             values = w8a8.config_values(sel.kernel, sel.config)
-            args = (x, x_scale, x_zp, qweight, w_scale, bias, int(qmin), int(qmax))
-            args += (sel.kernel, values, out_dtype)
+            args = (x, fused.input_scale, fused.input_zero_point, qweight, w_scale, bias)
+            args += (qmin, qmax, sel.kernel, values, out_dtype)
             return ops.triton_linear_w8a8_static.default, args, _binding(sel)
-        if kind == "linear_w4a8":
-            qweight, w_scale, bias = node.args[2], node.args[3], node.args[4]
+        if kind is LINEAR_W4A8:
             widened = unpack_int4(_const(program, qweight)).contiguous()
-            target = program.unique_target(f"{node_loc(node) or node.name}.qweight_int8")
-            qweight = program.constant_node(target, widened, node)
-        else:
-            qweight, w_scale, bias = node.args[3], node.args[4], node.args[5]
-        x, qmax = per_token_source(node.args[0])
+            qweight = new_constant(program, node, "qweight_int8", widened)
+        x, qmax = per_token_source(fused.input)
         n, k = _const(program, qweight).shape
         sel = w8a8.select_explained(n, k, _rows(x), device)
         values = w8a8.config_values(sel.kernel, sel.config)
         if is_call(x, ops.hadamard.default):  # an online rotation: fused into the quantization
-            rotated, signs = x.args
+            rotation = bound_args(x)
             rot = hadamard_quant.select_explained(k, _rows(x), device)
             rot_values = hadamard_quant.config_values(rot.kernel, rot.config)
-            args = (rotated, signs, qweight, w_scale, bias, -qmax - 1, qmax, rot.kernel)
+            args = (rotation["x"], rotation["signs"], qweight, w_scale, bias, -qmax - 1, qmax)
+            args += (rot.kernel,)
             args += (rot_values, sel.kernel, values, out_dtype)
             binding = KernelBinding(
                 f"triton.{rot.kernel}+{sel.kernel}",
@@ -102,9 +117,10 @@ class LowerTriton(LoweringPass):
 
 
 def _const(program: Program, node: Any) -> torch.Tensor:
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        raise NotLowerable(f"argument {node} is not a constant")
-    return program.weights.get(str(node.target))
+    value = constant_value(program, node, error=NotLowerable)
+    if value is None:
+        raise NotLowerable("argument None is not a constant")
+    return value
 
 
 def _rows(x: fx.Node) -> int | None:

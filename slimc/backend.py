@@ -22,7 +22,9 @@ from torch import fx
 from slimc import registry
 from slimc.dynamo_capture import has_slimc_ops, program_from_dynamo, slimc_op_name
 from slimc.errors import PipelineError, UserError, first_line
+from slimc.ir.builder import is_constant
 from slimc.ir.printer import print_program
+from slimc.ops.fused import bound_args, fused_linear_kind
 from slimc.pass_manager import PassManager, build_step, expand
 from slimc.pipeline_spec import PassSpec, PipelineSyntaxError, parse_pipeline
 from slimc.program import SCHEME_KEY, Program
@@ -190,10 +192,6 @@ def annotate_schemes(program: Program) -> int:
     return count
 
 
-def _arg(node: fx.Node, index: int, default: Any = None) -> Any:
-    return node.args[index] if len(node.args) > index else default
-
-
 def _producer(value: Any, name: str) -> fx.Node | None:
     """The `slimc::name` node `value` is (or is element `getitem` of), else None."""
     if isinstance(value, fx.Node) and value.target is operator.getitem:
@@ -211,16 +209,18 @@ def _granularity(block: Sequence[int], last_dim: int | None) -> tuple[Granularit
 
 def _activation(q: fx.Node) -> TensorQuantSpec:
     """The spec of a `quantize_per_token` or `quantize_affine` activation quantization."""
+    args = bound_args(q)
     if slimc_op_name(q) == "quantize_per_token":
-        qmax = int(_arg(q, 2, 127))
+        qmax = int(args["qmax"])
         return TensorQuantSpec(4 if qmax <= 7 else 8, True, "token", dynamic=True)
-    block, scale, zp, qmin = q.args[1], q.args[2], q.args[3], int(q.args[4])
-    chosen = _producer(scale, "choose_qparams_affine")
-    gran, _ = _granularity(list(block), None)
-    bits = 4 if qmin >= -8 else 8
+    chosen = _producer(args["scale"], "choose_qparams_affine")
+    gran, _ = _granularity(list(args["block_size"]), None)
+    bits = 4 if int(args["qmin"]) >= -8 else 8
     if chosen is not None:
-        return TensorQuantSpec(bits, bool(_arg(chosen, 4, True)), "token", dynamic=True)
-    return TensorQuantSpec(bits, zp is None, "tensor" if gran == "tensor" else "token")
+        symmetric = bool(bound_args(chosen)["symmetric"])
+        return TensorQuantSpec(bits, symmetric, "token", dynamic=True)
+    symmetric = args["zero_point"] is None
+    return TensorQuantSpec(bits, symmetric, "tensor" if gran == "tensor" else "token")
 
 
 def _named(weight: TensorQuantSpec, act: TensorQuantSpec | None) -> LinearQuantScheme:
@@ -243,21 +243,21 @@ def _named(weight: TensorQuantSpec, act: TensorQuantSpec | None) -> LinearQuantS
 
 def infer_scheme(node: fx.Node) -> LinearQuantScheme | None:
     """The scheme a fused `slimc.linear_*` or a QDQ `aten.linear` computes, from its arguments."""
-    name = slimc_op_name(node)
-    if name in ("linear_w8a16", "linear_w4a16"):
-        group = int(_arg(node, 4, -1))
+    fused = fused_linear_kind(node)
+    if fused is not None and not fused.quantized_input:
+        args = fused.read(node)
+        group = int(args.group_size)
         weight = TensorQuantSpec(
-            4 if name == "linear_w4a16" else 8,
-            _arg(node, 3) is None,
+            fused.weight_bits,
+            args.weight_zero_point is None,
             "group" if group > 0 else "channel",
             group if group > 0 else -1,
         )
         return _named(weight, None)
-    if name in ("linear_w8a8", "linear_w4a8"):
-        weight = TensorQuantSpec(8 if name == "linear_w8a8" else 4, True, "channel")
-        q = _producer(node.args[0], "quantize_per_token") or _producer(
-            node.args[0], "quantize_affine"
-        )
+    if fused is not None:
+        weight = TensorQuantSpec(fused.weight_bits, True, "channel")
+        x = fused.read(node).input
+        q = _producer(x, "quantize_per_token") or _producer(x, "quantize_affine")
         return None if q is None else _named(weight, _activation(q))
     if node.target is torch.ops.aten.linear.default:
         return _qdq_scheme(node)
@@ -265,14 +265,17 @@ def infer_scheme(node: fx.Node) -> LinearQuantScheme | None:
 
 
 def _qdq_scheme(node: fx.Node) -> LinearQuantScheme | None:
-    w = _producer(node.args[1], "dequantize_affine")
-    if w is None or not (isinstance(w.args[0], fx.Node) and w.args[0].op == "get_attr"):
+    linear = bound_args(node)
+    w = _producer(linear["weight"], "dequantize_affine")
+    dq = None if w is None else bound_args(w)
+    if dq is None or not is_constant(dq["q"]):
         return None
-    k = w.args[0].meta["val"].shape[-1]
-    gran, group = _granularity(list(w.args[1]), int(k))
-    weight = TensorQuantSpec(4 if int(w.args[4]) >= -8 else 8, w.args[3] is None, gran, group)
-    x = _producer(node.args[0], "dequantize_affine")
-    q = None if x is None else _producer(x.args[0], "quantize_affine")
+    k = dq["q"].meta["val"].shape[-1]
+    gran, group = _granularity(list(dq["block_size"]), int(k))
+    bits = 4 if int(dq["qmin"]) >= -8 else 8
+    weight = TensorQuantSpec(bits, dq["zero_point"] is None, gran, group)
+    x = _producer(linear["input"], "dequantize_affine")
+    q = None if x is None else _producer(bound_args(x)["q"], "quantize_affine")
     return _named(weight, None if q is None else _activation(q))
 
 

@@ -14,7 +14,8 @@ from torch import fx, nn
 from torch.export import Dim
 
 from slimc.errors import UserError
-from slimc.ir.verifier import FLOAT_OPS, FUSED_OPS, QDQ_OPS
+from slimc.ir.verifier import FLOAT_OPS, QDQ_OPS
+from slimc.ops.fused import FUSED_OP_NAMES
 from slimc.program import LOC_KEY, Program
 from slimc.stage import Stage
 
@@ -366,9 +367,9 @@ def has_slimc_ops(graph: fx.Graph) -> bool:
 def infer_stage(graph: fx.Graph) -> Stage:
     """KERNEL if any slimc op is a kernel op, else FUSED / QDQ by the ops present, else ATEN."""
     names = {name for n in graph.nodes if (name := slimc_op_name(n)) is not None}
-    if names - (QDQ_OPS | FUSED_OPS | FLOAT_OPS):
+    if names - (QDQ_OPS | FUSED_OP_NAMES | FLOAT_OPS):
         return Stage.KERNEL
-    if names & FUSED_OPS:
+    if names & FUSED_OP_NAMES:
         return Stage.FUSED
     if names & QDQ_OPS:
         return Stage.QDQ

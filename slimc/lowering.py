@@ -14,6 +14,7 @@ from torch import fx
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.ir.builder import call
 from slimc.kernel import KERNEL_KEY, KernelBinding
+from slimc.ops.fused import FusedLinear, bound_args, fused_linear_kind
 from slimc.pass_base import Pass, PassResult
 from slimc.program import SCHEME_KEY, node_loc
 from slimc.stage import Stage
@@ -26,9 +27,6 @@ log = logging.getLogger(__name__)
 
 ops = torch.ops.slimc
 
-FUSED_LINEARS = ("linear_w8a8", "linear_w8a16", "linear_w4a16", "linear_w4a8")
-"""The fused quantized linear ops a lowering pass binds to kernels."""
-
 
 class NotLowerable(ValueError):
     """A fused linear whose shapes or scheme a kernel family cannot take (message says why)."""
@@ -37,15 +35,6 @@ class NotLowerable(ValueError):
 def is_call(node: object, op: object) -> bool:
     """Whether `node` is an fx call of `op`."""
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op
-
-
-def fused_kind(node: fx.Node) -> str | None:
-    """The fused linear op's name (`linear_w8a8`, ...) if `node` calls one, else None."""
-    t = node.target
-    if not (node.op == "call_function" and isinstance(t, torch._ops.OpOverload)):
-        return None
-    name = t._schema.name.split("::")[-1]
-    return name if t.namespace == "slimc" and name in FUSED_LINEARS else None
 
 
 def per_token_source(xq: Any) -> tuple[fx.Node, int]:
@@ -59,11 +48,19 @@ def per_token_source(xq: Any) -> tuple[fx.Node, int]:
     qt = xq.args[0]
     if not is_call(qt, ops.quantize_per_token.default):
         raise NotLowerable("dynamic activations are not produced by slimc.quantize_per_token")
-    qmin = int(qt.args[1] if len(qt.args) > 1 else qt.kwargs.get("qmin", -128))
-    qmax = int(qt.args[2] if len(qt.args) > 2 else qt.kwargs.get("qmax", 127))
+    args = bound_args(qt)
+    qmin, qmax = int(args["qmin"]), int(args["qmax"])
     if qmin != -qmax - 1:
         raise NotLowerable(f"per-token range [{qmin}, {qmax}] is not a signed int range")
-    return qt.args[0], qmax
+    return args["x"], qmax
+
+
+def static_source(xq: Any) -> tuple[fx.Node, int, int] | None:
+    """(float activation, qmin, qmax) of a static `slimc.quantize_affine`, else None."""
+    if not is_call(xq, ops.quantize_affine.default):
+        return None
+    args = bound_args(xq)
+    return args["x"], int(args["qmin"]), int(args["qmax"])
 
 
 @dataclass(frozen=True)
@@ -103,8 +100,8 @@ class LoweringPass(Pass):
     refusal_level: ClassVar[int] = logging.INFO
     """Log level of a linear left fused."""
 
-    def plan(self, program: Program, node: fx.Node, kind: str) -> KernelCall:
-        """The kernel call for fused linear `node` of op `kind` (e.g. "linear_w8a8").
+    def plan(self, program: Program, node: fx.Node, fused: FusedLinear) -> KernelCall:
+        """The kernel call for fused linear `node`, a call of `fused` (e.g. `LINEAR_W8A8`).
 
         Raises:
             NotLowerable: no kernel of this target takes it.
@@ -120,11 +117,11 @@ class LoweringPass(Pass):
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         lowered = 0
         for node in list(program.graph.nodes):
-            kind = fused_kind(node)
-            if kind is None:
+            fused = fused_linear_kind(node)
+            if fused is None:
                 continue
             try:
-                kernel_call = self.plan(program, node, kind)
+                kernel_call = self.plan(program, node, fused)
             except NotLowerable as exc:
                 self.refuse(program, node, exc)
                 continue

@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 from slimc.ir.printer import format_node
+from slimc.ops.fused import FUSED_OP_NAMES, bound_args
 from slimc.stage import Stage
 
 if TYPE_CHECKING:
@@ -17,9 +18,6 @@ if TYPE_CHECKING:
 
 ALLOWED_NAMESPACES = frozenset({"aten", "slimc"})
 QDQ_OPS = frozenset({"quantize_affine", "dequantize_affine", "choose_qparams_affine"})
-FUSED_OPS = frozenset(
-    {"linear_w8a8", "linear_w8a16", "linear_w4a16", "linear_w4a8", "quantize_per_token"}
-)
 FLOAT_OPS = frozenset({"hadamard"})
 """slimc ops on float values (online rotations), allowed at every stage."""
 
@@ -92,11 +90,11 @@ def _check_stage(node: fx.Node, stage: Stage, fail: object) -> None:
     op = _slimc_op(node)
     if op is None:
         if stage >= Stage.FUSED and node.target is torch.ops.aten.linear.default:
-            w = node.args[1]
+            w = bound_args(node)["weight"]
             if isinstance(w, fx.Node) and _slimc_op(w) == "dequantize_affine":
                 raise fail(node, "unfused quantized linear at the fused stage")  # type: ignore[operator]
         return
     if stage == Stage.ATEN and op not in FLOAT_OPS:
         raise fail(node, "slimc op in a float (aten) stage program")  # type: ignore[operator]
-    if stage == Stage.QDQ and op in FUSED_OPS:
+    if stage == Stage.QDQ and op in FUSED_OP_NAMES:
         raise fail(node, "fused op in a qdq stage program")  # type: ignore[operator]
