@@ -1,1 +1,1 @@
-"""Transformation passes; one pass per module, registered in `slimc.registry.PASSES`."""
+"""Transformation passes, one per module; `slimc.registry` finds every named `Pass` subclass here."""

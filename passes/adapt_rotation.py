@@ -17,7 +17,9 @@ from slimc.analyses.residual_stream import ResidualStream
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
 from slimc.pass_base import OptionError, PassResult, option
+from slimc.pipeline_spec import OptionValue
 from slimc.program import Program, node_loc
+from slimc.quant.scheme import QuantTarget
 from slimc.rotate.adapt import LearnedRotation, learn_rotation, pick_rows, quant_error, spread
 from slimc.runner import LayerwiseRunner, Segment
 
@@ -85,6 +87,7 @@ class AdaptRotation(QuaRot):
     """
 
     name = "adapt-rotation"
+    cli_role = "rotation"
     needs_calibration: ClassVar[bool] = True
 
     online: bool = option(
@@ -106,6 +109,12 @@ class AdaptRotation(QuaRot):
     steps: int = option(20, "Maximum Procrustes steps.")
     patience: int = option(5, "Stop after this many steps without a lower loss (past min-steps).")
     min_steps: int = option(6, "Steps always taken before patience can stop the learning.")
+
+    @classmethod
+    def for_scheme(cls, target: QuantTarget) -> dict[str, OptionValue]:
+        """Learn against the activations' quantizer width (the weights' for weight-only schemes)."""
+        scheme = target.scheme
+        return {"quant-bits": (str((scheme.activation or scheme.weight).bits),)}
 
     def __post_init__(self) -> None:
         checks = [

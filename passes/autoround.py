@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant, SchemeName
+from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant
 from torch import Tensor, fx
 
 from slimc.calibration import pack_token_samples
@@ -27,7 +27,7 @@ from slimc.quant.layer_run import (
     upstream,
 )
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
-from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
+from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.smooth.region import Recorder, Region, RegionError, merge_hooks
 
@@ -70,6 +70,7 @@ class AutoRound(LinearQuant):
     """
 
     name = "autoround"
+    cli_role = "weight-method"
     reads_inputs: ClassVar[bool] = True
 
     scheme: SchemeName = option("w4a16", SCHEME_HELP)

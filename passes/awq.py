@@ -15,9 +15,10 @@ from torch import fx
 from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analysis import AnalysisManager
 from slimc.pass_base import GROUP_SIZE, OptionError, PassResult, Preserved, option
+from slimc.pipeline_spec import OptionValue
 from slimc.program import Program
 from slimc.quant.qparams import quantize_weight
-from slimc.quant.scheme import TensorQuantSpec, make_scheme
+from slimc.quant.scheme import QuantTarget, TensorQuantSpec, make_scheme
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.smooth.base import SmoothingPass
 from slimc.smooth.fold import fold_scale
@@ -206,6 +207,7 @@ class AWQ(SmoothingPass):
     """
 
     name = "awq"
+    cli_role = "anti-outlier"
 
     n_grid: int = option(20, "Number of ratios searched: r in {0, 1/n, ..., (n-1)/n}.")
     bits: int = option(4, "Weight bits of the quantizer the search simulates (4 or 8).")
@@ -218,6 +220,17 @@ class AWQ(SmoothingPass):
         "Calibration samples the search runs on, evenly spaced over the set (0 = all); each "
         "group's region runs n-grid + 1 times per sample, so the cost grows linearly with it.",
     )
+
+    @classmethod
+    def for_scheme(cls, target: QuantTarget) -> dict[str, OptionValue]:
+        """Search against the weight quantizer the scheme will use (bits, symmetry, groups)."""
+        opts: dict[str, OptionValue] = {
+            "bits": (str(target.scheme.weight.bits),),
+            "symmetric": (str(target.weight_symmetric).lower(),),
+        }
+        if target.group_size is not None:
+            opts["group-size"] = (str(target.group_size),)
+        return opts
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,8 +12,9 @@ import torch
 from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analysis import AnalysisManager
 from slimc.pass_base import GROUP_SIZE, OptionError, PassResult, Preserved, option
+from slimc.pipeline_spec import OptionValue
 from slimc.program import Program
-from slimc.quant.scheme import TensorQuantSpec
+from slimc.quant.scheme import QuantTarget, TensorQuantSpec
 from slimc.smooth.base import SmoothingPass
 from slimc.smooth.fold import fold_scale, target_weight, weight_column_absmax
 from slimc.smooth.scales import smoothquant_scale
@@ -49,6 +50,7 @@ class FlexAWQSSZ(SmoothingPass):
     """
 
     name = "flex-awq-ssz"
+    cli_role = "anti-outlier"
 
     alpha: float | None = option(None, "Exponent of mean |X|; none = searched per group.")
     grid_step: float = option(0.05, "Step of the alpha search grid over [0, 1].")
@@ -70,6 +72,18 @@ class FlexAWQSSZ(SmoothingPass):
     )
     symmetric: bool = option(True, "Symmetric weight quantization.")
     seed: int = option(0, "Seed of the token sample.")
+
+    @classmethod
+    def for_scheme(cls, target: QuantTarget) -> dict[str, OptionValue]:
+        """Search against the scheme's weight quantizer and activation quantizer."""
+        opts: dict[str, OptionValue] = {
+            "weight-bits": (str(target.scheme.weight.bits),),
+            "symmetric": (str(target.weight_symmetric).lower(),),
+            "act-quant": (target.activation_quant,),
+        }
+        if target.group_size is not None:
+            opts["group-size"] = (str(target.group_size),)
+        return opts
 
     def __post_init__(self) -> None:
         super().__post_init__()

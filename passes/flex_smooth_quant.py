@@ -11,8 +11,9 @@ import torch
 from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analysis import AnalysisManager
 from slimc.pass_base import OptionError, PassResult, Preserved, option
+from slimc.pipeline_spec import OptionValue
 from slimc.program import Program
-from slimc.quant.scheme import TensorQuantSpec
+from slimc.quant.scheme import QuantTarget, TensorQuantSpec
 from slimc.smooth.base import SmoothingPass
 from slimc.smooth.fold import fold_scale, target_weight, weight_column_absmax
 from slimc.smooth.scales import smoothquant_scale
@@ -49,6 +50,7 @@ class FlexSmoothQuant(SmoothingPass):
     """
 
     name = "flex-smooth-quant"
+    cli_role = "anti-outlier"
 
     alpha: float | None = option(None, "Activation exponent; none = searched per group.")
     beta: float | None = option(None, "Weight exponent; none = searched per group.")
@@ -63,6 +65,12 @@ class FlexSmoothQuant(SmoothingPass):
     )
     weight_bits: int = option(8, "Bits of the symmetric per-output-channel weight quantizer.")
     seed: int = option(0, "Seed of the token sample.")
+
+    @classmethod
+    def for_scheme(cls, target: QuantTarget) -> dict[str, OptionValue]:
+        """Search against the scheme's activation quantizer (per-token when it has none)."""
+        static = target.activation_quant == "per-tensor"
+        return {"act-quant": ("per-tensor" if static else "per-token",)}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant, SchemeName
+from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant
 from torch import fx
 
 from slimc.errors import UserError
@@ -16,7 +16,7 @@ from slimc.program import Program, node_loc
 from slimc.quant.gptq import gptq_quantize, hessian_error
 from slimc.quant.hessian import HessianAccumulator
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
-from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
+from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
 
 log = logging.getLogger(__name__)
 slimc_ops = torch.ops.slimc
@@ -48,6 +48,7 @@ class GPTQ(LinearQuant):
     """
 
     name = "gptq"
+    cli_role = "weight-method"
     reads_inputs: ClassVar[bool] = True
 
     scheme: SchemeName = option("w4a16", SCHEME_HELP)

@@ -33,6 +33,7 @@ class IterSmooth(SmoothingPass):
     """
 
     name = "iter-smooth"
+    cli_role = "anti-outlier"
 
     alpha: float = option(0.9, "Migration strength: 0 keeps activations, 1 moves all to weights.")
     scale_min: float = option(1e-5, "Lower bound of every scale.")

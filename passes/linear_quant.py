@@ -15,17 +15,24 @@ from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
 from slimc.ir.builder import call, getitems, is_constant, tensor_val
 from slimc.pass_base import GROUP_SIZE, OptionError, Pass, PassResult, option
+from slimc.pipeline_spec import OptionValue
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
-from slimc.quant.scheme import SCHEMES, LinearQuantScheme, TensorQuantSpec, make_scheme
+from slimc.quant.scheme import (
+    SCHEMES,
+    LinearQuantScheme,
+    QuantTarget,
+    SchemeName,
+    TensorQuantSpec,
+    make_scheme,
+)
 from slimc.quant.sensitivity import describe, most_sensitive, rank_layers
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-SchemeName = Literal["w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8", "w4a4"]
 SCHEME_HELP = f"Quantization scheme: {', '.join(SCHEMES)}."
 slimc_ops = torch.ops.slimc
 
@@ -62,6 +69,8 @@ class LinearQuant(Pass):
     """
 
     name = "linear-quant"
+    cli_role = "weight-method"
+    cli_choice = "rtn"
     accepts = frozenset({Stage.ATEN, Stage.QDQ})
     produces = Stage.QDQ
     exact = False
@@ -94,6 +103,16 @@ class LinearQuant(Pass):
     sensitive_probe: SchemeName = option(
         "w4a4", "Scheme (round to nearest) the sensitivity ranking quantizes with."
     )
+
+    @classmethod
+    def for_scheme(cls, target: QuantTarget) -> dict[str, OptionValue]:
+        """Quantize to the scheme, with the requested group size and symmetry."""
+        opts: dict[str, OptionValue] = {"scheme": (target.scheme_name,)}
+        if target.group_size is not None:
+            opts["group-size"] = (str(target.group_size),)
+        if target.symmetric:
+            opts["symmetric"] = ("true",)
+        return opts
 
     def __post_init__(self) -> None:
         try:

@@ -92,6 +92,7 @@ class QuaRot(Pass):
     """
 
     name = "quarot"
+    cli_role = "rotation"
     accepts = frozenset({Stage.ATEN})
     produces = Stage.ATEN
     exact = True

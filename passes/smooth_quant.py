@@ -27,6 +27,7 @@ class SmoothQuant(SmoothingPass):
     """
 
     name = "smooth-quant"
+    cli_role = "anti-outlier"
 
     alpha: float = option(0.5, "Migration strength: 0 keeps activations, 1 moves all to weights.")
     enable_subgraph_type: tuple[SubgraphKind, ...] = option(

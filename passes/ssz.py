@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant, SchemeName
+from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant
 from torch import fx
 
 from slimc.errors import UserError
@@ -15,7 +15,7 @@ from slimc.pass_base import OptionError, option
 from slimc.program import Program, node_loc
 from slimc.quant.hessian import HessianAccumulator
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
-from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
+from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
 from slimc.quant.ssz import SSZ_ITERS, ssz_quantize_weight
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class SSZ(LinearQuant):
     """
 
     name = "ssz"
+    cli_role = "weight-method"
 
     scheme: SchemeName = option("w4a16", SCHEME_HELP)
     iters: int = option(SSZ_ITERS, "Maximum refit rounds per weight.")

@@ -16,6 +16,11 @@ from slimc.stage import Stage
 if TYPE_CHECKING:
     from slimc.analysis import AnalysisManager
     from slimc.program import Program
+    from slimc.quant.scheme import QuantTarget
+
+CliRole = Literal["anti-outlier", "rotation", "weight-method", "lowering"]
+"""Which choice of the command line a pass is: a `slimc quant --anti-outlier / --rotation /
+--weight-method` choice, or a lowering (a target of the compile backend)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,11 @@ class Pass(abc.ABC):
     produces: ClassVar[Stage | None] = None
     needs_calibration: ClassVar[bool] = False
     exact: ClassVar[bool] = True
+    cli_role: ClassVar[CliRole | None] = None
+    """The command-line choice this pass is (None: pipelines only). `slimc quant` offers every
+    registered pass of a role as a choice of that role's flag, plugins included."""
+    cli_choice: ClassVar[str | None] = None
+    """The pass's name among its role's choices when it is not `name` (linear-quant is `rtn`)."""
 
     @abc.abstractmethod
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
@@ -106,6 +116,15 @@ class Pass(abc.ABC):
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def for_scheme(cls, target: QuantTarget) -> dict[str, OptionValue]:
+        """The options that set this pass up for a run quantizing to `target` (`slimc quant`).
+
+        Passes that search against a quantizer return the quantizer `target` will use; the
+        default is no option.
+        """
+        return {}
 
     @classmethod
     def option_fields(cls) -> list[dataclasses.Field[Any]]:

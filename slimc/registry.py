@@ -2,59 +2,118 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import logging
+import pkgutil
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
 
+from slimc.pass_base import OptionError, Pass
 from slimc.pipeline_spec import OptionValue, PassSpec
-
-if TYPE_CHECKING:
-    from slimc.pass_base import Pass
 
 log = logging.getLogger(__name__)
 
-PASSES: dict[str, str] = {
-    "canonicalize": "slimc.passes.canonicalize:Canonicalize",
-    "linear-quant": "slimc.passes.linear_quant:LinearQuant",
-    "fuse-quantized-linear": "slimc.passes.fuse_quantized_linear:FuseQuantizedLinear",
-    "gptq": "slimc.passes.gptq:GPTQ",
-    "ssz": "slimc.passes.ssz:SSZ",
-    "autoround": "slimc.passes.autoround:AutoRound",
-    "smooth-quant": "slimc.passes.smooth_quant:SmoothQuant",
-    "iter-smooth": "slimc.passes.iter_smooth:IterSmooth",
-    "awq": "slimc.passes.awq:AWQ",
-    "flex-smooth-quant": "slimc.passes.flex_smooth_quant:FlexSmoothQuant",
-    "flex-awq-ssz": "slimc.passes.flex_awq_ssz:FlexAWQSSZ",
-    "quarot": "slimc.passes.quarot:QuaRot",
-    "adapt-rotation": "slimc.passes.adapt_rotation:AdaptRotation",
-    "float-sparse": "slimc.passes.float_sparse:FloatSparse",
-    "lower-npu": "slimc.passes.lower_npu:LowerNPU",
-    "lower-cpu": "slimc.passes.lower_cpu:LowerCPU",
-    "lower-triton": "slimc.passes.lower_triton:LowerTriton",
-}
-"""Pass name -> `module:Class`. The single source of truth for in-tree passes."""
+PASS_PACKAGE = "slimc.passes"
+"""The package of in-tree passes: every public module's `Pass` subclasses that declare a `name`."""
 
-ANTI_OUTLIER: tuple[str, ...] = (
-    "smooth-quant",
-    "iter-smooth",
-    "flex-smooth-quant",
-    "awq",
-    "flex-awq-ssz",
-)
-"""Smoothing passes `slimc quant --anti-outlier` accepts (each also usable in any pipeline)."""
+ENTRY_POINT_GROUP = "slimc.passes"
+"""Entry-point group of plugin passes: `name = "module:Class"`, or a module or package whose
+passes are found by the same convention as the in-tree ones."""
 
-ROTATIONS: tuple[str, ...] = ("quarot", "adapt-rotation")
-"""Rotation passes `slimc quant --rotation` accepts (run first, before smoothing)."""
 
-WEIGHT_METHODS: dict[str, str] = {
-    "rtn": "linear-quant",
-    "gptq": "gptq",
-    "ssz": "ssz",
-    "autoround": "autoround",
-}
-"""`slimc quant --weight-method` choice -> the quantizer pass it runs (rtn: MinMax rounding)."""
+def discover_passes(package: str) -> dict[str, str]:
+    """Pass name -> `module:Class` for the passes a module or package defines.
+
+    By convention a pass is a non-abstract `Pass` subclass that declares its own `name` in a
+    public module (no leading underscore) of the package, or in the module itself; classes
+    imported from elsewhere count only in the module that defines them.
+
+    Raises:
+        RuntimeError: two classes declare the same name.
+    """
+    root = importlib.import_module(package)
+    modules = [root]
+    if hasattr(root, "__path__"):
+        for info in sorted(pkgutil.iter_modules(root.__path__, package + "."), key=lambda i: i.name):
+            if not info.name.rpartition(".")[2].startswith("_"):
+                modules.append(importlib.import_module(info.name))
+    found: dict[str, str] = {}
+    for module in modules:
+        for cls in vars(module).values():
+            if not (
+                isinstance(cls, type)
+                and issubclass(cls, Pass)
+                and cls.__module__ == module.__name__
+                and "name" in vars(cls)
+                and not inspect.isabstract(cls)
+            ):
+                continue
+            ref = f"{module.__name__}:{cls.__qualname__}"
+            if cls.name in found:
+                raise RuntimeError(f"pass {cls.name!r} is declared twice: {found[cls.name]} and {ref}")
+            found[cls.name] = ref
+    return dict(sorted(found.items()))
+
+
+class _PassTable(MutableMapping[str, str]):
+    """A name -> `module:Class` table filled from a package on first use."""
+
+    def __init__(self, package: str) -> None:
+        self._package = package
+        self._table: dict[str, str] | None = None
+
+    def _loaded(self) -> dict[str, str]:
+        if self._table is None:
+            self._table = discover_passes(self._package)
+        return self._table
+
+    def __getitem__(self, name: str) -> str:
+        return self._loaded()[name]
+
+    def __setitem__(self, name: str, ref: str) -> None:
+        self._loaded()[name] = ref
+
+    def __delitem__(self, name: str) -> None:
+        del self._loaded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    def __repr__(self) -> str:
+        return f"PASSES({self._loaded()!r})"
+
+
+PASSES: MutableMapping[str, str] = _PassTable(PASS_PACKAGE)
+"""Pass name -> `module:Class` of the in-tree passes, derived from `slimc.passes` on first use
+(importing a pass module is enough to register it)."""
+
+
+def passes_with_role(role: str) -> dict[str, type[Pass]]:
+    """The CLI choices of a role (`Pass.cli_role`) -> their pass classes, sorted by choice.
+
+    A choice is the pass's name, or the `cli_choice` its class itself declares (not inherited).
+    """
+    found: dict[str, type[Pass]] = {}
+    for name in all_pass_names():
+        cls = get_pass(name)
+        if cls.cli_role == role:
+            found[vars(cls).get("cli_choice") or cls.name] = cls
+    return dict(sorted(found.items()))
+
+
+def __getattr__(attr: str) -> tuple[str, ...]:
+    """`ANTI_OUTLIER` and `ROTATIONS`: the pass names of those CLI roles, found on first use."""
+    roles = {"ANTI_OUTLIER": "anti-outlier", "ROTATIONS": "rotation"}
+    if attr not in roles:
+        raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    return tuple(cls.name for cls in passes_with_role(roles[attr]).values())
+
 
 ANALYSES: dict[str, str] = {
     "linear-groups": "slimc.analyses.linear_groups:LinearGroups",
@@ -62,8 +121,6 @@ ANALYSES: dict[str, str] = {
     "residual-stream": "slimc.analyses.residual_stream:ResidualStream",
 }
 """Analysis name -> `module:Class`, for `require<name>` in pipelines."""
-
-ENTRY_POINT_GROUP = "slimc.passes"
 
 
 @dataclass(frozen=True)
@@ -79,8 +136,11 @@ class NamedPipeline:
     passes: tuple[PassSpec, ...]
 
     def expand(self, options: dict[str, OptionValue]) -> list[PassSpec]:
-        from slimc.pass_base import OptionError
+        """The pipeline's passes with `options` given to each pass that declares them.
 
+        Raises:
+            OptionError: an option no pass of the pipeline declares.
+        """
         declared = [
             {f.name.replace("_", "-") for f in get_pass(p.name).option_fields()}
             for p in self.passes
@@ -201,11 +261,14 @@ class UnknownPassError(KeyError):
 
 
 def _plugin_passes() -> dict[str, str]:
+    """Passes of the entry-point group: `name = module:Class`, or a module or package value."""
     found: dict[str, str] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in PASSES or ep.name in PIPELINES:
-            raise RuntimeError(f"plugin pass {ep.name!r} ({ep.value}) clashes with a built-in name")
-        found[ep.name] = ep.value
+        refs = {ep.name: ep.value} if ":" in ep.value else discover_passes(ep.value)
+        for name, ref in refs.items():
+            if name in PASSES or name in PIPELINES:
+                raise RuntimeError(f"plugin pass {name!r} ({ref}) clashes with a built-in name")
+            found[name] = ref
     return found
 
 
@@ -247,7 +310,5 @@ def get_analysis(name: str) -> type:
 
 
 def _close(name: str, candidates: list[str]) -> str | None:
-    import difflib
-
     match = difflib.get_close_matches(name, candidates, n=1)
     return match[0] if match else None

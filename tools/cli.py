@@ -13,81 +13,44 @@ from slimc.tools._cli_args import add_calibration_arguments, calibration_from_ar
 from slimc.tools._cli_args import int_at_least
 from slimc.tools._cli_common import run_guarded, setup_logging
 
-from slimc.pipeline_spec import format_words
-
-from slimc.quant.scheme import SCHEMES, make_scheme
-from slimc.registry import ANTI_OUTLIER, ROTATIONS, WEIGHT_METHODS
+from slimc.pipeline_spec import OptionValue, PassSpec, format_pipeline
+from slimc.quant.scheme import SCHEMES, QuantTarget
+from slimc.registry import passes_with_role
 
 FORMATS = ("auto", "compressed-tensors", "ascend-v1", "pt2")
 
 
-def smoothing_options(args: argparse.Namespace) -> list[str]:
-    """Options of the `--anti-outlier` pass that follow from the quantization flags.
-
-    Passes that search against a quantizer (flex-smooth-quant, awq, flex-awq-ssz) get the
-    activation quantizer and weight format the chosen `--quant-type` will use.
-    """
-    scheme = make_scheme(args.quant_type)  # bits and default symmetry; group size checked later
-    weight, act = scheme.weight, scheme.activation
-    symmetric = args.symmetric or weight.symmetric
-    if args.anti_outlier == "flex-smooth-quant":
-        return [
-            "act-quant=" + ("per-tensor" if act is not None and not act.dynamic else "per-token")
-        ]
-    if args.anti_outlier == "awq":
-        opts = [f"bits={weight.bits}", f"symmetric={str(symmetric).lower()}"]
-        return opts + ([f"group-size={args.group_size}"] if args.group_size else [])
-    if args.anti_outlier == "flex-awq-ssz":
-        opts = [f"weight-bits={weight.bits}", f"symmetric={str(symmetric).lower()}"]
-        static = act is not None and not act.dynamic
-        opts.append(
-            "act-quant=" + ("none" if act is None else "per-tensor" if static else "per-token")
-        )
-        return opts + ([f"group-size={args.group_size}"] if args.group_size else [])
-    return []
+def quant_target(args: argparse.Namespace) -> QuantTarget:
+    """The scheme the flags quantize to, for the passes that set themselves up for it."""
+    return QuantTarget(args.quant_type, args.group_size, args.symmetric)
 
 
-def rotation_options(args: argparse.Namespace) -> list[str]:
-    """Options of the `--rotation` pass that follow from the quantization flags.
+def role_choice(args: argparse.Namespace, role: str) -> str | None:
+    """The choice of a role's flag (`--anti-outlier` for role anti-outlier), None if not given."""
+    return getattr(args, role.replace("-", "_"))
 
-    adapt-rotation learns its rotation against the per-token quantizer of the activations the
-    scheme quantizes (int4 for w4a4, int8 otherwise; the weight width for weight-only schemes).
-    """
-    if args.rotation != "adapt-rotation":
-        return []
-    scheme = make_scheme(args.quant_type)
-    bits = (scheme.activation or scheme.weight).bits
-    return [f"quant-bits={bits}"]
+
+def role_spec(role: str, args: argparse.Namespace, **extra: OptionValue) -> PassSpec:
+    """The pass a role's flag chose, with the options it takes for the flags' scheme."""
+    cls = passes_with_role(role)[role_choice(args, role)]
+    return PassSpec(cls.name, {**cls.for_scheme(quant_target(args)), **extra})
 
 
 def build_pipeline(args: argparse.Namespace) -> str:
     """The pipeline string `slimc quant` runs for its flags.
 
-    Optional smoothing, then the scheme: the named plain pipeline for `--weight-method rtn`, or
-    the weight method's quantizer pass (`gptq{scheme=...}`) followed by fusion.
+    Optional rotation and smoothing, each set up for the scheme by its pass; then the weight
+    method's quantizer pass (`gptq{scheme=...}`) followed by fusion.
     """
-    prefix = ""
-    if args.rotation:
-        opts = rotation_options(args)
-        prefix = args.rotation + ("{" + " ".join(opts) + "}" if opts else "") + ","
-    if args.anti_outlier:
-        opts = smoothing_options(args)
-        prefix += args.anti_outlier + ("{" + " ".join(opts) + "}" if opts else "") + ","
-    opts = []
-    if args.group_size is not None:
-        opts.append(f"group-size={args.group_size}")
-    if args.symmetric:
-        opts.append("symmetric=true")
+    specs = [role_spec(r, args) for r in ("rotation", "anti-outlier") if role_choice(args, r)]
+    extra: dict[str, OptionValue] = {}
     if args.observer != "histogram":
-        opts.append(f"observer={args.observer}")
+        extra["observer"] = (args.observer,)
     ignore = ignore_patterns(args)
     if ignore is not None:
-        opts.append("ignore=" + (",".join(format_words((g,)) for g in ignore) or '""'))
-    method = WEIGHT_METHODS[args.weight_method]
-    if method == "linear-quant":
-        return prefix + args.quant_type + ("{" + " ".join(opts) + "}" if opts else "")
-    opts.insert(0, f"scheme={args.quant_type}")
-    return prefix + method + "{" + " ".join(opts) + "},fuse-quantized-linear"
+        extra["ignore"] = tuple(ignore) or ("",)
+    specs += [role_spec("weight-method", args, **extra), PassSpec("fuse-quantized-linear")]
+    return format_pipeline(specs)
 
 
 def choose_format(model: Any, requested: str) -> str:
@@ -270,14 +233,14 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--symmetric", action="store_true", help="symmetric weights (w4a16/w8a16)")
     q.add_argument(
         "--anti-outlier",
-        choices=ANTI_OUTLIER,
+        choices=tuple(passes_with_role("anti-outlier")),
         default=None,
         help="outlier suppression pass run before quantizing (default: none); searching "
         "passes are set up for the chosen --quant-type",
     )
     q.add_argument(
         "--rotation",
-        choices=ROTATIONS,
+        choices=tuple(passes_with_role("rotation")),
         default=None,
         help="rotate the residual stream first (exact): quarot = seeded random Hadamard, "
         "adapt-rotation = Hadamard refined on calibration data for the scheme's activation "
@@ -285,7 +248,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--weight-method",
-        choices=tuple(WEIGHT_METHODS),
+        choices=tuple(passes_with_role("weight-method")),
         default="rtn",
         help="how weights are rounded: rtn (MinMax round-to-nearest, default), gptq (Hessian "
         "error compensation on calibration data), ssz (data-free least-squares range refit), "

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 Granularity = Literal["tensor", "channel", "group", "token"]
+
+SchemeName = Literal["w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8", "w4a4"]
+"""The named plain schemes, as a pass option type."""
+
+SCHEMES: tuple[SchemeName, ...] = typing.get_args(SchemeName)
+"""The named plain schemes `make_scheme` builds, in the order the CLI lists them."""
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,6 @@ class LinearQuantScheme:
     weight: TensorQuantSpec
     activation: TensorQuantSpec | None = None
 
-    @property
-    def weight_only(self) -> bool:
-        return self.activation is None
-
     def with_weight(self, **changes: object) -> LinearQuantScheme:
         return dataclasses.replace(self, weight=dataclasses.replace(self.weight, **changes))
 
@@ -117,4 +120,35 @@ def _no_group(name: str, group_size: int) -> None:
         )
 
 
-SCHEMES = ("w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8", "w4a4")
+
+@dataclass(frozen=True)
+class QuantTarget:
+    """The scheme a run quantizes to, as the passes before the quantizer set themselves up for it.
+
+    Attributes:
+        scheme_name: one of `SCHEMES`.
+        group_size: the requested weight group size, None for the scheme's default.
+        symmetric: True when symmetric weights are requested, False for the scheme's default.
+    """
+
+    scheme_name: str
+    group_size: int | None = None
+    symmetric: bool = False
+
+    @property
+    def scheme(self) -> LinearQuantScheme:
+        """The scheme with its default weight layout (bits and symmetry; group size unchecked)."""
+        return make_scheme(self.scheme_name)
+
+    @property
+    def weight_symmetric(self) -> bool:
+        """Whether the quantized weights will be symmetric."""
+        return self.symmetric or self.scheme.weight.symmetric
+
+    @property
+    def activation_quant(self) -> Literal["none", "per-tensor", "per-token"]:
+        """How the scheme quantizes linear inputs: not at all, static per tensor, or per token."""
+        act = self.scheme.activation
+        if act is None:
+            return "none"
+        return "per-token" if act.dynamic else "per-tensor"
