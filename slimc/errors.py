@@ -17,7 +17,13 @@ class PipelineError(UserError):
     """A pipeline that cannot run: unknown pass, bad option, or a pass on the wrong stage."""
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
+def first_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an exception's message (its type name when the message is empty).
+
+    With `with_type`, the line is prefixed by the type name: `ValueError: bad value`.
+    """
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0].strip() if text else ""
+    if not line:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if with_type else line

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 from torch.export import Dim
 
-from slimc.errors import UserError
+from slimc.errors import UserError, first_line
 from slimc.program import LOC_KEY, SCHEME_KEY, Program
 from slimc.stage import Stage
 
@@ -103,7 +103,7 @@ def save_program(program: Program, path: str | Path, pipeline: str = "") -> str:
                 gm, tuple(program.example_inputs), dynamic_shapes=_dynamic_shapes(gm), strict=False
             )
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         where = f"the {program.stage.label} program to {path}"
         raise UserError(f"cannot export {where}: {reason}") from exc
     extra = {
@@ -178,7 +178,7 @@ def load_program(path: str | Path) -> tuple[Program, str]:
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         raise UserError(f"cannot load {path}: {reason}") from exc
     if ep.example_inputs is None:
         raise UserError(f"{path} has no example inputs; save it with torch.export.save(ep)")

@@ -213,3 +213,12 @@ def test_passes_without_a_role_configure_nothing_for_a_scheme() -> None:
         cls: type[Pass] = registry.get_pass(name)
         if cls.cli_role is None:
             assert cls.for_scheme(QuantTarget("w4a16", 32, True)) == {}, name
+
+
+def test_pass_reference_says_where_pipeline_options_go() -> None:
+    from slimc.tools.pass_reference import list_passes
+
+    expanded = registry.PIPELINES["w4a16-awq"].expand({"group-size": ("64",)})
+    assert [s.options.get("group-size") for s in expanded[:2]] == [("64",), ("64",)]
+    assert "go to every pass of it that declares an option" in list_passes("md")
+    assert "options go to every pass that declares them" in list_passes("text")

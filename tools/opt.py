@@ -20,7 +20,7 @@ from slimc.tools.opt_inputs import check_output_file, load_input
 from slimc.tools.pass_reference import list_passes
 
 from slimc import registry
-from slimc.errors import UserError
+from slimc.errors import UserError, first_line
 from slimc.instrumentation import IRPrinter
 from slimc.pass_base import PassFailure
 from slimc.pipeline_spec import PipelineSyntaxError
@@ -266,8 +266,7 @@ def _reports(args: argparse.Namespace, insts: dict[str, Any], program: Program) 
 # -- errors and logging -------------------------------------------------------------------------
 def error_lines(exc: BaseException) -> list[str]:
     """`exc` as one error line, plus a note with the reproduce command for pass failures."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    first = lines[0].rstrip(":") if lines else type(exc).__name__
+    first = first_line(exc).rstrip(":")
     ctx = exc.__context__
     if isinstance(ctx, PipelineSyntaxError):
         near = ctx.text[ctx.pos : ctx.pos + 16]

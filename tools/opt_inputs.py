@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from slimc.errors import UserError
+from slimc.errors import UserError, first_line
 
 if typing.TYPE_CHECKING:
     from torch import nn
@@ -85,7 +85,7 @@ def _load_case(path: Path, builder: str) -> tuple[Any, Any, Any]:
         except UserError:
             raise
         except Exception as exc:
-            raise UserError(f"{path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+            raise UserError(f"{path}: {first_line(exc, with_type=True)}") from exc
     if isinstance(result, nn.Module):
         return result, None, None
     if isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], nn.Module):

@@ -58,7 +58,7 @@ def _list_text(classes: list[Any], pipelines: list[registry.NamedPipeline]) -> s
         out += [f"  {cls.name} - {cls.summary()}", f"    stages: {_stages(cls)}"]
         for key, tp, default, help_ in _options(cls):
             out += [f"    {key}: {tp} = {default}", f"        {help_}"]
-    out += ["", "Named pipelines (options go to the first pass):"]
+    out += ["", "Named pipelines (options go to every pass that declares them):"]
     for named in pipelines:
         out += [f"  {named.name} - {named.summary}", f"    = {_pipeline_text(named)}"]
     if registry.ANALYSES:
@@ -102,7 +102,8 @@ def _list_md(classes: list[Any], pipelines: list[registry.NamedPipeline]) -> str
         "",
         "# Named pipelines",
         "",
-        "Options given to a named pipeline go to its first pass.",
+        "Options given to a named pipeline go to every pass of it that declares an option of that",
+        "name (`w4a16-awq{group-size=64}` sets the group size of both `awq` and `linear-quant`).",
         "",
         "| pipeline | expands to | description |",
         "| --- | --- | --- |",

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from slimc.errors import UserError
+from slimc.errors import UserError, first_line
 from slimc.export.atomic import atomic_directory, check_target
 
 __all__ = ["FORMATS", "load", "resolve_format", "save"]
@@ -153,7 +153,5 @@ def load(path: str | os.PathLike[str]) -> Any:
     try:
         model = AutoModelForCausalLM.from_pretrained(p)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input here
-        text = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {text[0] if text else ''}"
-        raise UserError(f"cannot load {p}: {reason}") from exc
+        raise UserError(f"cannot load {p}: {first_line(exc, with_type=True)}") from exc
     return model.eval()
