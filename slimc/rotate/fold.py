@@ -11,6 +11,7 @@ from torch import fx
 
 from slimc.analyses.linear_groups import MOVES, SPLITS, LinearGroup
 from slimc.analyses.residual_stream import NormScale
+from slimc.ir.builder import constant_arg
 from slimc.program import Program, node_loc
 
 log = logging.getLogger(__name__)
@@ -21,11 +22,6 @@ WEIGHT, BIAS = 1, 2
 
 
 # -- constants -------------------------------------------------------------------------------------
-def _const(user: fx.Node, index: int) -> fx.Node | None:
-    arg = user.args[index] if len(user.args) > index else None
-    return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
-
-
 def _preferred_target(user: fx.Node, const: fx.Node) -> str:
     """`<module path>.<weight|bias>` of the user, the name the user's model gives the tensor."""
     loc = node_loc(user)
@@ -43,7 +39,7 @@ def untie(program: Program, uses: Iterable[tuple[fx.Node, int]]) -> list[fx.Node
     moved: list[fx.Node] = []
     seen: set[fx.Node] = set()
     for user, index in uses:
-        const = _const(user, index)
+        const = constant_arg(user, index)
         if const is None or const in seen or len(const.users) < 2:
             continue
         seen.add(const)
@@ -96,7 +92,7 @@ def fuse_norm(program: Program, norm: NormScale) -> bool:
     scale = (weight + carrier.offset).reshape(-1)
     kept = _fuse_bias(program, norm, scale) if carrier.bias is not None else False
     for reader in norm.readers:
-        const = _const(reader, WEIGHT)
+        const = constant_arg(reader, WEIGHT)
         assert const is not None
         _update(program, const, lambda w: w * scale)
     _set(program, carrier.weight, torch.full_like(weight, 1.0 - carrier.offset), stored)
@@ -110,13 +106,14 @@ def _fuse_bias(program: Program, norm: NormScale, scale: torch.Tensor) -> bool:
     bias = stored.detach().double().reshape(-1)
     if not bool(bias.any()):
         return False
-    if all(_const(r, BIAS) is not None for r in norm.readers) or bool((bias[scale == 0]).any()):
+    all_biased = all(constant_arg(r, BIAS) is not None for r in norm.readers)
+    if all_biased or bool((bias[scale == 0]).any()):
         for reader in norm.readers:
-            weight = _const(reader, WEIGHT)
+            weight = constant_arg(reader, WEIGHT)
             assert weight is not None
             stored_w = _get(program, weight)
             w = stored_w.detach().double()
-            const = _const(reader, BIAS)
+            const = constant_arg(reader, BIAS)
             if const is None:
                 loc = node_loc(reader) or reader.name
                 zeros = torch.zeros(w.shape[0], dtype=stored_w.dtype)
@@ -138,24 +135,24 @@ def rotate_bias(program: Program, bias: fx.Node, q: torch.Tensor) -> None:
 
 def rotate_input(program: Program, linear: fx.Node, q: torch.Tensor) -> None:
     """`W -> W Q`: the linear reads `x Q` and computes the same output."""
-    const = _const(linear, WEIGHT)
+    const = constant_arg(linear, WEIGHT)
     assert const is not None
     _update(program, const, lambda w: w @ q)
 
 
 def rotate_output(program: Program, linear: fx.Node, q: torch.Tensor) -> None:
     """`W -> Q^T W`, `b -> Q^T b`: the linear's output becomes `y Q`."""
-    const = _const(linear, WEIGHT)
+    const = constant_arg(linear, WEIGHT)
     assert const is not None
     _update(program, const, lambda w: q.T @ w)
-    bias = _const(linear, BIAS)
+    bias = constant_arg(linear, BIAS)
     if bias is not None:
         _update(program, bias, lambda b: b @ q)
 
 
 def rotate_embedding(program: Program, embedding: fx.Node, q: torch.Tensor) -> None:
     """`E -> E Q`: every looked-up row comes out rotated."""
-    const = _const(embedding, 0)
+    const = constant_arg(embedding, 0)
     assert const is not None
     _update(program, const, lambda e: e @ q)
 
@@ -213,13 +210,13 @@ def rotate_heads(
             out[r : r + size] = h.T @ w[r : r + size]
         return out
 
-    const = _const(producer, WEIGHT)
+    const = constant_arg(producer, WEIGHT)
     assert const is not None
     _update(program, const, left)
-    bias = _const(producer, BIAS)
+    bias = constant_arg(producer, BIAS)
     if bias is not None:
         _update(program, bias, lambda b: left(b[:, None])[:, 0])
     for target in group.targets:
-        t_const = _const(target, WEIGHT)
+        t_const = constant_arg(target, WEIGHT)
         assert t_const is not None
         _update(program, t_const, lambda w: (w.reshape(w.shape[0], -1, size) @ h).reshape(w.shape))

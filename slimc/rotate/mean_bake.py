@@ -8,17 +8,13 @@ import torch
 from torch import fx
 
 from slimc.analyses.residual_stream import ResidualStream
+from slimc.ir.builder import constant_arg
 from slimc.program import Program
 
 log = logging.getLogger(__name__)
 
 WEIGHT, BIAS = 1, 2
 """Argument positions of `aten.linear`'s weight and bias."""
-
-
-def _const(node: fx.Node, index: int) -> fx.Node | None:
-    arg = node.args[index] if len(node.args) > index else None
-    return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
 def _center(program: Program, const: fx.Node, dim: int) -> None:
@@ -41,16 +37,16 @@ def bake_means(program: Program, stream: ResidualStream) -> int:
     """
     changed = 0
     for embedding in stream.embeddings:
-        table = _const(embedding, 0)
+        table = constant_arg(embedding, 0)
         assert table is not None
         _center(program, table, -1)
         changed += 1
     for linear in stream.writers:
-        weight = _const(linear, WEIGHT)
+        weight = constant_arg(linear, WEIGHT)
         assert weight is not None
         _center(program, weight, 0)
         changed += 1
-        bias = _const(linear, BIAS)
+        bias = constant_arg(linear, BIAS)
         if bias is not None:
             _center(program, bias, 0)
             changed += 1
