@@ -69,9 +69,7 @@ class FuseQuantizedLinear(Pass):
         )
         if act is None:
             group = m.scheme.weight.group_size if m.scheme.weight.granularity == "group" else -1
-            args = LinearArgs(
-                m.x, weight_zero_point=m.w_zero_point, group_size=group, **weights
-            )
+            args = LinearArgs(m.x, weight_zero_point=m.w_zero_point, group_size=group, **weights)
             return call(program, fused.op, fused.call_args(args), before=before, origin=origin)
         out_dtype = m.linear.meta["val"].dtype
         if act.dynamic:
