@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant
 from torch import Tensor, fx
 
 from slimc.calibration import pack_token_samples
 from slimc.errors import UserError
 from slimc.pass_base import OptionError, option
+from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant
 from slimc.program import Program, node_loc
 from slimc.quant.autoround import RoundingParams, TuneConfig, quantize_rounded, tune_block
 from slimc.quant.layer_run import (

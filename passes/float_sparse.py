@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from slimc.passes.linear_quant import float_linears, matches
 from torch import fx
 
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
 from slimc.pass_base import OptionError, Pass, PassResult, option
+from slimc.passes.linear_quant import float_linears, matches
 from slimc.program import Program, node_loc
 from slimc.quant.admm import AdmmConfig, admm_prune, magnitude_prune, relative_output_error
 from slimc.quant.hessian import HessianAccumulator

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant
 from torch import fx
 
 from slimc.errors import UserError
 from slimc.pass_base import OptionError, option
+from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant
 from slimc.program import Program, node_loc
 from slimc.quant.gptq import gptq_quantize, hessian_error
 from slimc.quant.hessian import HessianAccumulator

@@ -17,8 +17,8 @@ from slimc.pass_base import OptionError, Pass, PassResult, option
 from slimc.pipeline_spec import OptionValue
 from slimc.program import Program, node_loc
 from slimc.rotate import fold
-from slimc.rotate.mean_bake import bake_means, keeping_ones
 from slimc.rotate.hadamard import DEFAULT_SEED, random_hadamard, random_signs
+from slimc.rotate.mean_bake import bake_means, keeping_ones
 from slimc.stage import Stage
 
 log = logging.getLogger(__name__)

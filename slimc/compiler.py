@@ -166,6 +166,8 @@ def compile_model(
             data; for a causal LM with a local tokenizer the default set is used otherwise.
         example_inputs: inputs to capture with (default for causal LMs: random token ids).
         inplace: modify and return `model` itself instead of a copy.
+        instrumentations: hooks the pass manager calls around every pass (timing, IR dumps).
+        progress: show a progress bar for the passes that report progress.
 
     Raises:
         slimc.errors.UserError: bad pipeline, missing calibration data, model not exportable.

@@ -279,11 +279,11 @@ def _special_prefix(tokenizer: Any) -> list[int]:
 
 
 def pack_calibration(tokenizer: Any, n: int = 128, seqlen: int = 512) -> list[torch.Tensor]:
-    """Return ``n`` calibration samples of exactly ``seqlen`` tokens packed from documents.
+    r"""Return ``n`` calibration samples of exactly ``seqlen`` tokens packed from documents.
 
     Documents are tokenized one by one from the end of the corpus backwards (never the
     first 1,000) until there are enough tokens, laid out in corpus order separated by the
-    ``"\\n\\n"`` tokens, and the last ``n * seqlen`` tokens are cut into consecutive chunks
+    ``"\n\n"`` tokens, and the last ``n * seqlen`` tokens are cut into consecutive chunks
     (so the stream ends with the complete last document). If the tokenizer adds a prefix
     (BOS), each sample starts with it.
 
@@ -358,11 +358,11 @@ def _tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def eval_token_ids(tokenizer: Any, text: str | os.PathLike[str] = "wiki") -> torch.Tensor:
-    """Return the evaluation token stream.
+    r"""Return the evaluation token stream.
 
     Args:
         tokenizer: HF tokenizer.
-        text: ``"wiki"`` for the standard protocol (all documents joined by ``"\\n\\n"`` and
+        text: ``"wiki"`` for the standard protocol (all documents joined by ``"\n\n"`` and
             tokenized once with the tokenizer's own special tokens; cached under
             ``cache_dir()/tokens``), or the path of a UTF-8 text file.
 

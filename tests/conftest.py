@@ -204,6 +204,8 @@ def filecheck(text: str, argv: list[str]) -> tuple[int, str]:
 
 
 class FileCheckItem(pytest.Item):
+    """One RUN line of a FileCheck file."""
+
     def __init__(self, *, lineno: int, command: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lineno = lineno
@@ -233,6 +235,8 @@ class FileCheckItem(pytest.Item):
 
 
 class FileCheckFile(pytest.File):
+    """A FileCheck test file: one item per RUN line."""
+
     def collect(self) -> Iterator[FileCheckItem]:
         for lineno, command in run_lines(self.path):
             yield FileCheckItem.from_parent(

@@ -193,7 +193,8 @@ def tiny_decoder(config_class: str, model_class: str, seed: int = 0, layers: int
     eval mode, every norm weight in U(0.5, 1.5) and every bias in U(-0.5, 0.5).
 
     Args:
-        config_class / model_class: names in `transformers` (`"GPTNeoXConfig"`, ...).
+        config_class: name of the config class in `transformers` (`"GPTNeoXConfig"`, ...).
+        model_class: name of the model class in `transformers` (`"GPTNeoXForCausalLM"`, ...).
         seed: torch seed for the random weights.
         layers: number of decoder layers.
         config: more config arguments (they override the tiny sizes).

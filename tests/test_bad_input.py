@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slimc.tools.cli import main
 
+from slimc.tools.cli import main
 from tests.models import tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,11 +292,10 @@ def test_ignore_glob_matching_no_linear_is_an_error(model_dir, tmp_path, capsys,
     ],
 )
 def test_ignore_nothing_is_expressible(flags, ignored) -> None:
-    from slimc.tools.cli import build_pipeline, make_parser
-
     import slimc
     from slimc.nn import QuantizedLinear
     from slimc.pass_manager import PassManager
+    from slimc.tools.cli import build_pipeline, make_parser
 
     args = make_parser().parse_args(["quant", "--quant-type", "w8a16", "--eval", "1", *flags])
     steps = PassManager.parse(build_pipeline(args)).steps
@@ -347,9 +346,8 @@ def test_evaluation_logs_progress_lines_without_a_terminal(monkeypatch, caplog) 
 
 
 def test_summary_peak_rss_is_taken_after_the_save(model_dir, tmp_path, monkeypatch, capsys):
-    from slimc.tools import cli
-
     import slimc.export
+    from slimc.tools import cli
 
     saved: list[bool] = []
     real_save = slimc.export.save
@@ -424,9 +422,10 @@ def test_compile_refuses_compiled_and_quantized_models() -> None:
 
 
 def test_save_api_never_replaces_the_directory_the_model_came_from(model_dir, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
     import slimc
     from slimc.errors import UserError
-    from transformers import AutoModelForCausalLM
 
     source = tmp_path / "float-model"
     shutil.copytree(model_dir, source)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from slimc.tools.cli import main
 
 from slimc.calib_file import calibration_file_samples, read_calibration_texts
 from slimc.errors import UserError
+from slimc.tools.cli import main
 from tests.models import tiny_llama, tiny_tokenizer
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"]

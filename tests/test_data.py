@@ -28,6 +28,8 @@ class UniformModel:
 
 
 class Out:
+    """A model output with logits."""
+
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import slimc.kernels.cpu as cpu_kernels
 import torch
 
 import slimc
+import slimc.kernels.cpu as cpu_kernels
 from slimc.nn import KernelLinear
 from slimc.ops.packing import pack_int4
 from tests.models import tiny_llama

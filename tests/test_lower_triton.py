@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import slimc.kernels.w4a16 as w4a16
-import slimc.kernels.w8a8 as w8a8
 import torch
 
 import slimc
+import slimc.kernels.w4a16 as w4a16
+import slimc.kernels.w8a8 as w8a8
 from slimc.kernel import binding_of
 from slimc.nn import HadamardInputRotation, KernelLinear
 from tests.models import tiny_llama, tiny_mlp
@@ -82,7 +82,6 @@ def test_online_rotation_fuses_into_the_kernel_op_and_matches_the_reference():
 
 def test_fused_rotation_op_equals_its_reference_ops():
     import slimc.kernels.hadamard_quant as hq
-
     from slimc.rotate.hadamard import random_signs
 
     gen = torch.Generator().manual_seed(3)

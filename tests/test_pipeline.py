@@ -410,6 +410,8 @@ def test_bisect_limit_runs_first_n(test_passes: None) -> None:
 
 
 class Recorder(Instrumentation):
+    """Records the instrumentation calls."""
+
     def __init__(self) -> None:
         self.events: list[str] = []
 

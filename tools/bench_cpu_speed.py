@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from slimc.tools.bench_linear_quant import machine, write_section
 
 BEGIN, END = "<!-- bench_cpu_speed:begin -->", "<!-- bench_cpu_speed:end -->"
@@ -174,7 +175,6 @@ def decode_tokens_per_s(model: torch.nn.Module, batch: int, vocab: int, quick: b
 def measure_linears(quick: bool) -> list[dict[str, object]]:
     """Median ms of bf16 F.linear and the lower-cpu kernel ops on random weights."""
     import slimc.kernels.cpu as cpu_kernels
-
     from slimc.ops.packing import pack_int4
 
     ops = torch.ops.slimc

@@ -87,10 +87,10 @@ def bench_w4a16(case: Case, group_size: int = 128) -> list[Row]:
     """W4A16 (int4 g128 asymmetric, bf16 activations): the selected kernel and each variant."""
     import torch
     import torch.nn.functional as F
+
     from slimc.kernels.w4a16 import dispatch as dsp
     from slimc.kernels.w4a16 import launcher
     from slimc.kernels.w4a16.tune import random_problem
-
     from slimc.ops.linear import dequantize_weight
     from slimc.ops.packing import unpack_int4
 
@@ -155,6 +155,7 @@ def _gemm_variants(gk, case: Case) -> list[tuple[str, str, dict]]:  # noqa: ANN0
 def bench_w8a8(case: Case) -> list[Row]:
     """W8A8 int8 (per-token dynamic activations, quantization included) vs torch._int_mm."""
     import torch
+
     from slimc.kernels.w8a8 import launcher
     from slimc.kernels.w8a8.dispatch import KERNELS_W8A8
 
@@ -192,9 +193,9 @@ def bench_w8a8(case: Case) -> list[Row]:
 def bench_fp8(case: Case) -> list[Row]:
     """FP8 e4m3 rowwise (per-token activation quantization included) vs torch._scaled_mm."""
     import torch
+
     from slimc.kernels.fp8.dispatch import KERNELS_FP8
     from slimc.kernels.w8a8 import launcher
-
     from slimc.ops.fp8 import E4M3_MAX, fp8_matmul, quantize_weight_fp8_rowwise
 
     if torch.cuda.get_device_capability() < (8, 9):
@@ -230,10 +231,10 @@ def bench_fp8(case: Case) -> list[Row]:
 def bench_hadamard_quant(case: Case) -> list[Row]:
     """Fused Hadamard (width K) + per-token int8 quantization vs the quantization alone."""
     import torch
+
     from slimc.kernels.hadamard_quant import select
     from slimc.kernels.hadamard_quant.launcher import hadamard_quantize
     from slimc.kernels.w8a8 import launcher
-
     from slimc.rotate.hadamard import random_signs
 
     k, m = case.k, case.m

@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slimc.tools._cli_args import add_calibration_arguments, calibration_from_args, group_size
-from slimc.tools._cli_args import int_at_least
-from slimc.tools._cli_common import run_guarded, setup_logging
-
 from slimc.pipeline_spec import OptionValue, PassSpec, format_pipeline
 from slimc.quant.scheme import SCHEMES, QuantTarget
 from slimc.registry import passes_with_role
+from slimc.tools._cli_args import (
+    add_calibration_arguments,
+    calibration_from_args,
+    group_size,
+    int_at_least,
+)
+from slimc.tools._cli_common import run_guarded, setup_logging
 
 FORMATS = ("auto", "compressed-tensors", "ascend-v1", "pt2")
 

@@ -15,16 +15,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from slimc.tools._cli_args import add_calibration_arguments
-from slimc.tools.opt_inputs import check_output_file, load_input
-from slimc.tools.pass_reference import list_passes
-
 from slimc import registry
 from slimc.errors import UserError, first_line
 from slimc.instrumentation import IRPrinter
 from slimc.pass_base import PassFailure
 from slimc.pipeline_spec import PipelineSyntaxError
 from slimc.stage import Stage
+from slimc.tools._cli_args import add_calibration_arguments
+from slimc.tools.opt_inputs import check_output_file, load_input
+from slimc.tools.pass_reference import list_passes
 
 if typing.TYPE_CHECKING:
     from slimc.analysis import AnalysisManager

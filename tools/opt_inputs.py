@@ -154,10 +154,9 @@ def load_input(args: argparse.Namespace, needs_calibration: bool) -> Program:
                 "return (model, example_inputs, calib)"
             )
     else:
-        from slimc.tools._cli_args import calibration_from_args
-
         from slimc.data import load_causal_lm
         from slimc.model_dir import check_float_checkpoint, check_model_directory, load_tokenizer
+        from slimc.tools._cli_args import calibration_from_args
 
         model_dir = check_model_directory(path)
         check_float_checkpoint(model_dir)

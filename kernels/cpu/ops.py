@@ -27,10 +27,10 @@ import os
 
 import torch
 import torch.nn.functional as F
-from slimc.kernels.cpu import onednn
 from torch import Tensor
 
 from slimc.kernel import register_eager_impl
+from slimc.kernels.cpu import onednn
 from slimc.ops.packing import unpack_int4
 from slimc.quant.qparams import FP32_EPS
 from slimc.rotate.hadamard import apply as apply_hadamard

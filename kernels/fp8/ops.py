@@ -11,10 +11,10 @@ import importlib.util
 import logging
 
 import torch
-from slimc.kernels.fp8 import dispatch as dsp
 from torch import Tensor
 
 import slimc.ops  # noqa: F401  (defines slimc::linear_fp8_rowwise)
+from slimc.kernels.fp8 import dispatch as dsp
 from slimc.ops.fp8 import E4M3_MAX, _rowwise_fp8, fp8_matmul
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from slimc.kernels.w8a8.tables import KernelFamily, Selection, pow2_ceil
-
 from slimc.rotate.hadamard import construction
 
 __all__ = [

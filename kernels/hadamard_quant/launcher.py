@@ -12,11 +12,11 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from slimc.kernels.hadamard_quant import dispatch as dsp
 from slimc.kernels.w8a8.launcher import FLOAT_DTYPES, round_id
 from slimc.kernels.w8a8.tables import autotune_enabled, cdiv, interpreting, pow2_ceil, tune
-from torch import Tensor
-
 from slimc.rotate.hadamard import paley1, paley2, sylvester
 
 __all__ = ["factor_matrix", "hadamard_quantize"]

@@ -11,10 +11,10 @@ import importlib.util
 import logging
 
 import torch
-from slimc.kernels.hadamard_quant import dispatch as dsp
 from torch import Tensor
 
 import slimc.ops  # noqa: F401  (defines slimc::hadamard_quantize_per_token)
+from slimc.kernels.hadamard_quant import dispatch as dsp
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from slimc.kernels.w8a8.triton_kernels import FP32_EPS, quantize_values, round_to_dtype
 
 __all__ = ["hadamard_quant_kernel"]

@@ -11,12 +11,12 @@ an int32 `quant_bias` that folds the activation zero point and the float bias.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from slimc.kernels.npu.emulate import (
     emulate_npu_convert_weight_to_int4pack,
     emulate_npu_trans_quant_param,
 )
-from torch import Tensor
-
 from slimc.ops.packing import unpack_int4
 
 __all__ = [

@@ -20,8 +20,9 @@ import importlib
 from types import ModuleType
 
 import torch
-from slimc.kernels.npu import emulate as emu
 from torch import Tensor
+
+from slimc.kernels.npu import emulate as emu
 
 __all__ = [
     "npu_linear_w4a4_dynamic",

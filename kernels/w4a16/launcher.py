@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from slimc.kernels.w4a16 import dispatch as dsp
 from torch import Tensor
+
+from slimc.kernels.w4a16 import dispatch as dsp
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from slimc.kernels.w4a16 import dispatch as dsp
 from torch import Tensor
 
 import slimc.ops  # noqa: F401  (defines slimc::linear_w4a16)
+from slimc.kernels.w4a16 import dispatch as dsp
 from slimc.ops.linear import dequantize_weight
 from slimc.ops.packing import unpack_int4
 

@@ -7,9 +7,9 @@ import logging
 from typing import Any
 
 import torch
+
 from slimc.kernels.w4a16 import dispatch as dsp
 from slimc.kernels.w4a16 import launcher
-
 from slimc.ops.packing import pack_int4
 
 logger = logging.getLogger(__name__)

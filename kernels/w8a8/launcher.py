@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from slimc.kernels.w8a8.dispatch import KERNELS_W8A8, GemmKernels
 from slimc.kernels.w8a8.tables import autotune_enabled, cdiv, interpreting, pow2_ceil, tune
-from torch import Tensor
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import importlib.util
 import logging
 
 import torch
-from slimc.kernels.w8a8 import dispatch as dsp
 from torch import Tensor
 
 import slimc.ops  # noqa: F401  (defines slimc::quantize_per_token, slimc::linear_w8a8)
+from slimc.kernels.w8a8 import dispatch as dsp
 from slimc.ops.linear import _int_linear
 from slimc.quant.qparams import FP32_EPS
 

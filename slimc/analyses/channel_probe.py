@@ -149,9 +149,7 @@ def _side_read_problem(
         if flat.numel() == 0:
             continue
         rounded = flat.round()
-        if not torch.isfinite(flat).all() or (flat - rounded).abs().max() > 1e-2:
-            bad.append(node)
-        elif read & set(torch.unique(rounded).long().tolist()):
+        if not torch.isfinite(flat).all() or (flat - rounded).abs().max() > 1e-2 or read & set(torch.unique(rounded).long().tolist()):
             bad.append(node)
     if not bad:
         return None

@@ -1,0 +1,1 @@
+"""Quantization schemes, observers and the weight quantizers passes call."""

@@ -231,6 +231,8 @@ class SharedNormWeight(nn.Module):
 
 
 class Gelu(nn.Module):
+    """A GELU module between two linears."""
+
     def __init__(self) -> None:
         super().__init__()
         self.fc1 = nn.Linear(16, 32)

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+import slimc.ops  # noqa: E402, F401
 from slimc.kernels import fp8  # noqa: E402
 from slimc.kernels.fp8 import ops as fp8_ops  # noqa: E402
 from slimc.kernels.fp8.dispatch import KERNELS_FP8  # noqa: E402
 from slimc.kernels.w8a8 import launcher  # noqa: E402
-
-import slimc.ops  # noqa: E402, F401
 from slimc.ops.fp8 import E4M3_MAX, quantize_weight_fp8_rowwise  # noqa: E402
 
 ops = torch.ops.slimc

@@ -17,10 +17,9 @@ import torch
 
 pytest.importorskip("triton")
 
+import slimc.ops  # noqa: E402, F401
 from slimc.kernels import hadamard_quant as hq  # noqa: E402
 from slimc.kernels.hadamard_quant.launcher import factor_matrix, hadamard_quantize  # noqa: E402
-
-import slimc.ops  # noqa: E402, F401
 from slimc.rotate.hadamard import hadamard, random_signs, sylvester  # noqa: E402
 
 ops = torch.ops.slimc

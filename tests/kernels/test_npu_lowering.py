@@ -5,14 +5,14 @@ from __future__ import annotations
 import types
 
 import pytest
-import slimc.kernels.npu  # noqa: F401  (registers the kernel ops)
 import torch
+
+import slimc
+import slimc.kernels.npu  # noqa: F401  (registers the kernel ops)
+import slimc.ops  # noqa: F401
 from slimc.kernels.npu import emulate as emu
 from slimc.kernels.npu import layout
 from slimc.kernels.npu import ops as npu_ops
-
-import slimc
-import slimc.ops  # noqa: F401
 from slimc.nn import KernelLinear, QuantizedLinear
 from slimc.ops import pack_int4
 from tests.models import tiny_llama, tiny_mlp, tiny_opt

@@ -16,10 +16,9 @@ import torch
 
 pytest.importorskip("triton")
 
+import slimc.ops  # noqa: E402, F401
 from slimc.kernels.w4a16 import dispatch as dsp  # noqa: E402
 from slimc.kernels.w4a16 import launch, select, select_explained  # noqa: E402
-
-import slimc.ops  # noqa: E402, F401
 from slimc.ops import pack_int4  # noqa: E402
 
 ops = torch.ops.slimc

@@ -18,12 +18,11 @@ import torch
 
 pytest.importorskip("triton")
 
+import slimc.ops  # noqa: E402, F401
 from slimc.kernels import w8a8  # noqa: E402
 from slimc.kernels.w8a8 import launcher  # noqa: E402
 from slimc.kernels.w8a8 import ops as w8a8_ops  # noqa: E402
 from slimc.kernels.w8a8.tables import bucket_m  # noqa: E402
-
-import slimc.ops  # noqa: E402, F401
 
 ops = torch.ops.slimc
 H100 = "NVIDIA H100 80GB HBM3"

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from slimc.passes.autoround import AutoRound
 
 from slimc.calibration import pack_token_samples
 from slimc.capture import capture
 from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
+from slimc.passes.autoround import AutoRound
 from slimc.program import Program
 from slimc.quant.autoround import (
     RANGE_MIN,

@@ -11,11 +11,11 @@ import copy
 
 import pytest
 import torch
-from slimc.passes.float_sparse import FloatSparse
 
 import slimc
 from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
+from slimc.passes.float_sparse import FloatSparse
 from slimc.program import Program, node_loc
 from slimc.quant.admm import (
     AdmmConfig,

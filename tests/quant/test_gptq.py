@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from slimc.passes.gptq import GPTQ
 
 from slimc.capture import capture
 from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
+from slimc.passes.gptq import GPTQ
 from slimc.program import Program
 from slimc.quant.gptq import gptq_quantize, hessian_error
 from slimc.quant.hessian import HessianAccumulator

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from slimc.passes.linear_quant import float_linears, matches
 
 from slimc.capture import capture
 from slimc.errors import PipelineError
 from slimc.pass_manager import PassManager
+from slimc.passes.linear_quant import float_linears, matches
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.scheme import make_scheme
 from slimc.quant.sensitivity import LayerScore, most_sensitive, rank_layers

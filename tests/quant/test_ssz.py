@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from slimc.passes.ssz import SSZ
 
 from slimc.capture import capture
 from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
+from slimc.passes.ssz import SSZ
 from slimc.quant.qparams import quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
 from slimc.quant.ssz import ssz_quantize_weight

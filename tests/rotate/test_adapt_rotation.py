@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from slimc.passes.adapt_rotation import AdaptRotation, collect_inputs
 
 import slimc
 from slimc.errors import UserError
 from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
+from slimc.passes.adapt_rotation import AdaptRotation, collect_inputs
 from slimc.program import Program, node_loc
 from slimc.rotate.adapt import (
     fake_quant_per_token,

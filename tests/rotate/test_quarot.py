@@ -12,8 +12,8 @@ from slimc.capture import capture
 from slimc.errors import PipelineError, UserError
 from slimc.nn import HadamardInputRotation, HadamardRotation, QuantizedLinear
 from slimc.pass_manager import PassManager
-from slimc.rotate.hadamard import random_hadamard
 from slimc.passes.quarot import QuaRot
+from slimc.rotate.hadamard import random_hadamard
 from tests.models import captured, tiny_gemma2, tiny_gemma3, tiny_llama, tiny_olmo2
 
 TOLERANCE = 1e-4  # max |out - ref| / max |ref|, fp32

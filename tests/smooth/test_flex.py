@@ -6,8 +6,6 @@ import copy
 
 import pytest
 import torch
-from slimc.passes.flex_awq_ssz import FlexAWQSSZ
-from slimc.passes.flex_smooth_quant import FlexSmoothQuant
 
 import slimc.ops  # noqa: F401  (registers the ops)
 from slimc.analyses.activation_stats import ActivationStats
@@ -15,6 +13,8 @@ from slimc.analyses.linear_groups import LinearGroups
 from slimc.capture import capture
 from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
+from slimc.passes.flex_awq_ssz import FlexAWQSSZ
+from slimc.passes.flex_smooth_quant import FlexSmoothQuant
 from slimc.quant.qparams import quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
 from slimc.smooth.fold import weight_column_absmax

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from slimc.passes.awq import AWQ
-from slimc.passes.flex_awq_ssz import FlexAWQSSZ
-from slimc.passes.flex_smooth_quant import FlexSmoothQuant
-from slimc.passes.iter_smooth import IterSmooth
-from slimc.passes.smooth_quant import SmoothQuant
 
 from slimc.analyses.linear_groups import GROUP_KINDS, LinearGroups
 from slimc.analysis import AnalysisManager
 from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
+from slimc.passes.awq import AWQ
+from slimc.passes.flex_awq_ssz import FlexAWQSSZ
+from slimc.passes.flex_smooth_quant import FlexSmoothQuant
+from slimc.passes.iter_smooth import IterSmooth
+from slimc.passes.smooth_quant import SmoothQuant
 from slimc.program import Program
 from tests.smooth.fused_models import captured_family
 

@@ -7,6 +7,8 @@ from torch import nn
 
 
 class NoOps(nn.Module):
+    """A linear surrounded by no-op casts and guards."""
+
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(16, 8)

@@ -10,6 +10,8 @@ from transformers.pytorch_utils import Conv1D
 
 
 class LinearForms(nn.Module):
+    """Linears written in the forms canonicalize rewrites."""
+
     def __init__(self) -> None:
         super().__init__()
         self.c_fc = Conv1D(32, 16)  # nf=32 outputs, nx=16 inputs: weight [16, 32]
