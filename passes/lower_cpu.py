@@ -6,14 +6,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import slimc.kernels.cpu  # noqa: F401  (registers the slimc::cpu_linear_* kernel ops)
 import torch
-from slimc.kernels.cpu import int4_group_for, onednn, prepare_int4
 from torch import fx
 
+import slimc.kernels.cpu  # noqa: F401  (registers the slimc::cpu_linear_* kernel ops)
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.ir.builder import constant_value, new_constant
 from slimc.kernel import KernelBinding
+from slimc.kernels.cpu import int4_group_for, onednn, prepare_int4
 from slimc.lowering import (
     KernelCall,
     LoweringPass,

@@ -6,15 +6,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import slimc.kernels.npu  # noqa: F401  (registers the slimc::npu_linear_* kernel ops)
 import torch
-from slimc.kernels.npu import layout
-from slimc.kernels.npu.emulate import decode_quant_scale
 from torch import fx
 
+import slimc.kernels.npu  # noqa: F401  (registers the slimc::npu_linear_* kernel ops)
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.ir.builder import constant_value, new_constant
 from slimc.kernel import KernelBinding
+from slimc.kernels.npu import layout
+from slimc.kernels.npu.emulate import decode_quant_scale
 from slimc.lowering import (
     KernelCall,
     LoweringPass,

@@ -6,12 +6,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import slimc.kernels.hadamard_quant as hadamard_quant
-import slimc.kernels.w4a16 as w4a16
-import slimc.kernels.w8a8 as w8a8
 import torch
 from torch import fx
 
+import slimc.kernels.hadamard_quant as hadamard_quant
+import slimc.kernels.w4a16 as w4a16
+import slimc.kernels.w8a8 as w8a8
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.ir.builder import constant_value, new_constant
 from slimc.kernel import KernelBinding

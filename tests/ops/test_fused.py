@@ -65,7 +65,7 @@ def test_a_description_naming_a_missing_argument_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "scheme,expected",
+    ("scheme", "expected"),
     [
         ("w8a16", LINEAR_W8A16),
         ("w4a16", LINEAR_W4A16),
