@@ -70,6 +70,7 @@ class LowerCPU(LoweringPass):
     """
 
     name = "lower-cpu"
+    device_type = "cpu"
 
     dtype: Literal["bf16", "fp32"] = option(
         "bf16", "dtype of weight-only scales and of the int4 / int8-weight kernels' inputs"

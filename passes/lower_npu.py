@@ -49,6 +49,7 @@ class LowerNPU(LoweringPass):
     """
 
     name = "lower-npu"
+    device_type = "npu"
     refusal_level = logging.WARNING
 
     strict: bool = option(

@@ -61,6 +61,7 @@ class LowerTriton(LoweringPass):
     """
 
     name = "lower-triton"
+    device_type = "cuda"
 
     device: str = option("", "GPU name whose config table to use (empty: the current CUDA device)")
 

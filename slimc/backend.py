@@ -42,11 +42,27 @@ __all__ = [
     "slimc_backend",
 ]
 
-DEFAULT_LOWERING: dict[str, str] = {"cpu": "lower-cpu", "cuda": "lower-triton", "npu": "lower-npu"}
-"""Device type of the example inputs -> the lowering pass run when no pipeline is given."""
 
-LOWERING_PASSES = frozenset(DEFAULT_LOWERING.values())
-"""Lowering passes that are skipped with a warning (not an error) when not available."""
+def lowering_passes() -> frozenset[str]:
+    """The registered lowering passes (`cli_role` "lowering", plugins included): skipped with a
+    warning (not an error) when not available."""
+    return frozenset(cls.name for cls in registry.passes_with_role("lowering").values())
+
+
+def default_lowerings() -> dict[str, str]:
+    """Device type of the example inputs -> the lowering pass run when no pipeline is given
+    (the lowering passes' `device_type`)."""
+    found: dict[str, str] = {}
+    for cls in registry.passes_with_role("lowering").values():
+        device = getattr(cls, "device_type", None)
+        if device is not None:
+            if device in found:
+                raise RuntimeError(
+                    f"lowering passes {found[device]!r} and {cls.name!r} both declare "
+                    f"device_type {device!r}"
+                )
+            found[device] = cls.name
+    return found
 
 
 @dataclass(frozen=True)
@@ -131,11 +147,12 @@ def resolve_pipeline(text: str) -> list[PassSpec]:
     except PipelineSyntaxError as exc:
         raise PipelineError(f"bad pipeline: {exc}") from None
     out: list[PassSpec] = []
+    lowering = lowering_passes()
     for spec in specs:
         via = f" (from pipeline {spec.name!r})" if spec.name in registry.PIPELINES else ""
         for item in expand([spec]):
             if item.analysis is None:
-                if item.name in LOWERING_PASSES and not _available(item.name):
+                if item.name in lowering and not _available(item.name):
                     _warn_once(
                         f"slimc backend: lowering pass {item.name!r} is not available; skipped"
                     )
@@ -160,7 +177,7 @@ def _refuse_weight_changes(name: str, via: str) -> None:
 
 def _default_pipeline(stage: Stage, device: str) -> list[PassSpec]:
     specs = [PassSpec("fuse-quantized-linear")] if stage == Stage.QDQ else []
-    lowering = DEFAULT_LOWERING.get(device)
+    lowering = default_lowerings().get(device)
     if lowering is None:
         _warn_once(f"slimc backend: no lowering pass for {device} inputs; graph left unlowered")
     elif not _available(lowering):

@@ -97,6 +97,10 @@ class LoweringPass(Pass):
     accepts = frozenset({Stage.FUSED})
     produces = Stage.KERNEL
     exact = False
+    cli_role = "lowering"
+    device_type: ClassVar[str | None] = None
+    """The torch device type (`cpu`, `cuda`, ...) whose graphs the `slimc` torch.compile backend
+    lowers with this pass when no pipeline is given (None: only when named)."""
     refusal_level: ClassVar[int] = logging.INFO
     """Log level of a linear left fused."""
 

@@ -353,6 +353,20 @@ def test_resolve_pipeline_refuses_weight_changes(pipeline: str, message: str) ->
         resolve_pipeline(pipeline)
 
 
+def test_lowering_passes_and_device_defaults_come_from_the_passes() -> None:
+    import slimc.backend as backend
+
+    assert backend.lowering_passes() == {"lower-cpu", "lower-npu", "lower-triton"}
+    assert backend.default_lowerings() == {
+        "cpu": "lower-cpu",
+        "cuda": "lower-triton",
+        "npu": "lower-npu",
+    }
+    assert {cls.name for cls in registry.passes_with_role("lowering").values()} == (
+        backend.lowering_passes()
+    )
+
+
 def test_resolve_pipeline_keeps_stage_generic_and_lowering_passes() -> None:
     specs = resolve_pipeline("canonicalize,fuse-quantized-linear")
     assert [s.name for s in specs] == ["canonicalize", "fuse-quantized-linear"]
@@ -365,8 +379,8 @@ def test_unavailable_lowering_pass_falls_back_with_a_warning(
 ) -> None:
     import slimc.backend as backend
 
-    monkeypatch.setattr(backend, "DEFAULT_LOWERING", {"cpu": "lower-nowhere"})
-    monkeypatch.setattr(backend, "LOWERING_PASSES", frozenset({"lower-nowhere"}))
+    monkeypatch.setattr(backend, "default_lowerings", lambda: {"cpu": "lower-nowhere"})
+    monkeypatch.setattr(backend, "lowering_passes", lambda: frozenset({"lower-nowhere"}))
     monkeypatch.setattr(backend, "_WARNED", set())
     assert resolve_pipeline("lower-nowhere") == []
     q, x = _quantized("w4a16{group-size=32}")
