@@ -9,8 +9,11 @@ import weakref
 import torch
 from torch import Tensor
 
+from slimc.ops.int8_products import exact_int8_hardware
+
 ENGINES = ("onednn", "int_mm")
-"""Engines of the int8 x int8 product: oneDNN's prepacked int8 linear, or `torch._int_mm`."""
+"""Engines of the int8 x int8 product: oneDNN's prepacked int8 linear, or `torch._int_mm` (on CPUs
+without VNNI / AMX, exact float32 products over K chunks from 8 rows on: `slimc.ops.int8_products`)."""
 
 _PACKED: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
 """id(int8 weight) -> (a weak reference to it, oneDNN's prepacked copy)."""
@@ -31,15 +34,8 @@ def available() -> bool:
     return exact_int8_products()
 
 
-@functools.lru_cache(maxsize=1)
-def exact_int8_products() -> bool:
-    """Whether the CPU accumulates int8 products in int32 (AVX512-VNNI or AMX on x86; Arm's
-    oneDNN builds use exact dot-product instructions)."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
+exact_int8_products = exact_int8_hardware
+"""Whether the CPU's int8 products are exact in hardware (VNNI / AMX); see slimc.ops.int8_products."""
 
 
 MIN_WEIGHT_ELEMENTS = 1 << 22

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from slimc.kernel import register_eager_impl
 from slimc.kernels.cpu import onednn
+from slimc.ops import int8_products
 from slimc.ops.packing import unpack_int4
 from slimc.quant.qparams import FP32_EPS
 from slimc.rotate.hadamard import apply as apply_hadamard
@@ -140,7 +141,10 @@ from 128 rows on the raw products cost the same and the transposed result slows 
 
 
 def _int_mm_rows(xq: Tensor, qweight: Tensor) -> Tensor:
-    """int32 [M, N] = xq [M, K] @ qweight[N, K]^T, in the operand order faster for this M."""
+    """int32 [M, N] = xq [M, K] @ qweight[N, K]^T: float32 chunks where the CPU lacks VNNI / AMX
+    (see `slimc.ops.int8_products`), else `torch._int_mm` in the operand order faster for this M."""
+    if int8_products.use_float_path(xq.shape[0], xq.device):
+        return int8_products.float_int8_matmul(xq, qweight)
     lo, hi = INT_MM_TRANSPOSED_ROWS
     if lo <= xq.shape[0] < hi:
         return torch._int_mm(qweight, xq.t()).t()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slimc.ops.int8_products import int8_matmul
 from slimc.ops.packing import unpack_int4
 
 __all__ = [
@@ -33,20 +34,6 @@ def _check_dim(got: int, want: int, what: str) -> None:
 def _check_dtype(t: Tensor, dtype: torch.dtype, name: str) -> None:
     if t.dtype != dtype:
         raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
-
-
-def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """Exact a @ b.T for int8 a [M, K], b [N, K] -> int32 [M, N].
-
-    Uses torch._int_mm where the backend supports the shape, otherwise a float64 matmul, which
-    is exact because |sum| <= K * 2^14 stays far below 2^53.
-    """
-    m, k = a.shape
-    n = b.shape[0]
-    cuda_ok = a.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0
-    if m > 0 and k > 0 and n > 0 and (a.device.type == "cpu" or cuda_ok):
-        return torch._int_mm(a.contiguous(), b.t())
-    return torch.round(a.to(torch.float64) @ b.to(torch.float64).t()).to(torch.int32)
 
 
 def _scalar_or_keep(t: Tensor) -> Tensor:
