@@ -12,10 +12,10 @@ from torch import fx
 
 from slimc.analyses.residual_stream import ResidualStream
 from slimc.analysis import AnalysisManager
+from slimc.calibration import evenly_spaced
 from slimc.errors import UserError
+from slimc.linear_select import matches
 from slimc.pass_base import OptionError, PassResult, option
-from slimc.passes.awq import evenly_spaced
-from slimc.passes.linear_quant import matches
 from slimc.passes.quarot import QuaRot
 from slimc.pipeline_spec import OptionValue
 from slimc.program import Program, node_loc

@@ -14,6 +14,7 @@ from torch import fx
 
 from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analysis import AnalysisManager
+from slimc.calibration import evenly_spaced
 from slimc.pass_base import GROUP_SIZE, OptionError, PassResult, Preserved, option
 from slimc.pipeline_spec import OptionValue
 from slimc.program import Program
@@ -178,14 +179,6 @@ def folded_values(group: LinearGroup) -> set[fx.Node]:
         seen.add(n)
         stack.extend(n.users)
     return seen
-
-
-def evenly_spaced(samples: Sequence[Any], count: int) -> list[Any]:
-    """`count` samples spread evenly over `samples` (all of them for count <= 0 or too large)."""
-    n = len(samples)
-    if count <= 0 or count >= n:
-        return list(samples)
-    return [samples[(i * n) // count] for i in range(count)]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,8 +11,8 @@ from torch import fx
 
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
+from slimc.linear_select import float_linears, matches
 from slimc.pass_base import OptionError, Pass, PassResult, option
-from slimc.passes.linear_quant import float_linears, matches
 from slimc.program import Program, node_loc
 from slimc.quant.admm import AdmmConfig, admm_prune, magnitude_prune, relative_output_error
 from slimc.quant.hessian import HessianAccumulator

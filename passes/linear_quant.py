@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -13,7 +12,8 @@ from torch import fx
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
-from slimc.ir.builder import call, getitems, is_constant, tensor_val
+from slimc.ir.builder import call, getitems, tensor_val
+from slimc.linear_select import float_linears, matches
 from slimc.pass_base import GROUP_SIZE, OptionError, Pass, PassResult, option
 from slimc.pipeline_spec import OptionValue
 from slimc.program import SCHEME_KEY, Program, node_loc
@@ -35,25 +35,6 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 SCHEME_HELP = f"Quantization scheme: {', '.join(SCHEMES)}."
 slimc_ops = torch.ops.slimc
-
-
-def matches(path: str | None, patterns: tuple[str, ...]) -> bool:
-    """True when a module path matches one of the globs, whole or as a dotted suffix."""
-    if not path:
-        return False
-    return any(
-        fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, "*." + p) for p in patterns
-    )
-
-
-def float_linears(program: Program) -> list[fx.Node]:
-    """`aten.linear` nodes whose weight is still a float constant."""
-    out = []
-    for node in program.graph.find_nodes(op="call_function", target=aten.linear.default):
-        w = node.args[1]
-        if is_constant(w) and tensor_val(w).is_floating_point() and tensor_val(w).dim() == 2:
-            out.append(node)
-    return out
 
 
 @dataclass(frozen=True, kw_only=True)

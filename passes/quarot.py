@@ -13,6 +13,7 @@ from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analyses.residual_stream import ResidualStream
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
+from slimc.linear_select import float_linears, matches
 from slimc.pass_base import OptionError, Pass, PassResult, option
 from slimc.pipeline_spec import OptionValue
 from slimc.program import Program, node_loc
@@ -201,8 +202,6 @@ class QuaRot(Pass):
         """The float linears `online-inputs` names (a glob matching none is an error)."""
         if not self.online_inputs:
             return []
-        from slimc.passes.linear_quant import float_linears, matches
-
         chosen = [n for n in float_linears(program) if matches(node_loc(n), self.online_inputs)]
         if not chosen:
             raise UserError(

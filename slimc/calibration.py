@@ -1,4 +1,4 @@
-"""Calibration-set helpers that need no tokenizer: packing token-id samples to a fixed length."""
+"""Calibration-set helpers that need no tokenizer: packing token-id samples, picking a subset."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["pack_token_samples"]
+__all__ = ["evenly_spaced", "pack_token_samples"]
 
 
 def _token_ids(sample: Any, index: int) -> torch.Tensor:
@@ -57,3 +57,11 @@ def pack_token_samples(
     if len(chunks) > 1 and chunks[-1].numel() < max(keep_last, 1):
         chunks.pop()
     return [(c.clone().unsqueeze(0),) for c in chunks]
+
+
+def evenly_spaced(samples: Sequence[Any], count: int) -> list[Any]:
+    """`count` samples spread evenly over `samples` (all of them for count <= 0 or too large)."""
+    n = len(samples)
+    if count <= 0 or count >= n:
+        return list(samples)
+    return [samples[(i * n) // count] for i in range(count)]

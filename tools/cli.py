@@ -105,7 +105,7 @@ def _linear_paths(model: Any) -> list[str]:
 def check_ignore_patterns(model: Any, patterns: list[str] | None) -> None:
     """Refuse an --ignore glob that matches no linear (a typo would quantize lm_head silently)."""
     from slimc.errors import UserError
-    from slimc.passes.linear_quant import matches
+    from slimc.linear_select import matches  # imports torch: not at `slimc --help` time
 
     linears = _linear_paths(model)
     for pattern in patterns or ():

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import fx
 
+from slimc.linear_select import float_linears
 from slimc.program import Program, node_loc
 from slimc.runner import LayerwiseRunner, Segment
 
@@ -111,8 +112,6 @@ class ActivationStats:
 
     @classmethod
     def compute(cls, program: Program, am: AnalysisManager | None = None) -> ActivationStats:
-        from slimc.passes.linear_quant import float_linears
-
         samples = program.require_calibration("activation-stats")
         first: dict[fx.Node, fx.Node] = {}  # input -> the first linear reading it
         for lin in float_linears(program):

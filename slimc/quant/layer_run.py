@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
+import slimc.ops  # noqa: F401  (registers the slimc:: ops read below)
 from slimc.errors import UserError
 from slimc.quant.scheme import TensorQuantSpec
 from slimc.smooth.region import Region

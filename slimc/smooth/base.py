@@ -9,6 +9,7 @@ from typing import ClassVar, Literal
 from slimc.analyses.activation_stats import ActivationStats
 from slimc.analyses.linear_groups import GROUP_KINDS, LinearGroup, LinearGroups
 from slimc.analysis import AnalysisManager
+from slimc.linear_select import matches
 from slimc.pass_base import OptionError, Pass, Preserved, option
 from slimc.program import Program, node_loc
 from slimc.stage import Stage
@@ -39,8 +40,6 @@ class SmoothingPass(Pass):
 
     def select(self, program: Program, am: AnalysisManager) -> list[LinearGroup]:
         """The discovered groups this pass smooths, layer by layer in folding priority order."""
-        from slimc.passes.linear_quant import matches
-
         chosen = []
         found = am.get(LinearGroups)
         for group in found.in_layer_order():

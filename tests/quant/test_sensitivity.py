@@ -9,8 +9,8 @@ import torch
 
 from slimc.capture import capture
 from slimc.errors import PipelineError
+from slimc.linear_select import float_linears, matches
 from slimc.pass_manager import PassManager
-from slimc.passes.linear_quant import float_linears, matches
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.scheme import make_scheme
 from slimc.quant.sensitivity import LayerScore, most_sensitive, rank_layers

@@ -10,11 +10,12 @@ import torch
 from torch import fx
 
 from slimc.analyses.linear_groups import LinearGroup, LinearGroups
+from slimc.calibration import evenly_spaced
 from slimc.capture import capture
 from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
 from slimc.passes import awq as awq_mod
-from slimc.passes.awq import AWQ, evenly_spaced, fake_quant_weights, region_loss, search_scale
+from slimc.passes.awq import AWQ, fake_quant_weights, region_loss, search_scale
 from slimc.program import Program, node_loc
 from slimc.runner import LayerwiseRunner, Segment, split_segments
 from slimc.smooth.fold import fold_scale
