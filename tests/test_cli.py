@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from slimc.tools.cli import main
 
+from slimc.tools.cli import main
 from tests.models import tiny_llama, tiny_tokenizer
 
 
@@ -168,10 +168,9 @@ def test_anti_outlier_smooths_before_quantizing(model_dir, tmp_path, capsys) -> 
 
 @pytest.mark.parametrize("quant_type", ["w8a8", "w8a8-dynamic", "w4a16", "w4a8", "w8a16"])
 def test_every_anti_outlier_pass_composes_with_every_scheme(quant_type: str) -> None:
-    from slimc.tools.cli import build_pipeline, make_parser
-
     from slimc.pass_manager import PassManager
     from slimc.registry import ANTI_OUTLIER
+    from slimc.tools.cli import build_pipeline, make_parser
 
     for name in ANTI_OUTLIER:
         args = make_parser().parse_args(
@@ -194,9 +193,8 @@ def test_every_anti_outlier_pass_composes_with_every_scheme(quant_type: str) -> 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "ssz", "autoround"])
 @pytest.mark.parametrize("quant_type", ["w8a8", "w4a16", "w4a4"])
 def test_weight_method_and_rotation_build_the_pipeline(method: str, quant_type: str) -> None:
-    from slimc.tools.cli import build_pipeline, make_parser
-
     from slimc.pass_manager import PassManager
+    from slimc.tools.cli import build_pipeline, make_parser
 
     argv = ["quant", "--quant-type", quant_type, "--weight-method", method, "--group-size", "32"]
     if quant_type != "w4a16":
@@ -230,9 +228,8 @@ def test_gptq_with_quarot_saves_compressed_tensors_that_transformers_loads(
 
 
 def test_format_auto_falls_back_to_pt2_when_compressed_tensors_cannot_hold_it(capsys) -> None:
-    from slimc.tools.cli import choose_format
-
     import slimc
+    from slimc.tools.cli import choose_format
 
     model = tiny_llama(layers=1)
     calib = [
@@ -252,9 +249,8 @@ def test_format_auto_falls_back_to_pt2_when_compressed_tensors_cannot_hold_it(ca
 def test_adapt_rotation_learns_against_the_schemes_activation_quantizer(
     quant_type: str, bits: int
 ) -> None:
-    from slimc.tools.cli import build_pipeline, make_parser
-
     from slimc.pass_manager import PassManager
+    from slimc.tools.cli import build_pipeline, make_parser
 
     args = make_parser().parse_args(
         ["quant", "--quant-type", quant_type, "--rotation", "adapt-rotation", "--eval", "1"]

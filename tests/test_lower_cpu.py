@@ -25,7 +25,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
-@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (-8, 7)])
+@pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (-8, 7)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("engine", ["onednn", "int_mm"])
 def test_int8_dynamic_is_the_reference(
@@ -139,7 +139,7 @@ def test_int8_static_folds_the_zero_point(compile_mode: str):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("group,symmetric", [(32, False), (64, True), (-1, False), (-1, True)])
+@pytest.mark.parametrize(("group", "symmetric"), [(32, False), (64, True), (-1, False), (-1, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_weight_paths_match_the_reference(
     compile_mode: str, group: int, symmetric: bool, dtype: torch.dtype
@@ -216,7 +216,7 @@ def test_online_rotation_runs_inside_the_kernel_op(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize(
-    "pipeline,lowering,kernel,tol",
+    ("pipeline", "lowering", "kernel", "tol"),
     [
         ("w8a8-dynamic", "lower-cpu{int8-engine=onednn}", "cpu.onednn", 1e-5),
         ("w8a8-dynamic", "lower-cpu{int8-engine=int_mm}", "cpu.int_mm", 1e-5),

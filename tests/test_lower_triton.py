@@ -16,7 +16,7 @@ ops = torch.ops.slimc
 
 
 @pytest.mark.parametrize(
-    "pipeline,kernel",
+    ("pipeline", "kernel"),
     [
         ("w8a8-dynamic", "triton.w8a8.auto"),
         ("w4a8", "triton.w8a8.auto"),
@@ -97,7 +97,7 @@ def test_fused_rotation_op_equals_its_reference_ops():
         "w8a8.auto", [], None,
     )  # fmt: skip
     torch.testing.assert_close(got, expected)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown hadamard_quant kernel 'no.such'"):
         ops.triton_linear_w8a8_hadamard(
             x, signs, qweight, w_scale, bias, -128, 127, "no.such", [], "w8a8.auto", [], None
         )

@@ -129,7 +129,7 @@ def _dynamic_case(bits: int, act_bits: int, bias: bool):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("bits,act_bits", [(8, 8), (4, 8), (4, 4)])
+@pytest.mark.parametrize(("bits", "act_bits"), [(8, 8), (4, 8), (4, 4)])
 def test_dynamic_kernel_ops_match_reference(bits, act_bits, bias):
     x, q, s, b, ref = _dynamic_case(bits, act_bits, bias)
     if act_bits == 4:

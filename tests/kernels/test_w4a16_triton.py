@@ -165,7 +165,7 @@ def test_m_buckets():
     assert [dsp.bucket_m(m) for m in (1, 2, 3, 16, 17, 1000, 8192, 100000)] == [
         1, 2, 4, 16, 32, 1024, 8192, 8192,
     ]  # fmt: skip
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="M must be >= 1, got 0"):
         dsp.bucket_m(0)
 
 

@@ -37,7 +37,7 @@ AFFINE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape,block,symmetric,out_dtype", AFFINE_CASES)
+@pytest.mark.parametrize(("shape", "block", "symmetric", "out_dtype"), AFFINE_CASES)
 def test_affine_ops(shape, block, symmetric, out_dtype):
     x = _randn(shape, 1) * 3 + 0.5
     qmin, qmax = -128, 127
@@ -57,7 +57,7 @@ def test_affine_int4_range():
 
 
 @pytest.mark.parametrize(
-    "shape,qrange", [((1, K), ()), ((3, K), (-127, 127)), ((17, K), ()), ((2, 3, K), (-8, 7))]
+    ("shape", "qrange"), [((1, K), ()), ((3, K), (-127, 127)), ((17, K), ()), ((2, 3, K), (-8, 7))]
 )
 def test_quantize_per_token(shape, qrange):
     torch.library.opcheck(ops.quantize_per_token, (_randn(shape, 3), *qrange))
@@ -74,7 +74,7 @@ W8A8_CASES = [
 ]
 
 
-@pytest.mark.parametrize("lead,with_bias,act,out_dtype", W8A8_CASES)
+@pytest.mark.parametrize(("lead", "with_bias", "act", "out_dtype"), W8A8_CASES)
 def test_linear_w8a8(lead, with_bias, act, out_dtype):
     xq = _int8((*lead, K), 5)
     w = _int8((N, K), 6)
@@ -106,8 +106,8 @@ WEIGHT_ONLY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("op_name,bits", [("linear_w8a16", 8), ("linear_w4a16", 4)])
-@pytest.mark.parametrize("group_size,symmetric,lead,with_bias,dtype", WEIGHT_ONLY_CASES)
+@pytest.mark.parametrize(("op_name", "bits"), [("linear_w8a16", 8), ("linear_w4a16", 4)])
+@pytest.mark.parametrize(("group_size", "symmetric", "lead", "with_bias", "dtype"), WEIGHT_ONLY_CASES)
 def test_linear_weight_only(op_name, bits, group_size, symmetric, lead, with_bias, dtype):
     qw, scale, zp = _weight_only_args(bits, group_size, symmetric, 10)
     bias = _randn((N,), 11) if with_bias else None
@@ -117,7 +117,7 @@ def test_linear_weight_only(op_name, bits, group_size, symmetric, lead, with_bia
 
 
 @pytest.mark.parametrize(
-    "lead,with_bias,out_dtype",
+    ("lead", "with_bias", "out_dtype"),
     [((1,), False, torch.float32), ((17,), True, torch.float32), ((2, 3), True, torch.bfloat16)],
 )
 def test_linear_w4a8(lead, with_bias, out_dtype):

@@ -18,7 +18,7 @@ def _seed():
 
 
 @pytest.mark.parametrize(
-    "shape,block,grid",
+    ("shape", "block", "grid"),
     [
         ((2, 3, 8), [-1, -1, -1], [1, 1, 1]),
         ((2, 3, 8), [1, 1, -1], [2, 3, 1]),
@@ -37,7 +37,7 @@ def test_block_grid_shapes(shape, block, grid):
 
 @pytest.mark.parametrize("block", [[-1, -1], [1, -1], [1, 16], [4, 8]])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (-8, 7)])
+@pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (-8, 7)])
 def test_quant_dequant_error_bounded(block, symmetric, qmin, qmax):
     x = torch.randn(24, 48) * 2 + 0.3
     scale, zp = ops.choose_qparams_affine(x, block, qmin, qmax, symmetric)
@@ -129,7 +129,7 @@ def test_linear_w4a8_matches_float():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("group_size,symmetric", [(-1, True), (16, False), (32, True)])
+@pytest.mark.parametrize(("group_size", "symmetric"), [(-1, True), (16, False), (32, True)])
 def test_linear_w4a16_matches_unpacked(group_size, symmetric):
     w = torch.randn(24, 64)
     block = [1, -1 if group_size == -1 else group_size]

@@ -77,7 +77,7 @@ def test_exact_and_changes_weights(llama_program, pass_):
 
 
 @pytest.mark.parametrize(
-    "pass_, stat",
+    ("pass_", "stat"),
     [
         (FlexSmoothQuant(alpha=0.6, beta=0.3, enable_subgraph_type=("norm-linear",)), "absmax"),
         (FlexAWQSSZ(alpha=0.7, enable_subgraph_type=("norm-linear",)), "absmean"),
@@ -236,7 +236,7 @@ def test_minmax_weight_matches_quantize_weight(spec):
 
 
 @pytest.mark.parametrize(
-    "cls, options, option_name",
+    ("cls", "options", "option_name"),
     [
         (FlexSmoothQuant, {"grid-step": ("0",)}, "grid-step"),
         (FlexSmoothQuant, {"grid-step": ("1.5",)}, "grid-step"),
