@@ -31,7 +31,7 @@ def collect_inputs(
     linears: Sequence[fx.Node],
     samples: Sequence[tuple[Any, ...]],
     max_rows: int,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Calibration rows of the linears' inputs, at most `max_rows` in all (float32, [T, K]).
 
@@ -148,7 +148,6 @@ class AdaptRotation(QuaRot):
             linears,
             program.require_calibration(self.name),
             self.max_samples,
-            progress=program.metadata.get("progress", True),
         )
         if x.shape[0] == 0:
             raise UserError(f"{self.name}: the calibration samples gave no input rows")

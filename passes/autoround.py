@@ -14,7 +14,6 @@ from torch import Tensor, fx
 from slimc.calibration import pack_token_samples
 from slimc.errors import UserError
 from slimc.pass_base import OptionError, option
-from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant
 from slimc.program import Program, node_loc
 from slimc.quant.autoround import RoundingParams, TuneConfig, quantize_rounded, tune_block
 from slimc.quant.layer_run import (
@@ -26,6 +25,7 @@ from slimc.quant.layer_run import (
     run_region,
     upstream,
 )
+from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine, WeightMethod
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
 from slimc.runner import LayerwiseRunner, Segment
@@ -42,8 +42,193 @@ def _to(value: Any, device: str) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class LayerTuning(WeightMethod):
+    """AutoRound's weight method: rounding and ranges trained per decoder layer, then written.
+
+    Attributes:
+        tune: the SignSGD settings of every layer.
+        seqlen: tokens per training sample (token-id samples are packed); 0 = as given.
+        samples: train on at most this many (packed) samples; 0 = all.
+        device: device each layer is trained on.
+        amp: train under bfloat16 autocast.
+    """
+
+    tune: TuneConfig
+    seqlen: int
+    samples: int
+    device: str
+    amp: bool
+    reads_inputs: ClassVar[bool] = True
+
+    def training_samples(self, program: Program, name: str) -> list[tuple[Any, ...]]:
+        """The calibration samples, packed to `seqlen` tokens when they are token ids."""
+        calib = list(program.require_calibration(name))
+        if self.seqlen:
+            try:
+                packed = pack_token_samples(calib, self.seqlen)
+            except ValueError as exc:
+                log.info("%s: %s; training on the samples as given", name, exc)
+            else:
+                tokens = sum(int(s[0].numel()) for s in packed)
+                log.info(
+                    "%s: packed %d calibration samples (%d tokens) into %d of <= %d tokens",
+                    name,
+                    len(calib),
+                    tokens,
+                    len(packed),
+                    self.seqlen,
+                )
+                calib = list(packed)
+        return calib[: self.samples] if self.samples else calib
+
+    def quantize_linear_weight(
+        self,
+        quant: LinearQuantEngine,
+        program: Program,
+        node: fx.Node,
+        weight: Tensor,
+        spec: TensorQuantSpec,
+        collected: Any,
+    ) -> QuantizedWeight:
+        if collected is None:  # the layer was not tuned: plain rounding
+            return quantize_weight(weight, spec)
+        assert isinstance(collected, RoundingParams)
+        return quantize_rounded(weight, spec, collected)
+
+    def calibrate_and_rewrite(
+        self,
+        quant: LinearQuantEngine,
+        program: Program,
+        targets: list[fx.Node],
+        scheme: LinearQuantScheme,
+    ) -> None:
+        """Tune and rewrite the chosen linears decoder layer by decoder layer.
+
+        Raises:
+            UserError: no device of the `device` kind is available.
+        """
+        kind = torch.device(self.device).type
+        backend = getattr(torch, kind, None)
+        if kind != "cpu" and not (backend is not None and backend.is_available()):
+            raise UserError(f"{quant.name}: device={self.device} but no {kind} device is available")
+        samples = self.training_samples(program, quant.name)
+        wanted = set(targets)
+        floats: list[Env] = [{} for _ in samples]  # float-model values that differ, per sample
+        done: set[fx.Node] = set()
+
+        def visit(seg: Segment, runner: LayerwiseRunner) -> None:
+            here = [n for n in seg.nodes if n in wanted]
+            region = Region.of(seg.nodes, seg.label)
+            later = any(u.op != "output" for n in region.outputs for u in n.users)
+            if here or (later and any(n in floats[0] for n in region.inputs)):
+                self._visit(quant, program, seg, region, here, scheme, runner, floats)
+            done.update(seg.nodes)
+            for env in floats:
+                for n in [n for n in env if all(u in done for u in n.users)]:
+                    del env[n]
+
+        LayerwiseRunner(program, samples).run(visit)
+
+    def _visit(
+        self,
+        quant: LinearQuantEngine,
+        program: Program,
+        seg: Segment,
+        region: Region,
+        here: list[fx.Node],
+        scheme: LinearQuantScheme,
+        runner: LayerwiseRunner,
+        floats: list[Env],
+    ) -> None:
+        """Record the layer's inputs, extend the float chain, tune and rewrite its linears."""
+        t0 = time.perf_counter()
+        act = scheme.activation
+        static = act is not None and not act.dynamic
+        try:
+            recorder = Recorder(region)
+        except RegionError as exc:
+            raise UserError(f"{quant.name}: cannot run {seg.label} on its own: {exc}") from None
+        observers: dict[fx.Node, Any] = {}
+        if static:
+            assert act is not None
+            observers = {n.args[0]: quant.make_observer(act) for n in here}  # type: ignore[misc]
+
+        def observe(node: fx.Node, args: tuple[Any, ...]) -> None:
+            try:
+                observers[node.args[0]].update(args[0])  # type: ignore[index]
+            except ValueError as exc:
+                raise UserError(f"{quant.name}: input of {node_loc(node)}: {exc}") from None
+
+        hooks = merge_hooks(recorder.hooks(), {n: observe for n in here if static})
+        runner.forward(upstream(seg.nodes, hooks), hooks)
+        dev = self.device
+        with torch.inference_mode(False):
+            consts = {c: _to(program.weights.get(str(c.target)), dev) for c in region.constants}
+            inputs = [{n: _to(v, dev) for n, v in rec.items()} for rec in recorder.samples]
+            recorder.samples.clear()
+            refs = float_references(region, inputs, consts, floats)
+            if not here:
+                return
+            schemes: dict[fx.Node, LinearQuantScheme] = {}
+            static_qparams: dict[fx.Node, Any] = {}
+            act_quant: dict[fx.Node, ActQuant] = {}
+            weights: dict[str, tuple[Tensor, TensorQuantSpec]] = {}
+            for node in here:
+                x, w_node = node.args[0], node.args[1]
+                assert isinstance(x, fx.Node) and isinstance(w_node, fx.Node)
+                w = consts[w_node]
+                if not bool(torch.isfinite(w).all()):
+                    raise UserError(f"{quant.name}: weight {w_node.target} holds NaN or inf")
+                schemes[node] = quant.weight_scheme(
+                    program, scheme, w.shape[1], node_loc(node) or node.name
+                )
+                weights[str(w_node.target)] = (w, schemes[node].weight)
+                if act is not None:
+                    qp = observers[x].calculate_qparams() if static else None
+                    static_qparams[node] = qp
+                    act_quant[node] = act_fake_quant(act, qp, dev)
+
+            def loss_fn(i: int, quantized: Mapping[str, Tensor]) -> Tensor:
+                values = {**inputs[i], **consts}
+                for c in region.constants:
+                    if str(c.target) in quantized:
+                        values[c] = quantized[str(c.target)]
+                with torch.autocast(torch.device(dev).type, torch.bfloat16, enabled=self.amp):
+                    outs = run_region(region, values, act_quant)
+                return output_loss(outs, refs[i])
+
+            result = tune_block(weights, len(inputs), loss_fn, self.tune)
+        _report(quant, program, seg.label, result.rtn_loss, result.loss, time.perf_counter() - t0)
+        if result.kept_rtn and self.tune.iters:
+            quant.stat(program, "layers where tuning lost to RTN")
+        for node in here:
+            params = result.params[str(node.args[1].target)]  # type: ignore[union-attr]
+            quant.rewrite(
+                program, node, schemes[node], static_qparams.get(node), params, method=self
+            )
+
+
+def _report(
+    quant: LinearQuantEngine, program: Program, label: str, rtn: float, ours: float, secs: float
+) -> None:
+    """Log and count the layer's output loss against plain rounding."""
+    gain = 100.0 * (rtn - ours) / rtn if rtn > 0 else 0.0
+    log.info(
+        "%s: %s: output loss %.4g (RTN %.4g, %.1f%% lower) in %.1f s",
+        quant.name,
+        label,
+        ours,
+        rtn,
+        gain,
+        secs,
+    )
+    quant.stat(program, "layer output loss (sum over layers)", ours)
+    quant.stat(program, "layer output loss of RTN (sum over layers)", rtn)
+
+
 @dataclass(frozen=True, kw_only=True)
-class AutoRound(LinearQuant):
+class AutoRound(LinearQuantEngine):
     """Quantize linears like linear-quant, with rounding and ranges learned per layer (AutoRound).
 
     Decoder layer by decoder layer, each layer's inputs are recorded on calibration samples
@@ -71,7 +256,6 @@ class AutoRound(LinearQuant):
 
     name = "autoround"
     cli_role = "weight-method"
-    reads_inputs: ClassVar[bool] = True
 
     scheme: SchemeName = option("w4a16", SCHEME_HELP)
     iters: int = option(200, "SignSGD steps per decoder layer (0: plain rounding).")
@@ -104,155 +288,14 @@ class AutoRound(LinearQuant):
             raise OptionError(f"pass 'autoround': unknown device {self.device!r}") from None
 
     def tune_config(self) -> TuneConfig:
+        """The SignSGD settings the options give (lr defaults to 1/iters)."""
         lr = self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
         return TuneConfig(self.iters, lr, self.minmax_tuning, self.batch_size, self.seed)
 
     def training_samples(self, program: Program) -> list[tuple[Any, ...]]:
         """The calibration samples, packed to `seqlen` tokens when they are token ids."""
-        calib = list(program.require_calibration(self.name))
-        if self.seqlen:
-            try:
-                packed = pack_token_samples(calib, self.seqlen)
-            except ValueError as exc:
-                log.info("%s: %s; training on the samples as given", self.name, exc)
-            else:
-                tokens = sum(int(s[0].numel()) for s in packed)
-                log.info(
-                    "%s: packed %d calibration samples (%d tokens) into %d of <= %d tokens",
-                    self.name,
-                    len(calib),
-                    tokens,
-                    len(packed),
-                    self.seqlen,
-                )
-                calib = list(packed)
-        return calib[: self.samples] if self.samples else calib
+        return self.weight_method().training_samples(program, self.name)
 
-    def quantize_linear_weight(
-        self,
-        program: Program,
-        node: fx.Node,
-        weight: Tensor,
-        spec: TensorQuantSpec,
-        collected: Any,
-    ) -> QuantizedWeight:
-        if collected is None:  # the layer was not tuned: plain rounding
-            return quantize_weight(weight, spec)
-        assert isinstance(collected, RoundingParams)
-        return quantize_rounded(weight, spec, collected)
-
-    def _calibrate_and_rewrite(
-        self, program: Program, targets: list[fx.Node], scheme: LinearQuantScheme
-    ) -> None:
-        kind = torch.device(self.device).type
-        backend = getattr(torch, kind, None)
-        if kind != "cpu" and not (backend is not None and backend.is_available()):
-            raise UserError(f"{self.name}: device={self.device} but no {kind} device is available")
-        samples = self.training_samples(program)
-        wanted = set(targets)
-        floats: list[Env] = [{} for _ in samples]  # float-model values that differ, per sample
-        done: set[fx.Node] = set()
-
-        def visit(seg: Segment, runner: LayerwiseRunner) -> None:
-            here = [n for n in seg.nodes if n in wanted]
-            region = Region.of(seg.nodes, seg.label)
-            later = any(u.op != "output" for n in region.outputs for u in n.users)
-            if here or (later and any(n in floats[0] for n in region.inputs)):
-                self._visit(program, seg, region, here, scheme, runner, floats)
-            done.update(seg.nodes)
-            for env in floats:
-                for n in [n for n in env if all(u in done for u in n.users)]:
-                    del env[n]
-
-        LayerwiseRunner(program, samples, progress=program.metadata.get("progress", True)).run(
-            visit
-        )
-
-    def _visit(
-        self,
-        program: Program,
-        seg: Segment,
-        region: Region,
-        here: list[fx.Node],
-        scheme: LinearQuantScheme,
-        runner: LayerwiseRunner,
-        floats: list[Env],
-    ) -> None:
-        """Record the layer's inputs, extend the float chain, tune and rewrite its linears."""
-        t0 = time.perf_counter()
-        act = scheme.activation
-        static = act is not None and not act.dynamic
-        try:
-            recorder = Recorder(region)
-        except RegionError as exc:
-            raise UserError(f"{self.name}: cannot run {seg.label} on its own: {exc}") from None
-        observers: dict[fx.Node, Any] = {}
-        if static:
-            assert act is not None
-            observers = {n.args[0]: self._make_observer(act) for n in here}  # type: ignore[misc]
-
-        def observe(node: fx.Node, args: tuple[Any, ...]) -> None:
-            try:
-                observers[node.args[0]].update(args[0])  # type: ignore[index]
-            except ValueError as exc:
-                raise UserError(f"{self.name}: input of {node_loc(node)}: {exc}") from None
-
-        hooks = merge_hooks(recorder.hooks(), {n: observe for n in here if static})
-        runner.forward(upstream(seg.nodes, hooks), hooks)
-        dev = self.device
-        with torch.inference_mode(False):
-            consts = {c: _to(program.weights.get(str(c.target)), dev) for c in region.constants}
-            inputs = [{n: _to(v, dev) for n, v in rec.items()} for rec in recorder.samples]
-            recorder.samples.clear()
-            refs = float_references(region, inputs, consts, floats)
-            if not here:
-                return
-            schemes: dict[fx.Node, LinearQuantScheme] = {}
-            static_qparams: dict[fx.Node, Any] = {}
-            act_quant: dict[fx.Node, ActQuant] = {}
-            weights: dict[str, tuple[Tensor, TensorQuantSpec]] = {}
-            for node in here:
-                x, w_node = node.args[0], node.args[1]
-                assert isinstance(x, fx.Node) and isinstance(w_node, fx.Node)
-                w = consts[w_node]
-                if not bool(torch.isfinite(w).all()):
-                    raise UserError(f"{self.name}: weight {w_node.target} holds NaN or inf")
-                schemes[node] = self._weight_scheme(
-                    program, scheme, w.shape[1], node_loc(node) or node.name
-                )
-                weights[str(w_node.target)] = (w, schemes[node].weight)
-                if act is not None:
-                    qp = observers[x].calculate_qparams() if static else None
-                    static_qparams[node] = qp
-                    act_quant[node] = act_fake_quant(act, qp, dev)
-
-            def loss_fn(i: int, quantized: Mapping[str, Tensor]) -> Tensor:
-                values = {**inputs[i], **consts}
-                for c in region.constants:
-                    if str(c.target) in quantized:
-                        values[c] = quantized[str(c.target)]
-                with torch.autocast(torch.device(dev).type, torch.bfloat16, enabled=self.amp):
-                    outs = run_region(region, values, act_quant)
-                return output_loss(outs, refs[i])
-
-            result = tune_block(weights, len(inputs), loss_fn, self.tune_config())
-        self._report(program, seg.label, result.rtn_loss, result.loss, time.perf_counter() - t0)
-        if result.kept_rtn and self.iters:
-            self.stat(program, "layers where tuning lost to RTN")
-        for node in here:
-            params = result.params[str(node.args[1].target)]  # type: ignore[union-attr]
-            self._rewrite(program, node, schemes[node], static_qparams.get(node), params)
-
-    def _report(self, program: Program, label: str, rtn: float, ours: float, secs: float) -> None:
-        gain = 100.0 * (rtn - ours) / rtn if rtn > 0 else 0.0
-        log.info(
-            "%s: %s: output loss %.4g (RTN %.4g, %.1f%% lower) in %.1f s",
-            self.name,
-            label,
-            ours,
-            rtn,
-            gain,
-            secs,
-        )
-        self.stat(program, "layer output loss (sum over layers)", ours)
-        self.stat(program, "layer output loss of RTN (sum over layers)", rtn)
+    def weight_method(self) -> LayerTuning:
+        """Layer-by-layer tuning with this pass's training options."""
+        return LayerTuning(self.tune_config(), self.seqlen, self.samples, self.device, self.amp)

@@ -313,7 +313,7 @@ class AWQ(SmoothingPass):
                     fold_scale(program, g, result.scale)
                     changed |= folded_values(g)
 
-        LayerwiseRunner(program, samples, progress=program.metadata.get("progress", True)).run(
+        LayerwiseRunner(program, samples).run(
             visit
         )
         if results:

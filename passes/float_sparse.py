@@ -144,7 +144,7 @@ class FloatSparse(Pass):
             for node in here:
                 self._sparsify(program, node, hessians[node.args[0]], totals)  # type: ignore[index]
 
-        LayerwiseRunner(program, samples, progress=program.metadata.get("progress", True)).run(
+        LayerwiseRunner(program, samples).run(
             visit
         )
         program.recompile()

@@ -11,10 +11,10 @@ from torch import fx
 
 from slimc.errors import UserError
 from slimc.pass_base import OptionError, option
-from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant
 from slimc.program import Program, node_loc
 from slimc.quant.gptq import gptq_quantize, hessian_error
 from slimc.quant.hessian import HessianAccumulator
+from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine, WeightMethod
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
 
@@ -32,44 +32,15 @@ def per_token_fake_quant(spec: TensorQuantSpec) -> Any:
     return fake_quant
 
 
-@dataclass(frozen=True, kw_only=True)
-class GPTQ(LinearQuant):
-    """Quantize linears like linear-quant, rounding weights with GPTQ (layer-wise Hessians).
+@dataclass(frozen=True)
+class GPTQRounding(WeightMethod):
+    """GPTQ's weight method: each weight rounded column by column against its input Hessian."""
 
-    Each chosen linear's input Hessian `H = 2/n sum x x^T` is accumulated on calibration data
-    layer by layer (each layer sees the already-quantized outputs of the layers before it;
-    linears reading one value share one Hessian; dynamic per-token activations are
-    fake-quantized first, as the linear will see them). The weight is then quantized column by
-    column in blocks of `block-size`, each column's rounding error compensated on the columns
-    not yet quantized (`percdamp` x mean(diag H) added to the diagonal, multiplied by 10 and
-    retried when the Hessian is not positive definite). Each group's range is the MinMax range
-    shrunk by the ratio (of `range-steps` between 1 and 0.75) with the lowest |w - Q(w)|^2.4
-    error. Scheme, group size, symmetry and activation handling are linear-quant's. Lossy.
-    """
-
-    name = "gptq"
-    cli_role = "weight-method"
+    block_size: int
+    percdamp: float
+    act_order: bool
+    range_steps: int
     reads_inputs: ClassVar[bool] = True
-
-    scheme: SchemeName = option("w4a16", SCHEME_HELP)
-    block_size: int = option(128, "Columns quantized together before the lazy error update.")
-    percdamp: float = option(0.01, "Dampening added to diag(H), relative to its mean.")
-    act_order: bool = option(
-        True, "Quantize columns by decreasing Hessian diagonal (groups stay contiguous in K)."
-    )
-
-    range_steps: int = option(
-        20,
-        "Shrink ratios (1 down to 0.75) tried per weight group, keeping the lowest |w - Q(w)|^2.4 "
-        "error per row; 0 or 1 = MinMax ranges.",
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.block_size < 1:
-            raise OptionError(f"pass 'gptq': block-size must be >= 1, got {self.block_size}")
-        if not 0 <= self.percdamp < 1:
-            raise OptionError(f"pass 'gptq': percdamp must be in [0, 1), got {self.percdamp}")
 
     def input_collector(self, scheme: LinearQuantScheme, k: int) -> HessianAccumulator:
         act = scheme.activation
@@ -78,6 +49,7 @@ class GPTQ(LinearQuant):
 
     def quantize_linear_weight(
         self,
+        quant: LinearQuantEngine,
         program: Program,
         node: fx.Node,
         weight: torch.Tensor,
@@ -100,27 +72,71 @@ class GPTQ(LinearQuant):
             )
         except ValueError as exc:
             raise UserError(f"gptq: {path}: {exc}") from None
-        self._report(program, path, weight, collected.hessian, spec, result.weight)
+        _report(quant, program, path, weight, collected.hessian, spec, result.weight)
         if result.damp != self.percdamp:
-            self.stat(program, "Hessians needing more dampening")
+            quant.stat(program, "Hessians needing more dampening")
         if result.dead_columns:
-            self.stat(program, "dead input channels zeroed", result.dead_columns)
+            quant.stat(program, "dead input channels zeroed", result.dead_columns)
         return result.weight
 
-    def _report(
-        self,
-        program: Program,
-        path: str,
-        weight: torch.Tensor,
-        hessian: torch.Tensor,
-        spec: TensorQuantSpec,
-        qw: QuantizedWeight,
-    ) -> None:
-        """Log and count the Hessian-weighted error against plain MinMax rounding."""
-        w = weight.to(torch.float32)
-        rtn = hessian_error(w, quantize_weight(w, spec).dequantize(), hessian)
-        ours = hessian_error(w, qw.dequantize(), hessian)
-        gain = 100.0 * (rtn - ours) / rtn if rtn > 0 else 0.0
-        log.info("gptq: %s: output error %.4g (RTN %.4g, %.1f%% lower)", path, ours, rtn, gain)
-        self.stat(program, "output error (sum over linears)", ours)
-        self.stat(program, "output error of RTN (sum over linears)", rtn)
+
+def _report(
+    quant: LinearQuantEngine,
+    program: Program,
+    path: str,
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: TensorQuantSpec,
+    qw: QuantizedWeight,
+) -> None:
+    """Log and count the Hessian-weighted error against plain MinMax rounding."""
+    w = weight.to(torch.float32)
+    rtn = hessian_error(w, quantize_weight(w, spec).dequantize(), hessian)
+    ours = hessian_error(w, qw.dequantize(), hessian)
+    gain = 100.0 * (rtn - ours) / rtn if rtn > 0 else 0.0
+    log.info("gptq: %s: output error %.4g (RTN %.4g, %.1f%% lower)", path, ours, rtn, gain)
+    quant.stat(program, "output error (sum over linears)", ours)
+    quant.stat(program, "output error of RTN (sum over linears)", rtn)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQ(LinearQuantEngine):
+    """Quantize linears like linear-quant, rounding weights with GPTQ (layer-wise Hessians).
+
+    Each chosen linear's input Hessian `H = 2/n sum x x^T` is accumulated on calibration data
+    layer by layer (each layer sees the already-quantized outputs of the layers before it;
+    linears reading one value share one Hessian; dynamic per-token activations are
+    fake-quantized first, as the linear will see them). The weight is then quantized column by
+    column in blocks of `block-size`, each column's rounding error compensated on the columns
+    not yet quantized (`percdamp` x mean(diag H) added to the diagonal, multiplied by 10 and
+    retried when the Hessian is not positive definite). Each group's range is the MinMax range
+    shrunk by the ratio (of `range-steps` between 1 and 0.75) with the lowest |w - Q(w)|^2.4
+    error. Scheme, group size, symmetry and activation handling are linear-quant's. Lossy.
+    """
+
+    name = "gptq"
+    cli_role = "weight-method"
+
+    scheme: SchemeName = option("w4a16", SCHEME_HELP)
+    block_size: int = option(128, "Columns quantized together before the lazy error update.")
+    percdamp: float = option(0.01, "Dampening added to diag(H), relative to its mean.")
+    act_order: bool = option(
+        True, "Quantize columns by decreasing Hessian diagonal (groups stay contiguous in K)."
+    )
+
+    range_steps: int = option(
+        20,
+        "Shrink ratios (1 down to 0.75) tried per weight group, keeping the lowest |w - Q(w)|^2.4 "
+        "error per row; 0 or 1 = MinMax ranges.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size < 1:
+            raise OptionError(f"pass 'gptq': block-size must be >= 1, got {self.block_size}")
+        if not 0 <= self.percdamp < 1:
+            raise OptionError(f"pass 'gptq': percdamp must be in [0, 1), got {self.percdamp}")
+
+    def weight_method(self) -> GPTQRounding:
+        """GPTQ rounding with this pass's block size, dampening, order and range search."""
+        return GPTQRounding(self.block_size, self.percdamp, self.act_order, self.range_steps)

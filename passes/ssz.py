@@ -11,9 +11,9 @@ from torch import fx
 
 from slimc.errors import UserError
 from slimc.pass_base import OptionError, option
-from slimc.passes.linear_quant import SCHEME_HELP, LinearQuant
 from slimc.program import Program, node_loc
 from slimc.quant.hessian import HessianAccumulator
+from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine, WeightMethod
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
 from slimc.quant.ssz import SSZ_ITERS, ssz_quantize_weight
@@ -21,44 +21,24 @@ from slimc.quant.ssz import SSZ_ITERS, ssz_quantize_weight
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True)
-class SSZ(LinearQuant):
-    """Quantize linears like linear-quant, with SSZ weight ranges (least-squares refit).
+@dataclass(frozen=True)
+class SSZRefit(WeightMethod):
+    """SSZ's weight method: MinMax ranges refitted by least squares to the integer codes."""
 
-    Each weight block (output channel, or group along K) starts from its MinMax range; each
-    round fits the least-squares scale (and, asymmetric, integer zero point) to the current
-    integer codes and re-rounds, keeping a block's new range only when its squared error went
-    down. With `weighting=activation` each input channel's error counts E[x_k^2] times (from
-    the calibration inputs, layer by layer), so the fit follows the linear's output error;
-    `weighting=none` is msModelSlim's data-free rule. Activations follow the scheme as in
-    linear-quant. Lossy.
-    """
-
-    name = "ssz"
-    cli_role = "weight-method"
-
-    scheme: SchemeName = option("w4a16", SCHEME_HELP)
-    iters: int = option(SSZ_ITERS, "Maximum refit rounds per weight.")
-    weighting: Literal["activation", "none"] = option(
-        "activation",
-        "activation: weigh each input channel's error by E[x^2] of the calibration inputs; "
-        "none: plain squared weight error (data-free, msModelSlim's rule).",
-    )
+    iters: int
+    weighted: bool
+    """Weigh each input channel's error by E[x^2] of the calibration inputs."""
 
     @property
     def reads_inputs(self) -> bool:  # type: ignore[override]
-        return self.weighting == "activation"
+        return self.weighted
 
     def input_collector(self, scheme: LinearQuantScheme, k: int) -> HessianAccumulator:
         return HessianAccumulator(k)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.iters < 0:
-            raise OptionError(f"pass 'ssz': iters must be >= 0, got {self.iters}")
-
     def quantize_linear_weight(
         self,
+        quant: LinearQuantEngine,
         program: Program,
         node: fx.Node,
         weight: torch.Tensor,
@@ -81,6 +61,40 @@ class SSZ(LinearQuant):
         rtn = float(((quantize_weight(w, spec).dequantize() - w).pow(2) * h).sum())
         what = "weight squared error" if importance is None else "E[x^2]-weighted weight error"
         log.debug("ssz: %s: %s %.4g (MinMax %.4g)", path, what, ours, rtn)
-        self.stat(program, f"{what} (sum over linears)", ours)
-        self.stat(program, f"{what} of MinMax (sum over linears)", rtn)
+        quant.stat(program, f"{what} (sum over linears)", ours)
+        quant.stat(program, f"{what} of MinMax (sum over linears)", rtn)
         return qw
+
+
+@dataclass(frozen=True, kw_only=True)
+class SSZ(LinearQuantEngine):
+    """Quantize linears like linear-quant, with SSZ weight ranges (least-squares refit).
+
+    Each weight block (output channel, or group along K) starts from its MinMax range; each
+    round fits the least-squares scale (and, asymmetric, integer zero point) to the current
+    integer codes and re-rounds, keeping a block's new range only when its squared error went
+    down. With `weighting=activation` each input channel's error counts E[x_k^2] times (from
+    the calibration inputs, layer by layer), so the fit follows the linear's output error;
+    `weighting=none` is msModelSlim's data-free rule. Activations follow the scheme as in
+    linear-quant. Lossy.
+    """
+
+    name = "ssz"
+    cli_role = "weight-method"
+
+    scheme: SchemeName = option("w4a16", SCHEME_HELP)
+    iters: int = option(SSZ_ITERS, "Maximum refit rounds per weight.")
+    weighting: Literal["activation", "none"] = option(
+        "activation",
+        "activation: weigh each input channel's error by E[x^2] of the calibration inputs; "
+        "none: plain squared weight error (data-free, msModelSlim's rule).",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.iters < 0:
+            raise OptionError(f"pass 'ssz': iters must be >= 0, got {self.iters}")
+
+    def weight_method(self) -> SSZRefit:
+        """The SSZ refit with this pass's rounds and weighting."""
+        return SSZRefit(self.iters, weighted=self.weighting == "activation")

@@ -17,6 +17,7 @@ from slimc.errors import UserError
 from slimc.instrumentation import Instrumentation
 from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
+from slimc.program import RunContext
 from slimc.write_back import write_back
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def compile_model(
     target = model if inplace else copy.deepcopy(model)
     program = capture(target, example_inputs)
     program.calibration = samples
-    program.metadata["progress"] = progress
+    program.context = RunContext(progress=progress)
     pm.run(program)
     write_back(target, program)
     target.slimc_program = program  # type: ignore[assignment]

@@ -89,6 +89,17 @@ class WeightStore:
             yield str(node.target), self.get(str(node.target))
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """How the caller runs the pipeline, for every pass to follow (not a pass option).
+
+    Attributes:
+        progress: show progress bars for layer-by-layer calibration.
+    """
+
+    progress: bool = True
+
+
 @dataclass
 class Program:
     """A captured model: graph module, current stage, weights and calibration samples.
@@ -100,6 +111,7 @@ class Program:
         calibration: positional input tuples for calibration, or None when not given.
         statistics: per-pass counters (`--pass-statistics`).
         metadata: free-form facts (source model, capture options).
+        context: how the caller runs the pipeline (progress bars).
     """
 
     graph_module: fx.GraphModule
@@ -108,6 +120,7 @@ class Program:
     calibration: Sequence[tuple[Any, ...]] | None = None
     statistics: dict[str, dict[str, float]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    context: RunContext = field(default_factory=RunContext)
 
     @property
     def graph(self) -> fx.Graph:

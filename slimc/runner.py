@@ -65,12 +65,12 @@ class LayerwiseRunner:
         self,
         program: Program,
         samples: Sequence[tuple[Any, ...]],
-        progress: bool = True,
+        progress: bool | None = None,
         keep_outputs: bool = False,
     ) -> None:
         self.program = program
         self.samples = list(samples)
-        self.progress = progress
+        self.progress = program.context.progress if progress is None else progress
         self.keep_outputs = keep_outputs
         placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
         self._envs: list[dict[fx.Node, Any]] = []

@@ -40,9 +40,6 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     # longer exists, so this set only shrinks, to empty.
     ("slimc.export.pt2", "slimc.kernels"),
     ("slimc.passes.adapt_rotation", "slimc.passes.quarot"),
-    ("slimc.passes.autoround", "slimc.passes.linear_quant"),
-    ("slimc.passes.gptq", "slimc.passes.linear_quant"),
-    ("slimc.passes.ssz", "slimc.passes.linear_quant"),
 }
 
 

@@ -193,10 +193,10 @@ def test_named_pipeline_option_overrides_its_default() -> None:
 
 @pytest.mark.parametrize("name", sorted(registry.PIPELINES))
 def test_every_named_pipeline_builds(name: str) -> None:
-    from slimc.passes.linear_quant import LinearQuant
+    from slimc.quant.linear_engine import LinearQuantEngine
 
     pm = PassManager.parse(name)
-    quantizers = [s for s in pm.steps if isinstance(s, LinearQuant)]  # linear-quant, gptq, ...
+    quantizers = [s for s in pm.steps if isinstance(s, LinearQuantEngine)]  # linear-quant, gptq, ...
     first = pm.steps.index(quantizers[0])
     assert pm.steps[-1].name == "fuse-quantized-linear"
     assert pm.steps[first:-1] == quantizers  # quantizers run last, then fusion

@@ -169,6 +169,8 @@ def load_input(args: argparse.Namespace, needs_calibration: bool) -> Program:
 
             program.calibration = [(ids,) for ids in samples]
             check_token_ids(model, program.calibration)
+    from slimc.program import RunContext  # imports torch: not at `slimc-opt --help` time
+
     program.statistics.clear()
-    program.metadata["progress"] = sys.stderr.isatty()
+    program.context = RunContext(progress=sys.stderr.isatty())
     return program

@@ -131,7 +131,7 @@ class ActivationStats:
             if here:
                 runner.forward(seg.nodes, {n: hook for n in here})
 
-        runner = LayerwiseRunner(program, samples, progress=program.metadata.get("progress", True))
+        runner = LayerwiseRunner(program, samples)
         runner.run(visit)
         log.info("activation-stats: %d linear inputs observed", len(result.stats))
         return result

@@ -45,7 +45,7 @@ def rank_layers(
     probe: LinearQuantScheme,
     linears: Collection[fx.Node],
     samples: Sequence[tuple[Any, ...]],
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[LayerScore]:
     """Decoder layers holding any of `linears` (float `aten.linear` nodes), most sensitive first.
 

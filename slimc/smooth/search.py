@@ -233,7 +233,7 @@ def smooth_layerwise(
             with torch.no_grad():
                 handle(g, collected)
 
-    LayerwiseRunner(program, samples, progress=program.metadata.get("progress", True)).run(visit)
+    LayerwiseRunner(program, samples).run(visit)
 
 
 # -- the measured error of one candidate scale ------------------------------------------------
