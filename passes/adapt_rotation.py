@@ -16,11 +16,11 @@ from slimc.calibration import evenly_spaced
 from slimc.errors import UserError
 from slimc.linear_select import matches
 from slimc.pass_base import OptionError, PassResult, option
-from slimc.passes.quarot import QuaRot
 from slimc.pipeline_spec import OptionValue
 from slimc.program import Program, node_loc
 from slimc.quant.scheme import QuantTarget
 from slimc.rotate.adapt import LearnedRotation, learn_rotation, pick_rows, quant_error, spread
+from slimc.rotate.residual import ResidualRotation
 from slimc.runner import LayerwiseRunner, Segment
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def collect_inputs(
 
 
 @dataclass(frozen=True, kw_only=True)
-class AdaptRotation(QuaRot):
+class AdaptRotation(ResidualRotation):
     """Adapt Rotation: QuaRot with its hidden-size Hadamard Q refined by a learned rotation R.
 
     After the norms are fused (the program still computes the float model), the inputs X of the

@@ -39,7 +39,6 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     # into core. Remove an entry when its import goes: the test fails while a listed import no
     # longer exists, so this set only shrinks, to empty.
     ("slimc.export.pt2", "slimc.kernels"),
-    ("slimc.passes.adapt_rotation", "slimc.passes.quarot"),
 }
 
 
