@@ -143,6 +143,17 @@ class StreamWalker:
         if centered:
             self.centered.add(node)
 
+    def mark_norm(self, node: fx.Node, refusal: str, centered: bool | None = None) -> None:
+        """Add a norm with a weight to the stream, its weight (and bias) the norm scale of the
+        linears reading it; refused with `refusal` when they are not constants."""
+        carrier = _carrier(node, self.result.hidden)
+        if carrier is None:
+            self.refuse(node, refusal)
+            return
+        norm = NormScale(carrier)
+        self.result.norms.append(norm)
+        self.mark(node, norm, centered=centered)
+
     def reads_mean(self, node: fx.Node, x: object) -> None:
         """`node` reads stream tensor `x` in a way that depends on its channel mean (unless `x`
         is centered): mean-baking the writers would change its value."""
@@ -182,13 +193,9 @@ class StreamWalker:
         if weight is None and bias is None:
             self.mark(node, None, centered=True)
             return
-        carrier = _carrier(node, self.result.hidden)
-        if carrier is None:
-            self.refuse(node, "layer_norm whose weight is not a constant (or a bias without one)")
-            return
-        norm = NormScale(carrier)
-        self.result.norms.append(norm)
-        self.mark(node, norm, centered=True)
+        self.mark_norm(
+            node, "layer_norm whose weight is not a constant (or a bias without one)", centered=True
+        )
 
     def visit_square_user(self, node: fx.Node) -> None:
         square = node.args[0]
@@ -272,13 +279,7 @@ class StreamWalker:
         if weight is None:
             self.mark(node, None)
             return
-        carrier = _carrier(node, self.result.hidden)
-        if carrier is None:
-            self.refuse(node, "rms_norm with a weight that is not a constant")
-            return
-        norm = NormScale(carrier)
-        self.result.norms.append(norm)
-        self.mark(node, norm)
+        self.mark_norm(node, "rms_norm with a weight that is not a constant")
 
     # -- writers -----------------------------------------------------------------------------
     def trace_writers(
