@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from slimc._checkout import move_checkout_root_last
@@ -55,8 +56,6 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'slimc' has no attribute {name!r}")
-    import importlib
-
     mod = importlib.import_module(module)
     if module == f"slimc.{name}":  # a submodule (`slimc.backend`)
         return mod

@@ -10,6 +10,7 @@ import pkgutil
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from types import ModuleType
 
 from slimc.pass_base import OptionError, Pass
 from slimc.pipeline_spec import OptionValue, PassSpec
@@ -18,6 +19,9 @@ log = logging.getLogger(__name__)
 
 PASS_PACKAGE = "slimc.passes"
 """The package of in-tree passes: every public module's `Pass` subclasses that declare a `name`."""
+
+KERNEL_PACKAGE = "slimc.kernels"
+"""The package of kernel families (`kernels/`), loaded only through the functions below."""
 
 ENTRY_POINT_GROUP = "slimc.passes"
 """Entry-point group of plugin passes: `name = "module:Class"`, or a module or package whose
@@ -299,6 +303,28 @@ def get_pass(name: str) -> type[Pass]:
             f"{ref} declares name {getattr(cls, 'name', None)!r}, registered as {name!r}"
         )
     return cls
+
+
+def load_kernel_family(family: str) -> ModuleType:
+    """The kernel family `family` (`cpu`, `npu`, `w4a16`, ...), imported (its ops registered).
+
+    Raises:
+        ImportError: the family, or an optional dependency of it, is not installed.
+    """
+    return importlib.import_module(f"{KERNEL_PACKAGE}.{family}")
+
+
+def load_kernel_families() -> list[str]:
+    """Import every kernel family that can be (so a lowered program's kernel ops resolve).
+
+    Returns the families that imported; none when the kernels are not installed.
+    """
+    try:
+        kernels = importlib.import_module(KERNEL_PACKAGE)
+    except ImportError:  # pragma: no cover - kernels are an optional part of the install
+        log.debug("%s not importable; the reference ops only", KERNEL_PACKAGE)
+        return []
+    return kernels.import_families()
 
 
 def get_analysis(name: str) -> type:

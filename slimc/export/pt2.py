@@ -12,6 +12,7 @@ from torch import nn
 from torch.export import Dim
 
 from slimc.errors import UserError, first_line
+from slimc.registry import load_kernel_families
 
 __all__ = ["PT2_NAME", "load_pt2", "program_of", "save_pt2"]
 
@@ -130,14 +131,9 @@ def _save_hf_files(model: nn.Module, out: Path) -> None:
 
 def _register_ops() -> None:
     """Import the modules that define `slimc::` custom ops (kernels are optional)."""
-    import importlib
-
     import slimc.ops  # noqa: F401
 
-    try:
-        importlib.import_module("slimc.kernels").import_families()
-    except ImportError:  # pragma: no cover - kernels are an optional part of the install
-        log.debug("slimc.kernels not importable; loading with the reference ops only")
+    load_kernel_families()
 
 
 def load_pt2(path: Path) -> nn.Module:
