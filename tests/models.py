@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from slimc.program import RunContext
+
 
 def tiny_llama(seed: int = 0, layers: int = 2):
     """A small random `LlamaForCausalLM` (vocab 128, hidden 64, tied embeddings), fp32, eval mode.
@@ -261,3 +263,26 @@ def tiny_gemma3(seed: int = 0, layers: int = 2):
 def tiny_olmo2(seed: int = 0, layers: int = 2):
     """OLMo2: RMSNorms after each sublayer only (post-norms), q/k norms."""
     return tiny_decoder("Olmo2Config", "Olmo2ForCausalLM", seed, layers)
+
+
+def with_token_calibration(program, samples: int, length: int, seed: int = 1):
+    """`program` with `samples` calibration samples of `length` random token ids each (batch 1,
+    vocabulary 128, drawn from `seed`) and no progress bars; returned for chaining."""
+    gen = torch.Generator().manual_seed(seed)
+    program.calibration = [
+        (torch.randint(0, 128, (1, length), generator=gen),) for _ in range(samples)
+    ]
+    program.context = RunContext(progress=False)
+    return program
+
+
+def float_logits(program, ids: torch.Tensor) -> torch.Tensor:
+    """The logits `program` computes for `ids`, in float64 (first output of a tuple)."""
+    with torch.no_grad():
+        out = program(ids)
+    return (out[0] if isinstance(out, (tuple, list)) else out).double()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    return float((out - ref).abs().max() / ref.abs().max())

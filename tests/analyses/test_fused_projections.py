@@ -12,31 +12,12 @@ from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.capture import capture
 from slimc.program import Program, node_loc
 from slimc.smooth.fold import fold_scale
-from tests.models import captured
+from tests.analyses.groups import HEAD_DIM, HEADS, KV_HEADS, gqa_map, groups_of, summary
+from tests.models import captured, float_logits, rel_err
 from tests.smooth.fused_models import captured_family
 
-HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2
 GRAPH_NAME = re.compile(r"\b(linear|slice|getitem|view|mul|add|chunk|split)(_\d+)?\b(?! in )")
 """A graph node's name (`slice_6`, `getitem`) where a module path should be."""
-
-
-def summary(groups: list[LinearGroup]) -> list[tuple[str, str, tuple[str, ...]]]:
-    out = []
-    for g in groups:
-        src = g.carrier.node if g.carrier is not None else g.producer
-        assert src is not None
-        out.append((g.kind, node_loc(src) or "", tuple(node_loc(t) or "" for t in g.targets)))
-    return out
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
-
-
-def logits(program: Program, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = program(ids)
-    return (out[0] if isinstance(out, (tuple, list)) else out).double()
 
 
 # -- Phi-3: fused qkv_proj (GQA) and gate_up_proj ----------------------------------------------
@@ -54,8 +35,7 @@ def test_phi3_finds_ov_and_up_down_on_the_fused_projections() -> None:
     assert sorted(summary(found.groups)) == sorted(expected)
     assert found.refused == []
     q_rows, kv_rows = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    j = torch.arange(HEADS * HEAD_DIM)
-    gqa = (j // HEAD_DIM // (HEADS // KV_HEADS)) * HEAD_DIM + j % HEAD_DIM
+    gqa = gqa_map()
     for g in found.groups:
         if g.kind == "ov":  # the v part: rows after q and k, each kv head read by 2 query heads
             v_start = q_rows + kv_rows
@@ -103,7 +83,7 @@ def test_random_scales_fold_exactly_and_leave_the_other_parts(model: str) -> Non
     touches only the producer rows its targets read (the q, k and gate rows stay bit for bit)."""
     program = captured_family(model)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(7))
-    ref = logits(program, ids)
+    ref = float_logits(program, ids)
     groups = LinearGroups.compute(program).in_layer_order()
     gen = torch.Generator().manual_seed(3)
     for g in groups:
@@ -122,7 +102,7 @@ def test_random_scales_fold_exactly_and_leave_the_other_parts(model: str) -> Non
             kept[g.rows] = False
             assert torch.equal(new[kept], old[kept]), name
             assert not torch.equal(new[g.rows], old[g.rows]), name
-    assert rel_err(logits(program, ids), ref) < 1e-4
+    assert rel_err(float_logits(program, ids), ref) < 1e-4
 
 
 # -- OLMo: LayerNorm without weight ------------------------------------------------------------
@@ -168,12 +148,6 @@ def test_decomposed_rms_norm_without_weight_is_refused() -> None:
 
 
 # -- small modules: parts of one output ------------------------------------------------------------
-def groups_of(module: nn.Module) -> tuple[LinearGroups, Program]:
-    torch.manual_seed(0)
-    program = capture(module.eval(), (torch.randn(2, 5, 16),))
-    return LinearGroups.compute(program), program
-
-
 def assert_folds_exactly(program: Program, group: LinearGroup) -> None:
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(5))
     ref = program(x)

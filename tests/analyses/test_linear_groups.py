@@ -8,35 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from slimc.analyses.linear_groups import LinearGroup, LinearGroups
-from slimc.capture import capture
+from slimc.analyses.linear_groups import LinearGroups
 from slimc.program import Program, node_loc
 from slimc.smooth.fold import fold_scale
+from tests.analyses.groups import HEAD_DIM, HEADS, KV_HEADS, gqa_map, groups_of, summary
 from tests.models import captured, tiny_llama
-
-HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2
 
 
 @pytest.fixture
 def programs() -> Callable[[str], Program]:
     """`programs(name)`: a fresh copy of the captured tiny model (captured once per session)."""
     return captured
-
-
-def summary(groups: list[LinearGroup]) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(kind, module of the carrier norm or producer, target modules) per group."""
-    out = []
-    for g in groups:
-        src = g.carrier.node if g.carrier is not None else g.producer
-        assert src is not None
-        out.append((g.kind, node_loc(src) or "", tuple(node_loc(t) or "" for t in g.targets)))
-    return out
-
-
-def gqa_map(channels: int = HEADS * HEAD_DIM) -> torch.Tensor:
-    """o_proj input channel j <- v_proj output channel of its query head's kv head."""
-    j = torch.arange(channels)
-    return (j // HEAD_DIM // (HEADS // KV_HEADS)) * HEAD_DIM + j % HEAD_DIM
 
 
 # -- decoders ------------------------------------------------------------------------------------
@@ -281,12 +263,6 @@ class SelfGated(nn.Module):
         return self.fc2(h * torch.sigmoid(h))
 
 
-def groups_of(module: nn.Module, *inputs: torch.Tensor) -> tuple[LinearGroups, Program]:
-    torch.manual_seed(0)
-    program = capture(module.eval(), inputs or (torch.randn(2, 5, 16),))
-    return LinearGroups.compute(program), program
-
-
 def names(program: Program, target: object) -> set[str]:
     return {n.name for n in program.graph.find_nodes(op="call_function", target=target)}
 
@@ -406,5 +382,3 @@ def test_constant_factors_keep_a_linear_linear_chain() -> None:
     ref = program(x)
     fold_scale(program, g, torch.rand(32, dtype=torch.float64) * 4 + 0.25)
     assert torch.allclose(program(x), ref, rtol=1e-5, atol=1e-6)
-
-

@@ -25,7 +25,7 @@ from slimc.quant.autoround import (
 )
 from slimc.quant.qparams import quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
-from tests.models import tiny_llama
+from tests.models import tiny_llama, with_token_calibration
 
 SPECS = [
     TensorQuantSpec(4, False, "channel"),
@@ -164,11 +164,7 @@ def captured() -> Program:
 
 
 def calibrated(captured: Program) -> Program:
-    p = copy.deepcopy(captured)
-    gen = torch.Generator().manual_seed(1)
-    p.calibration = [(torch.randint(0, 128, (1, 64), generator=gen),) for _ in range(16)]
-    p.metadata["progress"] = False
-    return p
+    return with_token_calibration(copy.deepcopy(captured), samples=16, length=64)
 
 
 def logits(program: Program, ids: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from slimc.passes.flex_smooth_quant import FlexSmoothQuant
 from slimc.passes.iter_smooth import IterSmooth
 from slimc.passes.smooth_quant import SmoothQuant
 from slimc.program import Program
+from tests.models import float_logits, rel_err, with_token_calibration
 from tests.smooth.fused_models import captured_family
 
 TOLERANCE = 1e-4  # max |out - ref| / max |ref|, fp32
@@ -29,21 +30,7 @@ FUSED_KINDS = {"phi3": {"ov": 2, "up-down": 2}, "gpt_neox": {"ov": 2}}
 
 
 def program_of(model: str) -> Program:
-    program = captured_family(model)
-    gen = torch.Generator().manual_seed(1)
-    program.calibration = [(torch.randint(0, 128, (1, 24), generator=gen),) for _ in range(4)]
-    program.metadata["progress"] = False
-    return program
-
-
-def logits(program: Program, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = program(ids)
-    return (out[0] if isinstance(out, (tuple, list)) else out).double()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return with_token_calibration(captured_family(model), samples=4, length=24)
 
 
 @pytest.mark.parametrize("model", list(FUSED_KINDS))
@@ -51,13 +38,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_every_smoothing_pass_is_exact_on_fused_projections(model: str, pass_: Pass) -> None:
     program = program_of(model)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(7))
-    ref = logits(program, ids)
+    ref = float_logits(program, ids)
     am = AnalysisManager(program)
     groups = am.get(LinearGroups)
     found = {k: sum(g.kind == k for g in groups.groups) for k in FUSED_KINDS[model]}
     assert found == FUSED_KINDS[model]
     PassManager.parse([pass_]).run(program, am)
-    assert rel_err(logits(program, ids), ref) < TOLERANCE
+    assert rel_err(float_logits(program, ids), ref) < TOLERANCE
     stats = program.statistics[pass_.name]
     assert not any(key.startswith("skipped") for key in stats), stats
     if pass_.name in ("smooth-quant", "iter-smooth", "flex-smooth-quant", "flex-awq-ssz"):
@@ -70,7 +57,7 @@ def test_only_the_rows_read_are_scaled(model: str) -> None:
     """ov and up-down alone: the q, k (and gate) rows of the fused weights stay bit for bit."""
     program = program_of(model)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(7))
-    ref = logits(program, ids)
+    ref = float_logits(program, ids)
     am = AnalysisManager(program)
     fused = [g for g in am.get(LinearGroups).groups if g.rows is not None]
     assert len(fused) == sum(FUSED_KINDS[model].values())
@@ -81,7 +68,7 @@ def test_only_the_rows_read_are_scaled(model: str) -> None:
             name = str(const.target)  # type: ignore[union-attr]
             before[name] = (g.rows, program.weights.get(name).clone())
     PassManager.parse([IterSmooth(enable_subgraph_type=("ov", "up-down"))]).run(program, am)
-    assert rel_err(logits(program, ids), ref) < TOLERANCE
+    assert rel_err(float_logits(program, ids), ref) < TOLERANCE
     for name, (rows, old) in before.items():
         new = program.weights.get(name)
         kept = torch.ones(old.shape[0], dtype=torch.bool)

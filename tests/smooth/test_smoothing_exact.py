@@ -13,7 +13,7 @@ from slimc.analysis import AnalysisManager
 from slimc.pass_manager import PassManager
 from slimc.program import Program, node_loc
 from slimc.smooth.fold import fold_scale, weight_column_absmax
-from tests.models import captured
+from tests.models import captured, float_logits, rel_err, with_token_calibration
 
 MODELS = ("llama", "gemma2", "opt")
 TOLERANCE = 1e-4  # max |out - ref| / max |ref|, fp32
@@ -24,27 +24,13 @@ def programs() -> Callable[[str], Program]:
     """`programs(name)`: a fresh copy of the captured tiny model, with 4 calibration samples."""
 
     def get(name: str) -> Program:
-        program = captured(name)
-        gen = torch.Generator().manual_seed(1)
-        program.calibration = [(torch.randint(0, 128, (1, 24), generator=gen),) for _ in range(4)]
-        program.metadata["progress"] = False
-        return program
+        return with_token_calibration(captured(name), samples=4, length=24)
 
     return get
 
 
 def eval_ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(7))
-
-
-def logits(program: Program, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = program(ids)
-    return (out[0] if isinstance(out, (tuple, list)) else out).double()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
 
 
 def snapshot(program: Program) -> dict[str, torch.Tensor]:
@@ -74,12 +60,12 @@ def assert_stats_close(updated: ActivationStats, fresh: ActivationStats) -> None
 def test_pass_keeps_logits_and_updates_stats(programs, model: str, pipeline: str, kinds) -> None:
     program = programs(model)
     ids = eval_ids()
-    ref = logits(program, ids)
+    ref = float_logits(program, ids)
     before = snapshot(program)
     am = AnalysisManager(program)
     PassManager.parse(pipeline).run(program, am)
 
-    assert rel_err(logits(program, ids), ref) < TOLERANCE
+    assert rel_err(float_logits(program, ids), ref) < TOLERANCE
 
     counts = program.statistics[pipeline]
     groups = am.get(LinearGroups)
@@ -116,7 +102,7 @@ def test_random_scales_fold_exactly_into_every_group(programs, model: str) -> No
     """Every discovered group, every kind: a log-uniform scale in [0.1, 10] changes nothing."""
     program = programs(model)
     ids = eval_ids()
-    ref = logits(program, ids)
+    ref = float_logits(program, ids)
     groups = LinearGroups.compute(program).in_layer_order()
     assert groups
     gen = torch.Generator().manual_seed(3)
@@ -125,7 +111,7 @@ def test_random_scales_fold_exactly_into_every_group(programs, model: str) -> No
             (torch.rand(g.source_channels(), generator=gen, dtype=torch.float64) * 2 - 1) * 2.3
         )
         fold_scale(program, g, s)
-    assert rel_err(logits(program, ids), ref) < TOLERANCE
+    assert rel_err(float_logits(program, ids), ref) < TOLERANCE
 
 
 # -- the documented formula ------------------------------------------------------------------------
@@ -194,7 +180,7 @@ def test_smoothing_keeps_smollm2_logits() -> None:
     program.calibration = [(ids,) for ids in calibration_samples(tok, n=8)]
     program.metadata["progress"] = False
     window = eval_token_ids(tok)[:512].unsqueeze(0)
-    ref = logits(program, window)
+    ref = float_logits(program, window)
     am = AnalysisManager(program)
     steps = (
         ("iter-smooth", "ov", 30),
@@ -208,6 +194,6 @@ def test_smoothing_keeps_smollm2_logits() -> None:
         PassManager.parse(pipeline).run(program, am)
         name = pipeline.split("{")[0]
         assert program.statistics[name][f"smoothed {kind} groups"] == count
-        err = rel_err(logits(program, window), ref)
+        err = rel_err(float_logits(program, window), ref)
         print(f"\nSmolLM2 after {pipeline}: max relative logit error {err:.3g}")
         assert err < TOLERANCE
