@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
+from slimc import canonical
 from slimc.errors import UserError, first_line
 from slimc.program import LOC_KEY, Program
 from slimc.stage import Stage
@@ -138,9 +139,7 @@ def capture(
     program = Program(gm, example_inputs=args)
     program.metadata.update(model_class=type(model).__name__, hf_causal_lm=hf)
     if canonicalize:
-        from slimc.pass_manager import PassManager
-
-        PassManager.parse("canonicalize").run(program)
+        canonical.canonicalize(program)
     return program
 
 
@@ -148,11 +147,9 @@ def program_from_graph_module(
     gm: fx.GraphModule, example_inputs: Sequence[Any], stage: Stage = Stage.ATEN
 ) -> Program:
     """Wrap an already unlifted graph module (e.g. loaded from `.pt2`) and canonicalize it."""
-    from slimc.pass_manager import PassManager
-
     _set_locations(gm.graph, "")
     program = Program(gm, stage=stage, example_inputs=tuple(example_inputs))
-    PassManager.parse("canonicalize", start_stage=stage).run(program)
+    canonical.canonicalize(program)
     return program
 
 

@@ -13,6 +13,8 @@ import torch.fx.traceback as fx_traceback
 from torch import fx, nn
 from torch.export import Dim
 
+from slimc.canonical import canonicalize
+from slimc.capture import capture
 from slimc.errors import UserError
 from slimc.ir.verifier import FLOAT_OPS, QDQ_OPS
 from slimc.ops.fused import FUSED_OP_NAMES
@@ -288,9 +290,6 @@ def program_from_dynamo(
         DynamoCaptureError: an input the program cannot take (see `plan_inputs`).
         UserError: torch.export fails on the graph.
     """
-    from slimc.capture import capture
-    from slimc.pass_manager import PassManager
-
     slots, root = plan_inputs(gm, example_inputs)
     _keep_module_entries_under(gm, root)
     positions = [i for i, s in enumerate(slots) if s.kind == "input"]
@@ -305,7 +304,7 @@ def program_from_dynamo(
         _rename_inputs(program, [slots[i].name for i in positions])
         _normalize_locations(program, root)
         program.stage = infer_stage(program.graph)
-        PassManager.parse("canonicalize", start_stage=program.stage).run(program)
+        canonicalize(program)
     program.metadata["source"] = "torch.compile"
     return program, positions
 

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from slimc.ir.printer import print_program
+from slimc.ir.verifier import verify
+
 if TYPE_CHECKING:
     from slimc.pass_base import Pass, PassResult
     from slimc.program import Program
@@ -63,8 +66,6 @@ class IRPrinter(Instrumentation):
     _last: str = ""
 
     def _text(self, program: Program) -> str:
-        from slimc.ir.printer import print_program
-
         return print_program(program, loc=self.print_loc)
 
     def _wants(self, names: frozenset[str], p: Pass) -> bool:
@@ -145,8 +146,6 @@ class Verifier(Instrumentation):
     """Runs the IR verifier after every pass (on by default, as in MLIR)."""
 
     def after_pass(self, p: Pass, index: int, program: Program, result: PassResult) -> None:
-        from slimc.ir.verifier import verify
-
         verify(program, after=str(p))
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from slimc.kernel import eager_impl
 from slimc.ops.fused import LinearArgs, fused_linear_for
+from slimc.ops.packing import unpack_int4
 from slimc.quant.scheme import LinearQuantScheme
 
 
@@ -96,8 +97,6 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight [N, K] this layer computes with."""
-        from slimc.ops.packing import unpack_int4
-
         q = unpack_int4(self.qweight) if self.scheme.weight.bits == 4 else self.qweight
         spec = self.scheme.weight
         return torch.ops.slimc.dequantize_affine(
@@ -140,8 +139,6 @@ class HadamardRotation(nn.Module):
         self.register_buffer("signs", signs.detach().clone())
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
-        import slimc.ops  # noqa: F401  (registers slimc::hadamard)
-
         return torch.ops.slimc.hadamard(self.module(*args, **kwargs), self.signs)
 
 
@@ -158,8 +155,6 @@ class HadamardInputRotation(nn.Module):
         self.register_buffer("signs", signs.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import slimc.ops  # noqa: F401  (registers slimc::hadamard)
-
         return self.module(torch.ops.slimc.hadamard(x, self.signs))
 
 

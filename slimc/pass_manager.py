@@ -14,6 +14,7 @@ from slimc.instrumentation import Instrumentation, Verifier
 from slimc.pass_base import OptionError, Pass, PassFailure, PassResult, Preserved
 from slimc.pipeline_spec import PassSpec, PipelineSyntaxError, format_pipeline, parse_pipeline
 from slimc.program import Program
+from slimc.reproducer import write_reproducer
 from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,6 @@ class PassManager:
                 inst.after_pass_failed(p, i, program, exc)
             path = None
             if snapshot is not None and self.crash_reproducer:
-                from slimc.reproducer import write_reproducer
-
                 tail = [str(s) for s in self.steps[i:]]
                 path = write_reproducer(snapshot, ",".join(tail), self.crash_reproducer)
             raise PassFailure(str(p), i, total, exc, path) from exc

@@ -15,8 +15,12 @@ import torch
 from torch import fx
 from torch.export import Dim
 
+import slimc
+import slimc.ops  # noqa: F401  (the graphs written and loaded call slimc:: ops)
+from slimc.capture import program_from_graph_module
 from slimc.errors import UserError, first_line
 from slimc.program import LOC_KEY, SCHEME_KEY, Program
+from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,6 @@ _NAME, _ORDER, _LOC, _SCHEME = "slimc_name", "slimc_order", "slimc_loc", "slimc_
 
 
 def _version() -> str:
-    import slimc
-
     return f"slimc {slimc.__version__}, torch {torch.__version__}"
 
 
@@ -88,8 +90,6 @@ def save_program(program: Program, path: str | Path, pipeline: str = "") -> str:
     Raises:
         UserError: the program has no example inputs or cannot be exported.
     """
-    import slimc.ops  # noqa: F401  (the graph calls slimc:: ops)
-
     if not program.example_inputs:
         raise UserError("cannot save a program without example inputs")
     with warnings.catch_warnings():  # torch's pytree specs warn when deep-copied
@@ -170,9 +170,6 @@ def load_program(path: str | Path) -> tuple[Program, str]:
     Raises:
         UserError: missing, corrupt or input-less file.
     """
-    import slimc.ops  # noqa: F401  (registers slimc:: ops before deserializing)
-    from slimc.capture import program_from_graph_module
-
     meta = read_metadata(path)
     stage = stage_of(meta)
     try:
@@ -195,8 +192,6 @@ def load_program(path: str | Path) -> tuple[Program, str]:
 
 def _restore(gm: fx.GraphModule, table: dict[str, Any]) -> None:
     """Give nodes back their names, order, locations and schemes (see `_annotate`)."""
-    from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
-
     scheme_key = SCHEME_KEY
     info: dict[fx.Node, list[Any]] = {}
     placeholders = list(gm.graph.find_nodes(op="placeholder"))

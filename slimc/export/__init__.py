@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from slimc.errors import UserError, first_line
+from slimc.export.ascend_v1 import save_ascend_v1
 from slimc.export.atomic import atomic_directory, check_target
+from slimc.export.compressed_tensors import check_expressible, save_compressed_tensors
+from slimc.export.pt2 import PT2_NAME, load_pt2, save_pt2
 
 __all__ = ["FORMATS", "load", "resolve_format", "save"]
 
@@ -22,8 +25,6 @@ def resolve_format(model: Any, format: str) -> str:  # noqa: A002 - the user-fac
     """``auto``: compressed-tensors when it can hold `model`, else pt2 (the reason is logged)."""
     if format != "auto":
         return format
-    from slimc.export.compressed_tensors import check_expressible
-
     try:
         check_expressible(model)
     except UserError as exc:
@@ -81,16 +82,10 @@ def save(
     format = resolve_format(model, format)  # noqa: A001
     with atomic_directory(target, overwrite=overwrite) as tmp:
         if format == "pt2":
-            from slimc.export.pt2 import save_pt2
-
             save_pt2(model, tmp, tokenizer)
         elif format == "ascend-v1":
-            from slimc.export.ascend_v1 import save_ascend_v1
-
             save_ascend_v1(model, tmp, tokenizer)
         else:
-            from slimc.export.compressed_tensors import save_compressed_tensors
-
             save_compressed_tensors(model, tmp, tokenizer)
     log.info("saved %s model to %s", format, target)
     return target
@@ -110,8 +105,6 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     Raises:
         UserError: the path does not exist or holds neither format.
     """
-    from slimc.export.pt2 import PT2_NAME
-
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".pt2":
         return "pt2"
@@ -145,8 +138,6 @@ def load(path: str | os.PathLike[str]) -> Any:
     fmt = detect_format(path)
     p = Path(path).expanduser()
     if fmt == "pt2":
-        from slimc.export.pt2 import load_pt2
-
         return load_pt2(p)
     from transformers import AutoModelForCausalLM
 

@@ -44,6 +44,7 @@ from slimc.export.ascend_v1_tensors import (
     pack_int4_int8,
     unpack_int4_int8,
 )
+from slimc.export.compressed_tensors import save_tokenizer
 from slimc.nn import (
     HadamardInputRotation,
     HadamardRotation,
@@ -236,9 +237,7 @@ def _save_config(model: nn.Module, out: Path, quantized: dict[str, QuantizedLine
 def _save_tokenizer_files(model: nn.Module, tokenizer: Any, out: Path) -> None:
     if tokenizer is None and getattr(model, "config", None) is None:
         return  # not a Hugging Face model: no tokenizer to look for
-    from slimc.export.compressed_tensors import _save_tokenizer
-
-    _save_tokenizer(model, tokenizer, out)
+    save_tokenizer(model, tokenizer, out)
 
 
 # --------------------------------------------------------------------------- reading

@@ -11,6 +11,7 @@ import torch
 
 from slimc.errors import UserError
 from slimc.nn import QuantizedLinear
+from slimc.ops.packing import unpack_int4
 from slimc.quant.scheme import LinearQuantScheme
 
 ROW_PARALLEL = ("down_proj", "o_proj", "w2")
@@ -145,6 +146,4 @@ def linear_tensors(
 
 
 def _unpack_slimc(packed: torch.Tensor) -> torch.Tensor:
-    from slimc.ops.packing import unpack_int4
-
     return unpack_int4(packed)

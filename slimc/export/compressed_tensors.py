@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from torch import nn
 
 from slimc.errors import UserError, first_line
 from slimc.nn import HadamardInputRotation, HadamardRotation, OutputBias, QuantizedLinear
+from slimc.ops.packing import unpack_int4
 from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 
 __all__ = ["quantization_scheme", "save_compressed_tensors"]
@@ -73,8 +75,6 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _unpacked_int(q: QuantizedLinear) -> torch.Tensor:
-    from slimc.ops.packing import unpack_int4
-
     return unpack_int4(q.qweight) if q.scheme.weight.bits == 4 else q.qweight
 
 
@@ -263,7 +263,7 @@ def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) 
         _generation_config(work).save_pretrained(out)
     compressor.update_config(str(out))
     quant_cfg = _finish_config(out, qconfig)
-    _save_tokenizer(model, tokenizer, out)
+    save_tokenizer(model, tokenizer, out)
     log.info(
         "compressed-tensors: %d quantized linears, format %s, ignore %s",
         len(quantized),
@@ -324,8 +324,6 @@ def _finish_config(out: Path, qconfig: Any) -> dict[str, Any]:
     transformers decompress them with the library's own decompressor while loading (exact for
     weight-only schemes); engines that run compressed-tensors natively (vLLM) ignore the key.
     """
-    import json
-
     path = out / "config.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     qc = data["quantization_config"]
@@ -350,7 +348,7 @@ def _generation_config(model: nn.Module) -> Any:
     return gen if gen is not None else GenerationConfig.from_model_config(model.config)
 
 
-def _save_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None:
+def save_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None:
     """Save `tokenizer`, or the one next to the model's local checkpoint when none is given."""
     if tokenizer is None:
         source = str(getattr(model, "name_or_path", "") or "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -49,8 +50,6 @@ def call(
 
 def getitems(program: Program, node: fx.Node, count: int, before: fx.Node) -> list[fx.Node]:
     """`getitem` nodes for the first `count` results of a multi-output node."""
-    import operator
-
     out = []
     for i in range(count):
         with program.graph.inserting_before(before):

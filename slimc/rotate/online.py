@@ -9,6 +9,8 @@ import slimc.ops  # noqa: F401  (registers slimc::hadamard)
 from slimc.analyses.residual_stream import OnlinePoint
 from slimc.ir.builder import call
 from slimc.program import LOC_KEY, Program, node_loc
+from slimc.rotate.fold import WEIGHT, rotate_input
+from slimc.rotate.hadamard import hadamard
 
 ONLINE_ROTATION_KEY = "slimc_online_rotation"
 """`node.meta` flag on a `slimc.hadamard` quarot inserted (written back as a module wrapper)."""
@@ -53,9 +55,6 @@ def insert_input_rotation(
     `x -> x Q` (a `slimc.hadamard` node carrying the linear's module path) and `W -> W Q`, so
     the linear computes `x Q Q^T W^T = x W^T`: exact. Returns the `slimc.hadamard` node.
     """
-    from slimc.rotate.fold import WEIGHT, rotate_input
-    from slimc.rotate.hadamard import hadamard
-
     x = linear.args[0]
     assert isinstance(x, fx.Node)
     loc = node_loc(linear) or linear.name

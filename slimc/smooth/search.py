@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, fx
 
 from slimc.analyses.linear_groups import LinearGroup
-from slimc.pass_base import Pass
+from slimc.pass_base import OptionError, Pass
 from slimc.program import Program
 from slimc.quant.qparams import qparams_from_minmax, quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
@@ -280,8 +280,6 @@ def check_search_options(
 ) -> None:
     """Refuse a grid step outside (0, 1], max-tokens other than -1 or >= 1, and fixed
     exponents (`alpha=...`, `beta=...`, None = searched) outside [0, 1]."""
-    from slimc.pass_base import OptionError
-
     if not 0.0 < grid_step <= 1.0:
         raise OptionError(
             f"pass {pass_name!r}: option 'grid-step' must be in (0, 1], got {grid_step}"
