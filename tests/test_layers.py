@@ -48,6 +48,8 @@ class Import:
     target: str
     path: str
     line: int
+    type_only: bool = False
+    """Inside an `if TYPE_CHECKING:` block: never runs."""
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -107,7 +109,14 @@ def imports_of(path: Path, root: Path = ROOT) -> Iterator[Import]:
     module = module_name(path, root)
     is_package = path.name == "__init__.py"
     rel = str(path.relative_to(root))
-    for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+    tree = ast.parse(path.read_text(), filename=rel)
+    type_only = {
+        id(inner)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for inner in ast.walk(block)
+    }
+    for node in ast.walk(tree):
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -119,7 +128,7 @@ def imports_of(path: Path, root: Path = ROOT) -> Iterator[Import]:
             literal = _literal_import(node)
             targets = [literal] if literal else []
         for target in targets:
-            yield Import(module, target, rel, node.lineno)
+            yield Import(module, target, rel, node.lineno, id(node) in type_only)
 
 
 def _within(target: str, package: str) -> bool:
@@ -153,6 +162,53 @@ def layer_violations() -> dict[tuple[str, str], list[str]]:
                 where = f"{imp.path}:{imp.line}: {rule}"
                 found.setdefault((imp.module, imp.target), []).append(where)
     return found
+
+
+def core_import_cycles(root: Path = ROOT) -> list[list[str]]:
+    """Cycles among the core's modules, counting imports that run (module level or inside a
+    function; not `TYPE_CHECKING` blocks, nor the `slimc` package itself, which every module's
+    import loads first)."""
+    modules = _tree_modules(root)
+    edges: dict[str, set[str]] = {}
+    for path in source_files(root):
+        for imp in imports_of(path, root):
+            core = not any(
+                _within(m, layer) for m in (imp.module, imp.target) for layer in UPPER_LAYERS
+            )
+            if core and not imp.type_only and imp.target in modules and imp.target != "slimc":
+                edges.setdefault(imp.module, set()).add(imp.target)
+    cycles: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(module: str, stack: list[str]) -> None:
+        if module in stack:
+            cycles.append([*stack[stack.index(module) :], module])
+            return
+        if module in done:
+            return
+        for target in sorted(edges.get(module, ())):
+            visit(target, [*stack, module])
+        done.add(module)
+
+    for module in sorted(edges):
+        visit(module, [])
+    return cycles
+
+
+def test_core_has_no_import_cycles() -> None:
+    cycles = core_import_cycles()
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_cycle_finder_sees_a_cycle_through_function_level_imports(tmp_path: Path) -> None:
+    (tmp_path / "slimc").mkdir()
+    (tmp_path / "slimc" / "__init__.py").write_text("")
+    (tmp_path / "slimc" / "a.py").write_text("from slimc.b import x\n")
+    (tmp_path / "slimc" / "b.py").write_text("def f():\n    from slimc.a import y\n")
+    (tmp_path / "slimc" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from slimc.a import z\n"
+    )
+    assert core_import_cycles(tmp_path) == [["slimc.a", "slimc.b", "slimc.a"]]
 
 
 def test_every_source_folder_is_walked() -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import fx
 
+from slimc.analyses.group_types import LinearGroup, where_all
 from slimc.program import Program
-
-if TYPE_CHECKING:
-    from slimc.analyses.linear_groups import LinearGroup
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -135,8 +133,6 @@ def _side_read_problem(
     captured: dict[fx.Node, torch.Tensor],
 ) -> str | None:
     """Why scaling the rows the targets read would change a side read, or None if it cannot."""
-    from slimc.analyses.linear_groups import where_all
-
     channel_map, rows = decoded
     read = set((channel_map + 1).tolist())
     bad = []

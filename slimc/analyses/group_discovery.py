@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 
-from slimc.analyses.linear_groups import (
+from slimc.analyses.group_types import (
     CASTS,
     MOVES,
     NORMS,
     SPLITS,
     GroupKind,
     LinearGroup,
-    LinearGroups,
     Refusal,
     ScaleCarrier,
     module_of,
@@ -24,6 +24,9 @@ from slimc.analyses.linear_groups import (
     where_all,
 )
 from slimc.ir.builder import is_constant, tensor_val
+
+if TYPE_CHECKING:
+    from slimc.analyses.linear_groups import LinearGroups
 
 aten = torch.ops.aten
 
@@ -57,15 +60,17 @@ def _channel_constant(node: object, channels: int) -> tuple[fx.Node, float] | No
     return node, offset
 
 
-def _norm_linear(x: fx.Node, linears: list[fx.Node], result: LinearGroups) -> LinearGroup | None:
+def norm_linear_group(
+    x: fx.Node, linears: list[fx.Node], result: LinearGroups
+) -> LinearGroup | None:
     """A norm (or any per-channel multiply by a constant) whose output only these linears read."""
     channels = int(tensor_val(linears[0].args[1]).shape[1])
     chain = [x]
     node = x
-    while _keeps_channels(node):
+    while keeps_channels(node):
         node = node.args[0]  # type: ignore[assignment]
         chain.append(node)
-    carrier = _carrier(node, channels)
+    carrier = scale_carrier(node, channels)
     if carrier is None:
         bare = _weightless_norm(node)
         if bare is not None:
@@ -129,7 +134,7 @@ def bare_kind(node: fx.Node) -> str:
     return "x * rsqrt(...) without a per-channel weight"
 
 
-def _keeps_channels(node: fx.Node) -> bool:
+def keeps_channels(node: fx.Node) -> bool:
     """A cast or move whose output element `[..., c]` comes from input element `[..., c]`.
 
     Such ops (dtype casts, slices of the sequence, views keeping the last dim, transposes of
@@ -163,7 +168,7 @@ def _keeps_channels(node: fx.Node) -> bool:
     return True
 
 
-def _carrier(node: fx.Node, channels: int) -> ScaleCarrier | None:
+def scale_carrier(node: fx.Node, channels: int) -> ScaleCarrier | None:
     if node.op != "call_function":
         return None
     if node.target in NORMS:
@@ -178,7 +183,7 @@ def _carrier(node: fx.Node, channels: int) -> ScaleCarrier | None:
         inner, other = node.args[0], node.args[1]
         found = _channel_constant(other, channels)
         if found and found[1] == 0.0 and isinstance(inner, fx.Node) and len(inner.users) == 1:
-            base = _carrier(inner, channels)
+            base = scale_carrier(inner, channels)
             if base is not None and base.bias is None and base.node.target is aten.mul.Tensor:
                 return ScaleCarrier(node, base.weight, base.offset, found[0])
         return None
@@ -235,7 +240,7 @@ def _side_reads(leaks: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
     return selections, others
 
 
-def _path_group(
+def path_group(
     x: fx.Node,
     linears: list[fx.Node],
     by_input: dict[fx.Node, list[fx.Node]],
@@ -292,9 +297,7 @@ def _path_group(
     leaks = list(dict.fromkeys(u for n in members for u in n.users if u not in allowed))
     side, others = _side_reads(leaks)
     if others:
-        result.refused.append(
-            Refusal(kind, heads, f"values also read by {where_all(others)}")
-        )
+        result.refused.append(Refusal(kind, heads, f"values also read by {where_all(others)}"))
         return None
     on_path = set(members)
     for n in path:
@@ -319,8 +322,7 @@ def _path_group(
                 Refusal(
                     kind,
                     heads,
-                    f"the attention scores of {where(n)} depend on the values of "
-                    f"{where(producer)}",
+                    f"the attention scores of {where(n)} depend on the values of {where(producer)}",
                 )
             )
             return None

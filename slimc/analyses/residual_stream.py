@@ -9,52 +9,32 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from slimc.analyses.linear_groups import ScaleCarrier
+from slimc.analyses.group_types import module_of
+from slimc.analyses.stream_types import (
+    CHANNEL_SUMS,
+    SHAPE_ONLY,
+    NormScale,
+    OnlinePoint,
+    StreamRefusal,
+)
+from slimc.analyses.stream_walker import StreamWalker
 from slimc.ir.builder import is_constant
-from slimc.program import Program, node_loc
+from slimc.program import Program
 
 if TYPE_CHECKING:
     from slimc.analysis import AnalysisManager
 
+__all__ = [  # the stream vocabulary (slimc.analyses.stream_types), where users import it from
+    "CHANNEL_SUMS",
+    "SHAPE_ONLY",
+    "NormScale",
+    "OnlinePoint",
+    "ResidualStream",
+    "StreamRefusal",
+]
+
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-SHAPE_ONLY = frozenset({aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int})
-"""Ops that read only a tensor's shape, never its values."""
-
-CHANNEL_SUMS = frozenset({aten.mean.dim, aten.sum.dim_IntList})
-"""Reductions that, over the channel dim of `x * x`, give a rotation-invariant `|x|^2` (RMS)."""
-
-
-@dataclass
-class NormScale:
-    """A norm's per-channel scale applied to the stream; fused into the linears reading it."""
-
-    carrier: ScaleCarrier
-    readers: list[fx.Node] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class OnlinePoint:
-    """A value added into the stream that no weight can rotate (e.g. a sandwich norm's output)."""
-
-    value: fx.Node
-    add: fx.Node
-    reason: str
-
-
-@dataclass(frozen=True)
-class StreamRefusal:
-    """A node reading the stream where a rotation would not be exact, and why."""
-
-    node: fx.Node | None
-    reason: str
-
-    def __str__(self) -> str:
-        if self.node is None:
-            return self.reason
-        loc = node_loc(self.node)
-        return f"{self.node.name}{f' ({loc})' if loc else ''}: {self.reason}"
 
 
 @dataclass
@@ -116,8 +96,6 @@ class ResidualStream:
             return result
         result.start = start
         result.hidden = int(start.meta["val"].shape[-1])
-        from slimc.analyses.stream_walker import StreamWalker
-
         StreamWalker(result).run(program.graph, start)
         for r in result.refused:
             log.info("residual-stream: %s", r)
@@ -135,17 +113,13 @@ class ResidualStream:
             lines.append(
                 f"  {len(self.mean_readers)} nodes subtract the channel mean; mean-baking {bake}"
             )
-        lines += [f"  embedding {_where(n)}" for n in self.embeddings]
-        lines += [f"  writer {_where(n)}" for n in self.writers]
+        lines += [f"  embedding {module_of(n)}" for n in self.embeddings]
+        lines += [f"  writer {module_of(n)}" for n in self.writers]
         for norm in self.norms:
-            readers = ",".join(_where(r).rsplit(".", 1)[-1] for r in norm.readers)
-            lines.append(f"  norm {_where(norm.carrier.node)} -> {readers}")
-        lines += [f"  online {_where(p.value)}: {p.reason}" for p in self.online]
+            readers = ",".join(module_of(r).rsplit(".", 1)[-1] for r in norm.readers)
+            lines.append(f"  norm {module_of(norm.carrier.node)} -> {readers}")
+        lines += [f"  online {module_of(p.value)}: {p.reason}" for p in self.online]
         lines += [f"  refused {r}" for r in self.refused]
         if self.centers:
-            lines += [f"  reads the mean {_where(n)} ({n.name})" for n in self.mean_dependent]
+            lines += [f"  reads the mean {module_of(n)} ({n.name})" for n in self.mean_dependent]
         return "\n".join(lines)
-
-
-def _where(node: fx.Node) -> str:
-    return node_loc(node) or node.name

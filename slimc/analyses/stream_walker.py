@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import fx
 
-from slimc.analyses.group_discovery import _carrier, _keeps_channels
-from slimc.analyses.linear_groups import CASTS, MOVES
-from slimc.analyses.residual_stream import (
+from slimc.analyses.group_discovery import keeps_channels, scale_carrier
+from slimc.analyses.group_types import CASTS, MOVES, module_of
+from slimc.analyses.stream_types import (
     CHANNEL_SUMS,
     SHAPE_ONLY,
     NormScale,
     OnlinePoint,
-    ResidualStream,
     StreamRefusal,
-    _where,
 )
 from slimc.ir.builder import is_constant
+
+if TYPE_CHECKING:
+    from slimc.analyses.residual_stream import ResidualStream
 
 aten = torch.ops.aten
 
@@ -94,7 +97,7 @@ class StreamWalker:
         tag = next(iter(tags.values()), None)
         channel_op = x in self.rot and not any(a in self.rot for a in others)
         if t in MOVES and channel_op:
-            if t is not aten.type_as.default and not _keeps_channels(node):
+            if t is not aten.type_as.default and not keeps_channels(node):
                 self.refuse(node, f"{_op(node)} moves channels of the stream")
                 return
             self.mark(node, tag)
@@ -146,7 +149,7 @@ class StreamWalker:
     def mark_norm(self, node: fx.Node, refusal: str, centered: bool | None = None) -> None:
         """Add a norm with a weight to the stream, its weight (and bias) the norm scale of the
         linears reading it; refused with `refusal` when they are not constants."""
-        carrier = _carrier(node, self.result.hidden)
+        carrier = scale_carrier(node, self.result.hidden)
         if carrier is None:
             self.refuse(node, refusal)
             return
@@ -237,7 +240,9 @@ class StreamWalker:
         if self.per_token_scaling(node):
             self.mark(node, None)
             return
-        carrier = _carrier(node, self.result.hidden) if node.target is aten.mul.Tensor else None
+        carrier = (
+            scale_carrier(node, self.result.hidden) if node.target is aten.mul.Tensor else None
+        )
         if carrier is not None and carrier.node is node:
             norm = NormScale(carrier)
             self.result.norms.append(norm)
@@ -306,7 +311,7 @@ class StreamWalker:
             scalar_factor = t in (aten.mul.Tensor, aten.div.Tensor) and isinstance(
                 node.args[1], (int, float)
             )
-            if scalar_factor or (t in MOVES and _keeps_channels(node)):
+            if scalar_factor or (t in MOVES and keeps_channels(node)):
                 path[node] = None
                 stack.append(node.args[0])  # type: ignore[arg-type]
             elif t in (aten.add.Tensor, aten.add_.Tensor) and self.is_sum_of_values(node):
@@ -315,7 +320,7 @@ class StreamWalker:
                 path[node] = None
                 stack.extend(node.args)  # type: ignore[arg-type]
             else:
-                return [], [], f"{_op(node)} at {_where(node)} is not a linear, cast or move"
+                return [], [], f"{_op(node)} at {module_of(node)} is not a linear, cast or move"
         allowed = {add, *path}
         leaks = sorted(
             u.name
@@ -334,7 +339,10 @@ class StreamWalker:
             return False
         vals = [_tensor(a) for a in node.args]
         return all(
-            isinstance(a, fx.Node) and a not in self.rot and v is not None and v.dim() > 0
+            isinstance(a, fx.Node)
+            and a not in self.rot
+            and v is not None
+            and v.dim() > 0
             and v.shape[-1] == self.result.hidden
             for a, v in zip(node.args, vals, strict=True)
         )
