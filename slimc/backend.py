@@ -324,6 +324,7 @@ def _float_graph(
 ) -> Callable[..., Any]:
     if opts.float_backend is None:
         return gm.forward
+    # torch.compile loads Dynamo; importing slimc.backend does not
     from torch._dynamo.backends.registry import lookup_backend
 
     return lookup_backend(opts.float_backend)(gm, list(example_inputs))

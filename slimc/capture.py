@@ -34,6 +34,7 @@ class CausalLMLogits(nn.Module):
 
 def is_hf_causal_lm(model: nn.Module) -> bool:
     try:
+        # transformers takes seconds to import: loaded on first use
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False

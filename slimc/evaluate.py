@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from slimc.errors import UserError
 
@@ -50,6 +51,7 @@ class PPLResult:
 
 def _is_hf_model(model: Any) -> bool:
     try:
+        # transformers takes seconds to import: loaded on first use
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
@@ -180,8 +182,6 @@ def perplexity(
     device = _model_device(model)
     if isinstance(model, torch.nn.Module) and model.training:
         logger.warning("model is in training mode; evaluating anyway (call model.eval())")
-
-    from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()
     bar = tqdm(total=n, desc="perplexity", unit="win", leave=False, disable=not progress or not tty)

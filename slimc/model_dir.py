@@ -52,6 +52,7 @@ def load_tokenizer(d: Path) -> Any:
     Raises:
         UserError: the directory holds no tokenizer files, or they do not load.
     """
+    # transformers takes seconds to import: loaded on first use
     from transformers import AutoTokenizer
 
     if not any((d / name).is_file() for name in TOKENIZER_FILES):

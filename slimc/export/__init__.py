@@ -139,6 +139,7 @@ def load(path: str | os.PathLike[str]) -> Any:
     p = Path(path).expanduser()
     if fmt == "pt2":
         return load_pt2(p)
+    # transformers takes seconds to import: loaded on first use
     from transformers import AutoModelForCausalLM
 
     try:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimc.errors import UserError
@@ -186,8 +187,6 @@ def save_ascend_v1(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[s
         UserError: no quantized layers, lowered or run-time-rotated layers, mixed group sizes,
             or a scheme AscendV1 has no mode for.
     """
-    from safetensors.torch import save_file
-
     quantized = _check_model(model)
     dtype = _model_dtype(model)
     group_size = _group_size(quantized)
@@ -286,8 +285,6 @@ def load_ascend_v1(path: str | Path) -> AscendV1Checkpoint:
     Raises:
         UserError: missing files, or a description key without a tensor (or the reverse).
     """
-    from safetensors.torch import load_file
-
     root = Path(path)
     desc_path, weights_path = root / DESCRIPTION_NAME, root / WEIGHTS_NAME
     for p in (desc_path, weights_path):

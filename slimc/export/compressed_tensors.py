@@ -20,6 +20,9 @@ __all__ = ["quantization_scheme", "save_compressed_tensors"]
 
 log = logging.getLogger(__name__)
 
+# The compressed-tensors library and transformers are imported inside the functions that use
+# them: together they take seconds to import, and only saving in this format needs them.
+
 PT2_HINT = "use format='pt2' (--format pt2) instead"
 
 
