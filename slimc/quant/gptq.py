@@ -103,6 +103,14 @@ class _GroupParams:
         self.scale[:, g] = s
         self.zero_point[:, g] = z
 
+    def set_all(self, weight: Tensor, spec: TensorQuantSpec) -> None:
+        """Every group's range from `weight` [N, K] at once (rows are independent)."""
+        n, k = weight.shape
+        groups = self.scale.shape[1]
+        s, z = shrunk_range(weight.reshape(n * groups, k // groups), spec, self.range_steps)
+        self.scale.copy_(s.reshape(n, groups))
+        self.zero_point.copy_(z.reshape(n, groups))
+
 
 def gptq_quantize(
     weight: Tensor,
@@ -149,8 +157,7 @@ def gptq_quantize(
     perm = torch.arange(k)
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
-        for g in range(k // group):  # static groups, from the original (dead-zeroed) weights
-            params.set(g, w[:, g * group : (g + 1) * group], spec)
+        params.set_all(w, spec)  # static groups, from the original (dead-zeroed) weights
         w = w[:, perm]
         h = h[perm][:, perm]
     elif group == k:
@@ -160,6 +167,8 @@ def gptq_quantize(
 
     codes = torch.zeros(n, k, dtype=torch.int32)
     qmin, qmax = spec.qmin, spec.qmax
+    group_of = [int(c) // group for c in perm.tolist()]
+    zero_points: Tensor | None = None  # as float32, once the groups are known
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
         block = w[:, b0:b1].clone()
@@ -167,11 +176,14 @@ def gptq_quantize(
         hblock = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            g = int(perm[col]) // group
+            g = group_of[col]
             if not act_order and group < k and col % group == 0:
                 ahead = torch.cat([block[:, i:], w[:, b1 : col + group]], dim=1)[:, :group]
                 params.set(g, ahead, spec)
-            scale, zp = params.scale[:, g], params.zero_point[:, g].to(torch.float32)
+                zero_points = None
+            if zero_points is None:
+                zero_points = params.zero_point.to(torch.float32)
+            scale, zp = params.scale[:, g], zero_points[:, g]
             column = block[:, i]
             q = torch.clamp(torch.round(column / scale) + zp, qmin, qmax)
             codes[:, col] = q.to(torch.int32)
