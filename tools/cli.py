@@ -76,6 +76,25 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class StageClock:
+    """Wall time per stage of a run, for the summary: `lap(name)` adds the time since the last lap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+    def summary(self) -> str:
+        """`time per stage: load 1.2 s, ...` and a line with the process's peak RSS."""
+        stages = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return f"time per stage: {stages}\npeak RSS: {kib / 1024:.0f} MB ({kib} KiB)"
+
+
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -132,6 +151,7 @@ def cmd_quant(args: argparse.Namespace) -> int:
     if args.save is not None:
         inputs = [args.model] if args.model is not None else []
         check_target(args.save, overwrite=args.overwrite, protected=inputs)
+    clock = StageClock()  # load = tokenizer, evaluation and calibration tokens, weights
     model_dir = model_directory(args.model)
     check_float_checkpoint(model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -146,26 +166,31 @@ def cmd_quant(args: argparse.Namespace) -> int:
             calib = None
     model = load_causal_lm(model_dir)
     check_ignore_patterns(model, ignore_patterns(args))
+    clock.lap("load")
     print(f"pipeline: {pm.pipeline_spec(include_defaults=True)}", file=sys.stderr)
     rows: list[tuple[str, ...]] = [("model", "PPL", "delta", "quant time s", "peak RSS MB")]
     fp32_ppl = None
     if ids is not None:
         fp32 = perplexity(model, ids, windows=args.eval)
         fp32_ppl = fp32.ppl
+        clock.lap("eval")
         rows.append(("fp32", f"{fp32.ppl:.3f}", "", "", f"{_peak_rss_mb():.0f}"))
     start = time.perf_counter()
     # the float model is not used again: quantizing it in place saves a full copy of it
     quantized = slimc.compile(model, pm.steps, calib=calib, inplace=True)
     seconds = time.perf_counter() - start
+    clock.lap("capture+passes")  # capture, calibration, quantization
     qppl = ""
     delta = ""
     if ids is not None:
         q = perplexity(quantized, ids, windows=args.eval)
         qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
+        clock.lap("eval")
     if args.save is not None:
         fmt = choose_format(quantized, args.format)
         save(quantized, args.save, format=fmt, tokenizer=tokenizer, overwrite=args.overwrite)
         print(f"saved {fmt} model to {args.save}", file=sys.stderr)
+        clock.lap("save")
     label = " + ".join(
         [args.quant_type]
         + ([args.rotation] if args.rotation else [])
@@ -177,6 +202,7 @@ def cmd_quant(args: argparse.Namespace) -> int:
     if ids is not None:
         print(f"\nPPL on {args.eval} windows of 512 tokens (wiki):")
     print(_table(rows))
+    print(clock.summary())
     return 0
 
 
