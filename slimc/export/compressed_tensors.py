@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from slimc.errors import UserError, first_line
+from slimc.export.shards import DEFAULT_MAX_SHARD_BYTES
 from slimc.nn import HadamardInputRotation, HadamardRotation, OutputBias, QuantizedLinear
 from slimc.ops.packing import unpack_int4
 from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
@@ -215,22 +216,30 @@ def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
     return quantized
 
 
-def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[str, Any]:
+def save_compressed_tensors(
+    model: nn.Module,
+    out: Path,
+    tokenizer: Any = None,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict[str, Any]:
     """Write `model` (with `QuantizedLinear` layers) as a compressed-tensors HF directory in `out`.
 
     `out` must be an existing empty directory (the caller makes the write atomic). Weights are
     compressed by compressed-tensors' own compressors (`ModelCompressor` builds the
-    `quantization_config`); float linears go to its `ignore` list.
+    `quantization_config`); float linears go to its `ignore` list. The checkpoint is streamed:
+    float tensors are read straight from `model` and each quantized linear is compressed when
+    its turn comes and released once written, in safetensors shards of at most
+    `max_shard_bytes` (index last). Models whose names on disk differ from their module names
+    (transformers' weight conversions) are saved through a full model copy instead.
 
     Returns:
         The `quantization_config` written to config.json.
 
     Raises:
-        UserError: not a Hugging Face model, no quantized layers, or a scheme compressed-tensors
-            cannot express.
+        UserError: not a Hugging Face model, no quantized layers, a scheme compressed-tensors
+            cannot express, or a full disk.
     """
-    from compressed_tensors.compressors import ModelCompressor
-
     quantized = check_expressible(model)
     groups = _group_schemes(quantized)
     single = len(groups) == 1
@@ -243,28 +252,14 @@ def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) 
         log.warning(
             "model dtype is %s: scales are stored in %s (rounded from float32)", dtype, dtype
         )
+    blocker = _streaming_blocker(model)
+    if blocker is None:
+        from slimc.export.ct_stream import save_streaming  # it imports this module
 
-    memo: dict[int, Any] = {id(m): m for m in quantized.values()}  # shared, replaced below
-    program = getattr(model, "slimc_program", None)
-    if program is not None:
-        memo[id(program)] = None
-    work = copy.deepcopy(model, memo)
-    if "slimc_program" in vars(work):
-        delattr(work, "slimc_program")
-    if getattr(work.config, "quantization_config", None) is not None:
-        del work.config.quantization_config
-    _untie_if_quantized(work, quantized)
-    for name, q in quantized.items():
-        parent_name, _, leaf = name.rpartition(".")
-        parent = work.get_submodule(parent_name) if parent_name else work
-        setattr(parent, leaf, _compressed_linear(q, ct_schemes[q.scheme], dtype))
-
-    compressor = ModelCompressor.from_pretrained_model(work)
-    qconfig = compressor.quantization_config
-    work.save_pretrained(out)
-    if not (out / "generation_config.json").exists():
-        _generation_config(work).save_pretrained(out)
-    compressor.update_config(str(out))
+        qconfig = save_streaming(model, out, quantized, ct_schemes, dtype, max_shard_bytes)
+    else:
+        log.info("saving through a full model copy: %s", blocker)
+        qconfig = _save_from_model_copy(model, out, quantized, ct_schemes, dtype)
     quant_cfg = _finish_config(out, qconfig)
     save_tokenizer(model, tokenizer, out)
     log.info(
@@ -274,6 +269,65 @@ def save_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any = None) 
         quant_cfg.get("ignore"),
     )
     return quant_cfg
+
+
+def _streaming_blocker(model: nn.Module) -> str | None:
+    """Why `model` cannot be streamed with its module names as checkpoint names, or None."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    if getattr(model, "_weight_conversions", None):
+        return f"{type(model).__name__} renames its weights on disk (weight conversions)"
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    if any(not isinstance(c, PrefixChange) for c in conversions or []):
+        return f"{type(model).__name__} renames its weights on disk (conversion mapping)"
+    if getattr(model, "_checkpoint_conversion_mapping", None):
+        return f"{type(model).__name__} has a checkpoint conversion mapping"
+    if getattr(model, "hf_device_map", None) or getattr(model, "_hf_peft_config_loaded", False):
+        return "the model is offloaded or carries adapters"
+    if getattr(model, "hf_quantizer", None) is not None:
+        return "the model was loaded through a transformers quantizer"
+    if model.is_remote_code():
+        return "the model class is remote code"
+    return None
+
+
+def _model_copy(model: nn.Module, quantized: dict[str, QuantizedLinear], swap: Any) -> nn.Module:
+    """A copy of `model` sharing its tensors, with each quantized linear `q` replaced by swap(q)."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    memo.update({id(q): swap(q) for q in quantized.values()})
+    program = getattr(model, "slimc_program", None)
+    if program is not None:
+        memo[id(program)] = None
+    work = copy.deepcopy(model, memo)
+    if "slimc_program" in vars(work):
+        delattr(work, "slimc_program")
+    if getattr(work.config, "quantization_config", None) is not None:
+        del work.config.quantization_config
+    _untie_if_quantized(work, quantized)
+    return work
+
+
+def _save_from_model_copy(
+    model: nn.Module,
+    out: Path,
+    quantized: dict[str, QuantizedLinear],
+    ct_schemes: dict[LinearQuantScheme, Any],
+    dtype: torch.dtype,
+    max_shard_size: int | str = "50GB",
+) -> Any:
+    """Compress every quantized linear into a model copy and `save_pretrained` it (all in memory)."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    work = _model_copy(
+        model, quantized, lambda q: _compressed_linear(q, ct_schemes[q.scheme], dtype)
+    )
+    compressor = ModelCompressor.from_pretrained_model(work)
+    work.save_pretrained(out, max_shard_size=max_shard_size)
+    if not (out / "generation_config.json").exists():
+        _generation_config(work).save_pretrained(out)
+    compressor.update_config(str(out))
+    return compressor.quantization_config
 
 
 def _is_asym_packed(ct_scheme: Any) -> bool:
