@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from slimc.errors import UserError, first_line
-from slimc.export.ascend_v1 import save_ascend_v1
+from slimc.export import ascend_v1, compressed_tensors, pt2
 from slimc.export.atomic import atomic_directory, check_target
-from slimc.export.compressed_tensors import check_expressible, save_compressed_tensors
-from slimc.export.pt2 import PT2_NAME, load_pt2, save_pt2
 
 __all__ = ["FORMATS", "load", "resolve_format", "save"]
 
@@ -26,7 +24,7 @@ def resolve_format(model: Any, format: str) -> str:  # noqa: A002 - the user-fac
     if format != "auto":
         return format
     try:
-        check_expressible(model)
+        compressed_tensors.check_expressible(model)
     except UserError as exc:
         log.info("saving as pt2: %s", str(exc).split(";")[0])
         return "pt2"
@@ -82,11 +80,11 @@ def save(
     format = resolve_format(model, format)  # noqa: A001
     with atomic_directory(target, overwrite=overwrite) as tmp:
         if format == "pt2":
-            save_pt2(model, tmp, tokenizer)
+            pt2.save_pt2(model, tmp, tokenizer)
         elif format == "ascend-v1":
-            save_ascend_v1(model, tmp, tokenizer)
+            ascend_v1.save_ascend_v1(model, tmp, tokenizer)
         else:
-            save_compressed_tensors(model, tmp, tokenizer)
+            compressed_tensors.save_compressed_tensors(model, tmp, tokenizer)
     log.info("saved %s model to %s", format, target)
     return target
 
@@ -111,7 +109,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if not p.is_dir():
         why = "is not a directory or .pt2 file" if p.exists() else "does not exist"
         raise UserError(f"{p} {why}")
-    if (p / PT2_NAME).is_file():
+    if (p / pt2.PT2_NAME).is_file():
         return "pt2"
     config = p / "config.json"
     if config.is_file():
@@ -121,7 +119,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             raise UserError(f"cannot read {config}: {exc}") from exc
         qc = data.get("quantization_config") or {}
         return "compressed-tensors" if qc.get("quant_method") == "compressed-tensors" else "hf"
-    raise UserError(f"{p} holds neither {PT2_NAME} nor a Hugging Face config.json")
+    raise UserError(f"{p} holds neither {pt2.PT2_NAME} nor a Hugging Face config.json")
 
 
 def load(path: str | os.PathLike[str]) -> Any:
@@ -138,7 +136,7 @@ def load(path: str | os.PathLike[str]) -> Any:
     fmt = detect_format(path)
     p = Path(path).expanduser()
     if fmt == "pt2":
-        return load_pt2(p)
+        return pt2.load_pt2(p)
     # transformers takes seconds to import: loaded on first use
     from transformers import AutoModelForCausalLM
 
