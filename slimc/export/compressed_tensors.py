@@ -252,11 +252,13 @@ def save_compressed_tensors(
         log.warning(
             "model dtype is %s: scales are stored in %s (rounded from float32)", dtype, dtype
         )
-    blocker = _streaming_blocker(model)
-    if blocker is None:
-        from slimc.export.ct_stream import save_streaming  # it imports this module
+    from slimc.export import ct_stream  # it imports this module
 
-        qconfig = save_streaming(model, out, quantized, ct_schemes, dtype, max_shard_bytes)
+    blocker = ct_stream.streaming_blocker(model)
+    if blocker is None:
+        qconfig = ct_stream.save_streaming(
+            model, out, quantized, ct_schemes, dtype, max_shard_bytes
+        )
     else:
         log.info("saving through a full model copy: %s", blocker)
         qconfig = _save_from_model_copy(model, out, quantized, ct_schemes, dtype)
@@ -269,27 +271,6 @@ def save_compressed_tensors(
         quant_cfg.get("ignore"),
     )
     return quant_cfg
-
-
-def _streaming_blocker(model: nn.Module) -> str | None:
-    """Why `model` cannot be streamed with its module names as checkpoint names, or None."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange
-
-    if getattr(model, "_weight_conversions", None):
-        return f"{type(model).__name__} renames its weights on disk (weight conversions)"
-    conversions = get_model_conversion_mapping(model, add_legacy=False)
-    if any(not isinstance(c, PrefixChange) for c in conversions or []):
-        return f"{type(model).__name__} renames its weights on disk (conversion mapping)"
-    if getattr(model, "_checkpoint_conversion_mapping", None):
-        return f"{type(model).__name__} has a checkpoint conversion mapping"
-    if getattr(model, "hf_device_map", None) or getattr(model, "_hf_peft_config_loaded", False):
-        return "the model is offloaded or carries adapters"
-    if getattr(model, "hf_quantizer", None) is not None:
-        return "the model was loaded through a transformers quantizer"
-    if model.is_remote_code():
-        return "the model class is remote code"
-    return None
 
 
 def _model_copy(model: nn.Module, quantized: dict[str, QuantizedLinear], swap: Any) -> nn.Module:

@@ -20,13 +20,34 @@ from slimc.export.shards import ShardUnit, write_sharded_checkpoint
 from slimc.nn import QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme
 
-__all__ = ["save_streaming"]
+__all__ = ["save_streaming", "streaming_blocker"]
 
 log = logging.getLogger(__name__)
 
 # compressed-tensors writes at most weight(_packed), weight_shape, weight_scale,
 # weight_zero_point, weight_g_idx, input_scale, input_zero_point, bias per linear; 10 bounds it
 _MAX_TENSORS_PER_LINEAR = 10
+
+
+def streaming_blocker(model: nn.Module) -> str | None:
+    """Why `model` cannot be streamed with its module names as checkpoint names, or None."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    if getattr(model, "_weight_conversions", None):
+        return f"{type(model).__name__} renames its weights on disk (weight conversions)"
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    if any(not isinstance(c, PrefixChange) for c in conversions or []):
+        return f"{type(model).__name__} renames its weights on disk (conversion mapping)"
+    if getattr(model, "_checkpoint_conversion_mapping", None):
+        return f"{type(model).__name__} has a checkpoint conversion mapping"
+    if getattr(model, "hf_device_map", None) or getattr(model, "_hf_peft_config_loaded", False):
+        return "the model is offloaded or carries adapters"
+    if getattr(model, "hf_quantizer", None) is not None:
+        return "the model was loaded through a transformers quantizer"
+    if model.is_remote_code():
+        return "the model class is remote code"
+    return None
 
 
 def _placeholder(q: QuantizedLinear, ct_scheme: Any, dtype: torch.dtype) -> nn.Linear:

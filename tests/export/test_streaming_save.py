@@ -15,7 +15,7 @@ from safetensors import safe_open
 import slimc
 from slimc.errors import UserError
 from slimc.export import compressed_tensors as ct
-from slimc.export import shards
+from slimc.export import ct_stream, shards
 from tests.models import tiny_decoder, tiny_gemma2, tiny_llama, tiny_opt
 
 CALIB = [
@@ -62,7 +62,7 @@ def _save_copy_path(q, out: Path, monkeypatch) -> None:
     """The former save: every linear compressed into a model copy, then `save_pretrained`."""
     out.mkdir(exist_ok=True)
     with monkeypatch.context() as m:
-        m.setattr(ct, "_streaming_blocker", lambda model: "reference")
+        m.setattr(ct_stream, "streaming_blocker", lambda model: "reference")
         ct.save_compressed_tensors(q, out)
 
 
@@ -142,7 +142,7 @@ def test_total_parameters_match_save_pretrained(tmp_path, monkeypatch):
     copy_out.mkdir()
     with monkeypatch.context() as m:
         real = ct._save_from_model_copy
-        m.setattr(ct, "_streaming_blocker", lambda model: "reference")
+        m.setattr(ct_stream, "streaming_blocker", lambda model: "reference")
         m.setattr(ct, "_save_from_model_copy", lambda *a: real(*a, max_shard_size=40_000))
         ct.save_compressed_tensors(q, copy_out)
     stream_out = tmp_path / "stream"
@@ -197,7 +197,7 @@ def test_renamed_checkpoint_falls_back_to_model_copy(tmp_path, monkeypatch, capl
     q = _compiled("llama", "w8a16")
     _save_streamed(q, tmp_path / "stream", monkeypatch)
     monkeypatch.setattr(q, "_checkpoint_conversion_mapping", {"^nothing": "nothing"}, raising=False)
-    assert "checkpoint conversion mapping" in ct._streaming_blocker(q)
+    assert "checkpoint conversion mapping" in ct_stream.streaming_blocker(q)
     with caplog.at_level(logging.INFO, logger=ct.__name__):
         ct.save_compressed_tensors(q, tmp_path / "copy")
     assert "saving through a full model copy" in caplog.text
@@ -206,7 +206,7 @@ def test_renamed_checkpoint_falls_back_to_model_copy(tmp_path, monkeypatch, capl
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "opt"])
 def test_plain_families_stream(family):
-    assert ct._streaming_blocker(FAMILIES[family]()) is None
+    assert ct_stream.streaming_blocker(FAMILIES[family]()) is None
 
 
 def test_shard_writer_aligns_odd_sized_tensors(tmp_path):
