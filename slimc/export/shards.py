@@ -121,7 +121,7 @@ def _fill_shard(f: BinaryIO, shard: _Shard) -> int:
     for unit in shard.units:
         for name, tensor in unit.tensors():
             if (tensor.numel() * tensor.element_size()) % _ALIGN:
-                deferred.append((name, tensor.detach().to("cpu").clone()))
+                deferred.append((name, tensor.detach()))  # held, not copied
             else:
                 _write_tensor(f, shard, name, tensor)
     deferred.sort(key=lambda item: -item[1].element_size())
