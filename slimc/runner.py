@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,15 +102,27 @@ class LayerwiseRunner:
         """
         hooks = hooks or {}
         escaping = self._escaping(nodes)
+        constant = sample_independent(nodes, hooks)
         with torch.inference_mode():
+            shared: dict[fx.Node, Any] = {}
+            get_weight = self._lookup({})
+
+            def constant_value(n: fx.Node) -> Any:
+                return shared[n] if n in shared else get_weight(n)
+
+            for node in constant:  # e.g. a dequantized weight: computed once, not per sample
+                args = fx.node.map_arg(node.args, constant_value)
+                kwargs = fx.node.map_arg(node.kwargs, constant_value)
+                shared[node] = node.target(*args, **kwargs)
+            per_sample = [n for n in nodes if n not in shared]
             for env in self._envs:
                 get = self._lookup(env)
-                local: dict[fx.Node, Any] = {}
+                local: dict[fx.Node, Any] = dict(shared)
 
                 def lookup(n: fx.Node, local: dict[fx.Node, Any] = local, get: Any = get) -> Any:
                     return local[n] if n in local else get(n)
 
-                for node in nodes:
+                for node in per_sample:
                     args = fx.node.map_arg(node.args, lookup)
                     kwargs = fx.node.map_arg(node.kwargs, lookup)
                     if node in hooks:
@@ -166,6 +179,31 @@ class LayerwiseRunner:
                 bar.update(1)
         finally:
             bar.close()
+
+
+def sample_independent(nodes: Sequence[fx.Node], hooks: dict[fx.Node, Hook]) -> list[fx.Node]:
+    """The nodes of `nodes` computed from constants only (a weight's dequantization, a reshaped
+    scale): functional, deterministic ops whose inputs are all constants or such nodes. They
+    give every sample the same value, so the runner computes them once. Hooked nodes are not
+    among them (their hooks run per sample)."""
+    found: set[fx.Node] = set()
+    for node in nodes:
+        if node in hooks or node.op != "call_function" or not _pure(node.target):
+            continue
+        inputs = node.all_input_nodes
+        if inputs and all(i.op == "get_attr" or i in found for i in inputs):
+            found.add(node)
+    return [n for n in nodes if n in found]
+
+
+def _pure(target: Any) -> bool:
+    """A functional op that gives the same result for the same inputs."""
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    schema = target._schema
+    return not schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
 
 
 def _nodes_between(graph: fx.Graph, after: fx.Node | None, last: fx.Node) -> list[fx.Node]:

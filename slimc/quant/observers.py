@@ -17,12 +17,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["HistogramObserver", "MinMaxObserver"]
 
 
-def _checked(x: Tensor, who: str) -> Tensor:
-    """Detached float32 copy of x; ValueError when it holds NaN or inf."""
-    xf = x.detach().to(torch.float32)
-    if not bool(torch.isfinite(xf).all()):
+def _float32(x: Tensor) -> Tensor:
+    """Detached float32 view (or copy) of x."""
+    return x.detach().to(torch.float32)
+
+
+def _check_finite(lo: Tensor, hi: Tensor, who: str) -> None:
+    """ValueError when a batch's min or max is NaN or inf: min and max propagate NaN, so this
+    finds any NaN or inf in the batch without a pass over it."""
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
         raise ValueError(f"{who}: input contains NaN or inf")
-    return xf
 
 
 class MinMaxObserver:
@@ -63,7 +67,7 @@ class MinMaxObserver:
 
     def update(self, x: Tensor) -> None:
         """Fold one batch into the running statistics (empty tensors are ignored)."""
-        xf = _checked(x, "MinMaxObserver.update")
+        xf = _float32(x)
         if xf.numel() == 0:
             return
         if self.spec.granularity == "tensor":
@@ -77,6 +81,7 @@ class MinMaxObserver:
                     "channel count changed between updates: "
                     f"{self._min.shape[0]} -> {cur_min.shape[0]}"
                 )
+        _check_finite(cur_min, cur_max, "MinMaxObserver.update")
         self.num_batches += 1
         if self._min is None or self._max is None:
             self._min, self._max = cur_min, cur_max
@@ -151,10 +156,12 @@ class HistogramObserver:
 
     def update(self, x: Tensor) -> None:
         """Add one batch to the histogram, widening (and re-binning) the range if needed."""
-        xf = _checked(x, "HistogramObserver.update").flatten()
+        xf = _float32(x).flatten()
         if xf.numel() == 0:
             return
-        x_min, x_max = (float(v) for v in torch.aminmax(xf))
+        batch_min, batch_max = torch.aminmax(xf)
+        _check_finite(batch_min, batch_max, "HistogramObserver.update")
+        x_min, x_max = float(batch_min), float(batch_max)
         if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = torch.tensor(x_min), torch.tensor(x_max)
             self.histogram = self._histc(xf, x_min, x_max)

@@ -166,3 +166,12 @@ def test_quantize_weight_matches_ops(spec):
 def test_quantize_weight_bad_group():
     with pytest.raises(ValueError, match="group_size=20"):
         quantize_weight(torch.randn(8, 48), TensorQuantSpec(4, False, "group", 20))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_per_channel_observer_finds_one_bad_value_among_many(bad):
+    obs = MinMaxObserver(TensorQuantSpec(bits=8, symmetric=True, granularity="channel"))
+    batch = torch.randn(300, 16)
+    batch[211, 9] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        obs.update(batch)
