@@ -9,11 +9,9 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
-import slimc.kernels.cpu  # noqa: F401  (registers the slimc::cpu_linear_* kernel ops)
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.ir.builder import constant_value, new_constant
 from slimc.kernel import KernelBinding
-from slimc.kernels.cpu import int4_group_for, onednn, prepare_int4
 from slimc.lowering import (
     KernelCall,
     LoweringPass,
@@ -35,8 +33,13 @@ from slimc.ops.packing import unpack_int4
 from slimc.ops.rotate import rotation_scale
 from slimc.pass_base import option
 from slimc.program import Program
+from slimc.registry import load_kernel_family
 
 log = logging.getLogger(__name__)
+cpu_kernels = load_kernel_family("cpu")  # registers the slimc::cpu_linear_* kernel ops
+onednn = load_kernel_family("cpu.onednn")
+int4_group_for = cpu_kernels.int4_group_for
+prepare_int4 = cpu_kernels.prepare_int4
 ops = torch.ops.slimc
 
 INT4_M_THRESHOLD = 48

@@ -9,12 +9,9 @@ from typing import Any
 import torch
 from torch import fx
 
-import slimc.kernels.npu  # noqa: F401  (registers the slimc::npu_linear_* kernel ops)
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.ir.builder import constant_value, new_constant
 from slimc.kernel import KernelBinding
-from slimc.kernels.npu import layout
-from slimc.kernels.npu.emulate import decode_quant_scale
 from slimc.lowering import (
     KernelCall,
     LoweringPass,
@@ -26,8 +23,12 @@ from slimc.ops.fused import LINEAR_W8A8, FusedLinear, LinearArgs
 from slimc.pass_base import option
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.scheme import LinearQuantScheme
+from slimc.registry import load_kernel_family
 
 log = logging.getLogger(__name__)
+npu_kernels = load_kernel_family("npu")  # registers the slimc::npu_linear_* kernel ops
+layout = npu_kernels.layout
+decode_quant_scale = npu_kernels.emulate.decode_quant_scale
 ops = torch.ops.slimc
 
 QUANT_MATMUL = "npu.quant_matmul"

@@ -9,9 +9,6 @@ from typing import Any
 import torch
 from torch import fx
 
-import slimc.kernels.hadamard_quant as hadamard_quant
-import slimc.kernels.w4a16 as w4a16
-import slimc.kernels.w8a8 as w8a8
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.ir.builder import constant_value, new_constant
 from slimc.kernel import KernelBinding
@@ -34,9 +31,13 @@ from slimc.ops.fused import (
 from slimc.ops.packing import unpack_int4
 from slimc.pass_base import option
 from slimc.program import Program
+from slimc.registry import load_kernel_family
 
 log = logging.getLogger(__name__)
 ops = torch.ops.slimc
+hadamard_quant = load_kernel_family("hadamard_quant")
+w4a16 = load_kernel_family("w4a16")
+w8a8 = load_kernel_family("w8a8")
 
 
 def _default_device() -> str:

@@ -308,6 +308,9 @@ def get_pass(name: str) -> type[Pass]:
 def load_kernel_family(family: str) -> ModuleType:
     """The kernel family `family` (`cpu`, `npu`, `w4a16`, ...), imported (its ops registered).
 
+    `family` may also name a module of a family (`cpu.onednn`); lowering passes bind their
+    kernels through this function, never by importing the kernel package themselves.
+
     Raises:
         ImportError: the family, or an optional dependency of it, is not installed.
     """
