@@ -11,6 +11,7 @@ from slimc.capture import capture
 from slimc.errors import PipelineError, UserError
 from slimc.nn import QuantizedLinear
 from slimc.pass_manager import PassManager
+from slimc.program import RunContext
 from slimc.runner import LayerwiseRunner, split_segments
 from tests.models import tiny_llama
 
@@ -87,7 +88,7 @@ def test_fusion_is_exact(model, calib, tokens, scheme: str) -> None:
     qdq = "linear-quant{scheme=" + name + (" " + opts if opts else "}")
     program = capture(model)
     program.calibration = [(c,) for c in calib]
-    program.metadata["progress"] = False
+    program.context = RunContext(progress=False)
     PassManager.parse(qdq).run(program)
     ref = program(tokens)
     PassManager.parse("fuse-quantized-linear", start_stage=slimc.Stage.QDQ).run(program)

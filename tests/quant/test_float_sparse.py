@@ -16,7 +16,7 @@ import slimc
 from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
 from slimc.passes.float_sparse import FloatSparse
-from slimc.program import Program, node_loc
+from slimc.program import Program, RunContext, node_loc
 from slimc.quant.admm import (
     AdmmConfig,
     admm_prune,
@@ -48,7 +48,7 @@ def calibration() -> list[tuple[torch.Tensor]]:
 def calibrated_llama() -> Program:
     program = captured("llama")
     program.calibration = calibration()
-    program.metadata["progress"] = False
+    program.context = RunContext(progress=False)
     return program
 
 

@@ -11,7 +11,7 @@ from slimc.capture import capture
 from slimc.errors import PipelineError
 from slimc.linear_select import float_linears, matches
 from slimc.pass_manager import PassManager
-from slimc.program import SCHEME_KEY, Program, node_loc
+from slimc.program import SCHEME_KEY, Program, RunContext, node_loc
 from slimc.quant.scheme import make_scheme
 from slimc.quant.sensitivity import LayerScore, most_sensitive, rank_layers
 from tests.models import tiny_llama
@@ -32,7 +32,7 @@ def program() -> Program:
     p = capture(model)
     gen = torch.Generator().manual_seed(1)
     p.calibration = [(torch.randint(0, 128, (1, 32), generator=gen),) for _ in range(4)]
-    p.metadata["progress"] = False
+    p.context = RunContext(progress=False)
     return p
 
 

@@ -11,6 +11,7 @@ from slimc.capture import capture
 from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
 from slimc.passes.ssz import SSZ
+from slimc.program import RunContext
 from slimc.quant.qparams import quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
 from slimc.quant.ssz import ssz_quantize_weight
@@ -104,7 +105,7 @@ def test_ssz_pass_weighs_by_calibration_inputs() -> None:
     captured = capture(tiny_llama(layers=2))
     gen = torch.Generator().manual_seed(1)
     captured.calibration = [(torch.randint(0, 128, (1, 32), generator=gen),) for _ in range(4)]
-    captured.metadata["progress"] = False
+    captured.context = RunContext(progress=False)
     PassManager.parse("ssz{scheme=w4a16}").run(captured)
     stats = captured.statistics["ssz"]
     ours = stats["E[x^2]-weighted weight error (sum over linears)"]
@@ -125,7 +126,7 @@ def test_ssz_pass_lowers_the_weight_error() -> None:
     with torch.inference_mode():
         ref = captured(ids)[0]
     p = copy.deepcopy(captured)
-    p.metadata["progress"] = False
+    p.context = RunContext(progress=False)
     PassManager.parse("ssz{scheme=w4a16 group-size=32 weighting=none}").run(p)
     stats = p.statistics["ssz"]
     ours = stats["weight squared error (sum over linears)"]

@@ -10,7 +10,7 @@ from slimc.errors import UserError
 from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
 from slimc.passes.adapt_rotation import AdaptRotation, collect_inputs
-from slimc.program import Program, node_loc
+from slimc.program import Program, RunContext, node_loc
 from slimc.rotate.adapt import (
     fake_quant_per_token,
     learn_rotation,
@@ -54,7 +54,7 @@ def calibration(n: int = 8, seq: int = 32) -> list[tuple[torch.Tensor]]:
 def calibrated_llama() -> Program:
     program = captured("llama")
     program.calibration = calibration()
-    program.metadata["progress"] = False
+    program.context = RunContext(progress=False)
     return program
 
 

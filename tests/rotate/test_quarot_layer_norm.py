@@ -12,6 +12,7 @@ from slimc.capture import capture
 from slimc.errors import UserError
 from slimc.nn import QuantizedLinear
 from slimc.pass_manager import PassManager
+from slimc.program import RunContext
 from slimc.rotate.hadamard import random_hadamard
 from slimc.rotate.mean_bake import bake_means, keeping_ones
 from tests import models
@@ -194,7 +195,7 @@ def test_adapt_rotation_keeps_a_layer_norm_model_exact() -> None:
     program = capture(model)
     gen = torch.Generator().manual_seed(1)
     program.calibration = [(torch.randint(0, 128, (1, 32), generator=gen),) for _ in range(4)]
-    program.metadata["progress"] = False
+    program.context = RunContext(progress=False)
     PassManager.parse("adapt-rotation{layer-type=fc1 steps=3}").run(program)
     assert rel_err(graph_logits(program), logits(model)) < TOLERANCE
     assert program.statistics["adapt-rotation"]["mean-baked weights"] == 10

@@ -16,7 +16,7 @@ from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
 from slimc.passes import awq as awq_mod
 from slimc.passes.awq import AWQ, fake_quant_weights, region_loss, search_scale
-from slimc.program import Program, node_loc
+from slimc.program import Program, RunContext, node_loc
 from slimc.runner import LayerwiseRunner, Segment, split_segments
 from slimc.smooth.fold import fold_scale
 from slimc.smooth.region import Recorder, Region, RegionError, common_prefix, lca_region
@@ -35,7 +35,7 @@ def program(captured: Program) -> Program:
     p = copy.deepcopy(captured)
     gen = torch.Generator().manual_seed(1)
     p.calibration = [(torch.randint(0, 128, (1, 24 + 4 * i), generator=gen),) for i in range(4)]
-    p.metadata["progress"] = False
+    p.context = RunContext(progress=False)
     return p
 
 

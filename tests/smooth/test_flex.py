@@ -15,6 +15,7 @@ from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
 from slimc.passes.flex_awq_ssz import FlexAWQSSZ
 from slimc.passes.flex_smooth_quant import FlexSmoothQuant
+from slimc.program import RunContext
 from slimc.quant.qparams import quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
 from slimc.smooth.fold import weight_column_absmax
@@ -33,7 +34,7 @@ def llama_program():
     program = capture(tiny_llama(layers=2))
     gen = torch.Generator().manual_seed(1)
     program.calibration = [(torch.randint(0, 128, (1, 32), generator=gen),) for _ in range(4)]
-    program.metadata["progress"] = False
+    program.context = RunContext(progress=False)
     return program
 
 
@@ -125,7 +126,7 @@ def _outlier_case(outlier: float = 40.0):
         samples.append((x,))
     program = capture(model, samples[0])
     program.calibration = samples
-    program.metadata["progress"] = False
+    program.context = RunContext(progress=False)
     with torch.no_grad():
         xs = torch.cat([model.norm(s[0]).reshape(-1, 64) for s in samples]).double()
     w = torch.cat([model.fc1.weight, model.fc2.weight]).detach().double()

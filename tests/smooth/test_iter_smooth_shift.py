@@ -11,6 +11,7 @@ from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
 from slimc.nn import OutputBias, QuantizedLinear
 from slimc.pass_manager import PassManager
+from slimc.program import RunContext
 from slimc.smooth.shift import NORM_BIAS_KEY
 from tests.models import tiny_llama
 
@@ -44,7 +45,7 @@ def test_shifted_inputs_are_centred_and_statistics_follow() -> None:
 
     program = capture(tiny_llama(layers=1))
     program.calibration = [(ids,) for ids in calib()]
-    program.metadata["progress"] = False
+    program.context = RunContext(progress=False)
     am = AnalysisManager(program)
     PassManager.parse("iter-smooth{shift=true}").run(program, am)
     # the analytically updated statistics match a fresh computation on the shifted program

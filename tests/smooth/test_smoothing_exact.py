@@ -11,7 +11,7 @@ from slimc.analyses.activation_stats import ActivationStats
 from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analysis import AnalysisManager
 from slimc.pass_manager import PassManager
-from slimc.program import Program, node_loc
+from slimc.program import Program, RunContext, node_loc
 from slimc.smooth.fold import fold_scale, weight_column_absmax
 from tests.models import captured, float_logits, rel_err, with_token_calibration
 
@@ -178,7 +178,7 @@ def test_smoothing_keeps_smollm2_logits() -> None:
     model, tok = load_model(None)
     program = capture(model)
     program.calibration = [(ids,) for ids in calibration_samples(tok, n=8)]
-    program.metadata["progress"] = False
+    program.context = RunContext(progress=False)
     window = eval_token_ids(tok)[:512].unsqueeze(0)
     ref = float_logits(program, window)
     am = AnalysisManager(program)
