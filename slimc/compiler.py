@@ -15,6 +15,7 @@ from torch import nn
 from slimc.capture import capture, is_hf_causal_lm
 from slimc.errors import UserError
 from slimc.instrumentation import Instrumentation
+from slimc.nn import QuantizedLinear
 from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
 from slimc.program import RunContext
@@ -77,7 +78,6 @@ def check_compile_inputs(model: Any, passes: Any) -> None:
             "slimc.compile needs the pipeline as a string (\"w8a8-dynamic\") or a list of "
             f"passes, got {type(passes).__name__} {repr(passes)[:60]}"
         )
-    from slimc.nn import QuantizedLinear
 
     compiled = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     if compiled or hasattr(model, "slimc_program"):
@@ -127,6 +127,7 @@ def check_token_ids(model: nn.Module, samples: list[tuple[Any, ...]] | None) -> 
 
 def default_calibration(model: nn.Module) -> list[tuple[Any, ...]]:
     """The default calibration set (data.md protocol) for a causal LM with a local tokenizer."""
+    # transformers takes seconds to import; slimc.data pulls it in too
     from transformers import AutoTokenizer
 
     from slimc.data import calibration_samples

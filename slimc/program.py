@@ -12,6 +12,7 @@ from torch import fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from slimc.errors import UserError
 from slimc.stage import Stage
 
 LOC_KEY = "slimc_loc"
@@ -165,7 +166,6 @@ class Program:
         return target
 
     def require_calibration(self, pass_name: str) -> Sequence[tuple[Any, ...]]:
-        from slimc.errors import UserError
 
         if not self.calibration:
             raise UserError(

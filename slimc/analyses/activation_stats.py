@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import fx
 
+from slimc.analyses.linear_groups import where
 from slimc.linear_select import float_linears
 from slimc.program import Program, node_loc
 from slimc.runner import LayerwiseRunner, Segment
@@ -137,8 +138,6 @@ class ActivationStats:
         return result
 
     def describe(self) -> str:
-        from slimc.analyses.linear_groups import where
-
         lines = [f"activation-stats: {len(self.stats)} linear inputs"]
         for x, st in self.stats.items():
             med = float(st.absmax.median())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -12,9 +11,10 @@ import torch
 from torch import nn
 
 from slimc.errors import UserError, first_line
+from slimc.export import ct_stream
+from slimc.export.ct_layers import compressed_linear, generation_config, model_copy
 from slimc.export.shards import DEFAULT_MAX_SHARD_BYTES
 from slimc.nn import HadamardInputRotation, HadamardRotation, OutputBias, QuantizedLinear
-from slimc.ops.packing import unpack_int4
 from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 
 __all__ = ["quantization_scheme", "save_compressed_tensors"]
@@ -76,86 +76,6 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
-
-
-def _unpacked_int(q: QuantizedLinear) -> torch.Tensor:
-    return unpack_int4(q.qweight) if q.scheme.weight.bits == 4 else q.qweight
-
-
-def _compressed_linear(q: QuantizedLinear, ct_scheme: Any, dtype: torch.dtype) -> nn.Linear:
-    """An `nn.Linear` holding `q` in compressed-tensors' compressed layout (weight_packed, ...).
-
-    The library's compressor quantizes the float weight it is given with the scale / zero point
-    on the module; it is given slimc's dequantized weight and slimc's qparams, so it recovers
-    slimc's integers (checked exactly afterwards).
-    """
-    from compressed_tensors.compressors.base import compress_module
-    from compressed_tensors.quantization import QuantizationStatus
-    from compressed_tensors.quantization.lifecycle.initialize import (
-        initialize_module_for_quantization,
-    )
-
-    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
-    lin.weight = nn.Parameter(q.dequantized_weight().to(torch.float32), requires_grad=False)
-    if q.bias is not None:
-        lin.bias = nn.Parameter(q.bias.detach().to(dtype), requires_grad=False)
-    initialize_module_for_quantization(lin, copy.deepcopy(ct_scheme), force_zero_point=False)
-    with torch.no_grad():
-        _load_qparam(lin, "weight_scale", q.weight_scale)
-        if q.weight_zero_point is not None:
-            _load_qparam(lin, "weight_zero_point", q.weight_zero_point)
-        if q.input_scale is not None:
-            _load_qparam(lin, "input_scale", q.input_scale)
-            if hasattr(lin, "input_zero_point") and q.input_zero_point is not None:
-                _load_qparam(lin, "input_zero_point", q.input_zero_point)
-    lin.quantization_status = QuantizationStatus.FROZEN
-    compress_module(lin)
-    _check_integers(lin, q)
-    for name in ("weight_scale", "input_scale"):
-        p = getattr(lin, name, None)
-        if p is not None and p.dtype != dtype:
-            setattr(lin, name, nn.Parameter(p.data.to(dtype), requires_grad=False))
-    return lin
-
-
-def _load_qparam(lin: nn.Module, name: str, value: torch.Tensor) -> None:
-    param = getattr(lin, name)
-    if param.numel() != value.numel():
-        raise ValueError(
-            f"{name}: compressed-tensors expects shape {tuple(param.shape)}, slimc has "
-            f"{tuple(value.shape)}"
-        )
-    param.data = value.detach().reshape(param.shape).to(param.dtype).clone()
-
-
-def _check_integers(lin: nn.Module, q: QuantizedLinear) -> None:
-    """Raise if the compressed integers differ from slimc's (they must be bit-identical)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    bits = q.scheme.weight.bits
-    ours = _unpacked_int(q)
-    if hasattr(lin, "weight_packed"):
-        saved = unpack_from_int32(lin.weight_packed.data, bits, ours.shape)
-    else:
-        saved = lin.weight.data
-    ok = torch.equal(saved.to(torch.int8), ours.to(torch.int8))
-    zp = getattr(lin, "weight_zero_point", None)
-    if ok and q.weight_zero_point is not None and zp is not None:
-        if zp.dtype == torch.int32:  # packed along the output dim
-            zp = unpack_from_int32(zp.data, bits, q.weight_zero_point.shape, packed_dim=0)
-        ok = torch.equal(
-            zp.to(torch.int8).reshape(q.weight_zero_point.shape), q.weight_zero_point.to(torch.int8)
-        )
-    if not ok:
-        raise RuntimeError("compressed-tensors produced integers that differ from slimc's")
-
-
-def _output_embedding_name(model: nn.Module) -> str | None:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, mod in model.named_modules():
-        if out is not None and mod is out:
-            return name
-    return None
 
 
 def _group_schemes(quantized: dict[str, QuantizedLinear]) -> dict[LinearQuantScheme, list[str]]:
@@ -252,8 +172,6 @@ def save_compressed_tensors(
         log.warning(
             "model dtype is %s: scales are stored in %s (rounded from float32)", dtype, dtype
         )
-    from slimc.export import ct_stream  # it imports this module
-
     blocker = ct_stream.streaming_blocker(model)
     if blocker is None:
         qconfig = ct_stream.save_streaming(
@@ -273,22 +191,6 @@ def save_compressed_tensors(
     return quant_cfg
 
 
-def _model_copy(model: nn.Module, quantized: dict[str, QuantizedLinear], swap: Any) -> nn.Module:
-    """A copy of `model` sharing its tensors, with each quantized linear `q` replaced by swap(q)."""
-    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    memo.update({id(q): swap(q) for q in quantized.values()})
-    program = getattr(model, "slimc_program", None)
-    if program is not None:
-        memo[id(program)] = None
-    work = copy.deepcopy(model, memo)
-    if "slimc_program" in vars(work):
-        delattr(work, "slimc_program")
-    if getattr(work.config, "quantization_config", None) is not None:
-        del work.config.quantization_config
-    _untie_if_quantized(work, quantized)
-    return work
-
-
 def _save_from_model_copy(
     model: nn.Module,
     out: Path,
@@ -300,13 +202,11 @@ def _save_from_model_copy(
     """Compress every quantized linear into a model copy and `save_pretrained` it (all in memory)."""
     from compressed_tensors.compressors import ModelCompressor
 
-    work = _model_copy(
-        model, quantized, lambda q: _compressed_linear(q, ct_schemes[q.scheme], dtype)
-    )
+    work = model_copy(model, quantized, lambda q: compressed_linear(q, ct_schemes[q.scheme], dtype))
     compressor = ModelCompressor.from_pretrained_model(work)
     work.save_pretrained(out, max_shard_size=max_shard_size)
     if not (out / "generation_config.json").exists():
-        _generation_config(work).save_pretrained(out)
+        generation_config(work).save_pretrained(out)
     compressor.update_config(str(out))
     return compressor.quantization_config
 
@@ -341,17 +241,6 @@ def _loadable_formats(ct_schemes: list[Any]) -> None:
     )
 
 
-def _untie_if_quantized(work: nn.Module, quantized: dict[str, QuantizedLinear]) -> None:
-    """A quantized output projection cannot stay tied to the float input embedding."""
-    name = _output_embedding_name(work)
-    if name in quantized and getattr(work.config, "tie_word_embeddings", False):
-        log.info("%s is quantized: saving with tie_word_embeddings=false", name)
-        work.config.tie_word_embeddings = False
-        text_config = getattr(work.config, "get_text_config", lambda: None)()
-        if text_config is not None and text_config is not work.config:
-            text_config.tie_word_embeddings = False
-
-
 def _finish_config(out: Path, qconfig: Any) -> dict[str, Any]:
     """Post-process config.json's quantization_config; return it.
 
@@ -377,13 +266,6 @@ def _finish_config(out: Path, qconfig: Any) -> dict[str, Any]:
         qc["dequantize"] = True
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return qc
-
-
-def _generation_config(model: nn.Module) -> Any:
-    from transformers import GenerationConfig
-
-    gen = getattr(model, "generation_config", None)
-    return gen if gen is not None else GenerationConfig.from_model_config(model.config)
 
 
 def save_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None:

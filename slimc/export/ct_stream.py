@@ -11,11 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimc.export.compressed_tensors import (
-    _compressed_linear,
-    _generation_config,
-    _model_copy,
-)
+from slimc.export.ct_layers import compressed_linear, generation_config, model_copy
 from slimc.export.shards import ShardUnit, write_sharded_checkpoint
 from slimc.nn import QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme
@@ -73,7 +69,7 @@ def _quantized_unit(
     name: str, q: QuantizedLinear, ct_scheme: Any, dtype: torch.dtype, counts: dict[str, int]
 ) -> ShardUnit:
     def tensors() -> Iterable[tuple[str, torch.Tensor]]:
-        lin = _compressed_linear(q, ct_scheme, dtype)
+        lin = compressed_linear(q, ct_scheme, dtype)
         counts["total_parameters"] += sum(p.numel() for p in lin.parameters())
         return [(f"{name}.{key}", value) for key, value in lin.state_dict().items()]
 
@@ -134,7 +130,7 @@ def save_streaming(
     """
     from compressed_tensors.compressors import ModelCompressor
 
-    skeleton = _model_copy(model, quantized, lambda q: _placeholder(q, ct_schemes[q.scheme], dtype))
+    skeleton = model_copy(model, quantized, lambda q: _placeholder(q, ct_schemes[q.scheme], dtype))
     compressor = ModelCompressor.from_pretrained_model(skeleton)
     counts: dict[str, int] = {}
     units = _units(skeleton, quantized, ct_schemes, dtype, counts)
@@ -146,6 +142,6 @@ def save_streaming(
     config.dtype = str(skeleton.dtype).split(".")[1]
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
     config.save_pretrained(out)
-    _generation_config(skeleton).save_pretrained(out)
+    generation_config(skeleton).save_pretrained(out)
     compressor.update_config(str(out))
     return compressor.quantization_config

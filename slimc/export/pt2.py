@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+import slimc.ops  # noqa: F401 - registers the slimc:: custom ops
+from slimc import __version__
 from slimc.errors import UserError, first_line
 from slimc.registry import load_kernel_families
 
@@ -64,8 +66,6 @@ def export_program(program: Any) -> torch.export.ExportedProgram:
     Raises:
         UserError: torch.export rejects the graph (the message gives its reason).
     """
-    import slimc.ops  # noqa: F401 - registers the slimc:: custom ops
-
     gm = program.graph_module
     try:
         with torch.no_grad():
@@ -92,8 +92,6 @@ def save_pt2(model: Any, out: Path, tokenizer: Any = None) -> Path:
     Raises:
         UserError: `model` has no slimc program, or the graph cannot be exported.
     """
-    import slimc
-
     program = program_of(model)
     ep = export_program(program)
     inputs = [
@@ -104,7 +102,7 @@ def save_pt2(model: Any, out: Path, tokenizer: Any = None) -> Path:
     ]
     extra = {
         EXTRA_STAGE: program.stage.label,
-        EXTRA_VERSION: slimc.__version__,
+        EXTRA_VERSION: __version__,
         EXTRA_INPUTS: json.dumps(
             {"example_inputs": inputs, "model_class": program.metadata.get("model_class")}
         ),
@@ -130,9 +128,7 @@ def _save_hf_files(model: nn.Module, out: Path) -> None:
 
 
 def _register_ops() -> None:
-    """Import the modules that define `slimc::` custom ops (kernels are optional)."""
-    import slimc.ops  # noqa: F401
-
+    """Load the kernel families, which define their `slimc::` custom ops (kernels are optional)."""
     load_kernel_families()
 
 

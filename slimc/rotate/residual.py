@@ -26,6 +26,7 @@ from slimc.program import Program, node_loc
 from slimc.rotate import fold
 from slimc.rotate.hadamard import DEFAULT_SEED, random_hadamard, random_signs
 from slimc.rotate.mean_bake import bake_means, keeping_ones
+from slimc.rotate.online import insert_input_rotation, insert_online_rotation
 from slimc.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -139,13 +140,9 @@ class ResidualRotation(Pass):
         for head in heads:
             fold.rotate_heads(program, head.group, head_matrices[head.size], head.starts)
         for linear in inputs:
-            from slimc.rotate.online import insert_input_rotation
-
             k = int(linear.args[0].meta["val"].shape[-1])  # type: ignore[union-attr]
             insert_input_rotation(program, linear, input_signs[k], origin=str(self))
         if stream.online:
-            from slimc.rotate.online import insert_online_rotation
-
             signs = random_signs(stream.hidden, self.seed)
             for point in stream.online:
                 insert_online_rotation(program, point, signs, origin=str(self))
