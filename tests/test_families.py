@@ -19,7 +19,7 @@ from slimc.capture import capture
 from slimc.errors import UserError
 from slimc.nn import KernelLinear, QuantizedLinear
 from slimc.pass_manager import PassManager
-from slimc.program import Program
+from slimc.program import Program, RunContext
 from tests.families import FAMILIES, FAMILY_SPECS, LAYERS, VOCAB, linear_like_modules
 
 TOLERANCE = 1e-4  # max |out - ref| / max |ref|, fp32
@@ -170,7 +170,7 @@ def test_smoothing_groups_are_found(zoo: Zoo, family: str) -> None:
 def test_smoothing_is_exact(zoo: Zoo, family: str, name: str) -> None:
     program = copy.deepcopy(zoo.program(family))
     program.calibration = [(c,) for c in CALIB]
-    program.metadata["progress"] = False
+    program.context = RunContext(progress=False)
     ref = logits(program)
     before = {k: v.clone() for k, v in program.weights.items()}
     PassManager.parse(SMOOTHING[name]).run(program)
