@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slimc.heap import return_freed_memory_to_os
 from slimc.pipeline_spec import OptionValue, PassSpec, format_pipeline
 from slimc.quant.scheme import SCHEMES, QuantTarget
 from slimc.registry import passes_with_role
@@ -352,6 +353,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     setup_logging(args.verbose)
+    return_freed_memory_to_os()
     return run_guarded("slimc", lambda: args.func(args), args.debug)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from slimc import registry
 from slimc.errors import UserError, first_line
+from slimc.heap import return_freed_memory_to_os
 from slimc.instrumentation import IRPrinter
 from slimc.pass_base import PassFailure
 from slimc.pipeline_spec import PipelineSyntaxError
@@ -298,6 +299,7 @@ def _logging(args: argparse.Namespace) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `slimc-opt`; returns the exit code (1 for user errors)."""
     args = make_parser().parse_args(list(argv) if argv is not None else None)
+    return_freed_memory_to_os()
     with _logging(args), warnings.catch_warnings():
         # deep copies of programs (crash reproducer snapshots) copy torch pytree specs, which warn
         warnings.filterwarnings("ignore", "`isinstance.treespec, LeafSpec.`", FutureWarning)
