@@ -60,7 +60,7 @@ def collect_inputs(
     def visit(seg: Segment, runner: LayerwiseRunner) -> None:
         here = [n for n in seg.nodes if n in hooked]
         if here:
-            runner.forward(seg.nodes, {n: hook for n in here})
+            runner.forward(seg.nodes, {n: hook for n in here}, advance=True)  # observes only
 
     LayerwiseRunner(program, used, progress=progress).run(visit)
     return torch.cat([r for x in first for r in rows[x]])

@@ -1,10 +1,11 @@
-"""Process heap settings for long quantization runs: give freed tensor memory back to the OS."""
+"""Process memory: glibc heap settings for long quantization runs, and the resident set size."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
 
 log = logging.getLogger(__name__)
@@ -43,3 +44,16 @@ def return_freed_memory_to_os() -> bool:
     if not applied:
         log.debug("mallopt(M_MMAP_THRESHOLD) was refused")
     return applied
+
+
+def resident_mb() -> int:
+    """This process's resident set size in MiB (Linux; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+    except (OSError, ValueError, IndexError):
+        import resource  # not on Windows
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return peak // (1 << 20) if platform.system() == "Darwin" else peak // 1024

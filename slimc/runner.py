@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from slimc.heap import resident_mb
 from slimc.program import Program, layer_of, node_loc
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,11 @@ class LayerwiseRunner:
         self.samples = list(samples)
         self.progress = program.context.progress if progress is None else progress
         self.keep_outputs = keep_outputs
+        self.layer_seconds: dict[str, float] = {}
+        """Wall seconds of each segment in the last `run` (visit and advance), by label."""
+        self.reused_segments = 0
+        """Segments whose outputs a visit's `forward(advance=True)` stored (not run twice)."""
+        self._advanced: set[fx.Node] = set()
         placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
         self._envs: list[dict[fx.Node, Any]] = []
         for sample in self.samples:
@@ -93,15 +100,26 @@ class LayerwiseRunner:
         return get
 
     def forward(
-        self, nodes: Sequence[fx.Node], hooks: dict[fx.Node, Hook] | None = None, keep: bool = False
+        self,
+        nodes: Sequence[fx.Node],
+        hooks: dict[fx.Node, Hook] | None = None,
+        keep: bool = False,
+        *,
+        advance: bool = False,
     ) -> None:
         """Run `nodes` for every sample and call hooks.
 
         With `keep`, the values used after these nodes are stored for the next segment; values
-        used only inside are dropped as soon as the sample is done.
+        used only inside are dropped as soon as the sample is done. `advance` (implies `keep`)
+        is for a visit whose rewrite of the segment is exact (a smoothing fold): the outputs
+        stored now stand for the rewritten segment's, and `run` does not run it a second time
+        when they cover every value later segments read.
         """
         hooks = hooks or {}
+        keep = keep or advance
         escaping = self._escaping(nodes)
+        if advance:
+            self._advanced = set(escaping)
         constant = sample_independent(nodes, hooks)
         with torch.inference_mode():
             shared: dict[fx.Node, Any] = {}
@@ -164,21 +182,55 @@ class LayerwiseRunner:
         bar = _progress(len(segments), "calibrating", self.progress)
         done: set[fx.Node] = set()
         prev_last: fx.Node | None = None
+        self.layer_seconds = {}
         try:
             for seg in segments:
+                start = time.perf_counter()
                 last = seg.nodes[-1]
+                self._advanced = set()
                 visit(seg, self)
+                advanced_by_visit, self._advanced = self._advanced, set()
                 if last.graph is not self.program.graph or last._erased:
                     raise RuntimeError(f"pass erased the last node of segment {seg.label}")
                 seg.nodes = _nodes_between(self.program.graph, prev_last, last)
-                if self._escaping(seg.nodes):  # the last block feeds only the output
+                escaping = self._escaping(seg.nodes)  # none: the last block feeds only the output
+                if escaping and not set(escaping) <= advanced_by_visit:
                     self.forward(seg.nodes, keep=True)
+                else:
+                    self.reused_segments += bool(escaping)
                 done.update(seg.nodes)
                 self._release(done)
                 prev_last = last
+                seconds = time.perf_counter() - start
+                self.layer_seconds[seg.label] = seconds
+                rate = len(self._envs) / seconds if seconds > 0 else 0.0
+                bar.set_postfix_str(
+                    f"{seg.label} {seconds:.1f} s, {rate:.0f} samples/s, RSS {resident_mb()} MB",
+                    refresh=False,
+                )
                 bar.update(1)
         finally:
             bar.close()
+        self._log_layer_times()
+
+    def _log_layer_times(self) -> None:
+        """Log the fastest and slowest decoder layer (a time growing with depth is a bug)."""
+        layers = {k: v for k, v in self.layer_seconds.items() if k not in ("prologue", "epilogue")}
+        if not layers:
+            return
+        slowest = max(layers, key=layers.__getitem__)
+        fastest = min(layers, key=layers.__getitem__)
+        log.info(
+            "calibration: %d layers on %d samples, %.2f s per layer (fastest %s %.2f s, "
+            "slowest %s %.2f s)",
+            len(layers),
+            len(self._envs),
+            sum(layers.values()) / len(layers),
+            fastest,
+            layers[fastest],
+            slowest,
+            layers[slowest],
+        )
 
 
 def sample_independent(nodes: Sequence[fx.Node], hooks: dict[fx.Node, Hook]) -> list[fx.Node]:

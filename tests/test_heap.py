@@ -42,3 +42,14 @@ def test_freed_tensors_return_to_the_os_with_the_setting():
     assert applied
     assert peak - before >= 250  # the 320 MB were resident
     assert after - before < 60  # and went back once freed
+
+
+def test_resident_size_is_reported_and_grows_with_a_live_tensor():
+    import torch
+
+    from slimc.heap import resident_mb
+
+    before = resident_mb()
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    assert resident_mb() - before >= 48
+    del block

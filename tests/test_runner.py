@@ -37,3 +37,37 @@ def test_runner_outputs_equal_the_program_run_per_sample():
     for (ids,), out in zip(samples, runner.outputs(), strict=True):
         got = out[0] if isinstance(out, (tuple, list)) else out
         assert torch.equal(got, program(ids))
+
+
+def test_runner_times_every_layer_and_logs_the_spread(caplog):
+    program = _quantized_program()
+    samples = [(torch.randint(0, 128, (1, 6)),) for _ in range(2)]
+    runner = LayerwiseRunner(program, samples, progress=False)
+    with caplog.at_level("INFO", logger="slimc.runner"):
+        runner.run(lambda seg, r: None)
+    assert list(runner.layer_seconds) == ["prologue", "model.layers.0", "model.layers.1", "epilogue"]
+    assert all(s >= 0 for s in runner.layer_seconds.values())
+    assert "calibration: 2 layers on 2 samples" in caplog.text
+
+
+def _samples():
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randint(0, 128, (1, n), generator=gen),) for n in (4, 11)]
+
+
+def test_a_visit_that_ran_the_whole_segment_is_not_run_again():
+    program = _quantized_program()
+    runner = LayerwiseRunner(program, _samples(), progress=False, keep_outputs=True)
+    runner.run(lambda seg, r: r.forward(seg.nodes, {}, advance=True))
+    assert runner.reused_segments == 4  # prologue, two layers, and the epilogue's kept logits
+    for (ids,), out in zip(_samples(), runner.outputs(), strict=True):
+        assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, program(ids))
+
+
+def test_a_visit_that_ran_part_of_the_segment_is_advanced_by_the_runner():
+    program = _quantized_program()
+    runner = LayerwiseRunner(program, _samples(), progress=False, keep_outputs=True)
+    runner.run(lambda seg, r: r.forward(seg.nodes[: len(seg.nodes) // 2], {}, advance=True))
+    assert runner.reused_segments == 0
+    for (ids,), out in zip(_samples(), runner.outputs(), strict=True):
+        assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, program(ids))

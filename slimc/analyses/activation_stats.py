@@ -130,7 +130,7 @@ class ActivationStats:
         def visit(seg: Segment, runner: LayerwiseRunner) -> None:
             here = [n for n in seg.nodes if n in wanted]
             if here:
-                runner.forward(seg.nodes, {n: hook for n in here})
+                runner.forward(seg.nodes, {n: hook for n in here}, advance=True)  # observes only
 
         runner = LayerwiseRunner(program, samples)
         runner.run(visit)

@@ -219,8 +219,9 @@ def smooth_layerwise(
             calls[node] = i + 1
             inputs[node].update(x, sampler.indices(i, x.numel() // x.shape[-1]))
 
-        last = max(pos[n] for n in inputs)
-        runner.forward(seg.nodes[: last + 1], dict.fromkeys(inputs, hook))
+        # the whole layer: the folds below are exact, so its outputs stand for the smoothed
+        # layer's and the runner does not run the layer a second time to advance the samples
+        runner.forward(seg.nodes, dict.fromkeys(inputs, hook), advance=True)
         for g in here:
             collected = inputs.pop(g.targets[0])
             log.debug(
