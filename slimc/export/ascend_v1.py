@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from slimc.errors import UserError
@@ -46,6 +46,7 @@ from slimc.export.ascend_v1_tensors import (
     unpack_int4_int8,
 )
 from slimc.export.compressed_tensors import save_tokenizer
+from slimc.export.shards import ShardUnit, disk_full_is_user_error, write_sharded_checkpoint
 from slimc.nn import (
     HadamardInputRotation,
     HadamardRotation,
@@ -86,6 +87,9 @@ GLOBAL_KEYS = frozenset(
     }
 )
 """Description keys that describe the model, not one tensor."""
+_MAX_TENSORS_PER_LINEAR = 10
+"""Bound on one linear's tensors (W8A8 writes 8: weight, weight_scale, weight_offset,
+input_scale, input_offset, deq_scale, quant_bias, bias)."""
 
 MODE_PRIORITY = (
     "FLOAT",
@@ -150,7 +154,10 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _float_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
-    """The model's state dict outside quantized linears, one name per shared storage."""
+    """The model's state dict outside quantized linears, one name per shared storage.
+
+    The model's own tensors (not copies): the writer reads them as it goes.
+    """
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     for key, t in model.state_dict().items():
@@ -161,8 +168,47 @@ def _float_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
             log.info("ascend-v1: %s shares its storage with %s; saved once", key, seen[ident])
             continue
         seen[ident] = key
-        out[key] = t.detach().cpu().contiguous()
+        out[key] = t.detach()
     return out
+
+
+def _linear_unit(
+    name: str, q: QuantizedLinear, dtype: torch.dtype, modes: dict[str, str]
+) -> ShardUnit:
+    """One quantized linear, its AscendV1 tensors made when the writer reaches it."""
+
+    def tensors() -> list[tuple[str, torch.Tensor]]:
+        mode, parts = linear_tensors(name, q, dtype)
+        modes.update((f"{name}.{suffix}", mode) for suffix in parts)
+        return [(f"{name}.{suffix}", t) for suffix, t in parts.items()]
+
+    nbytes = sum(t.numel() * t.element_size() for t in (*q.parameters(), *q.buffers()))
+    return ShardUnit(nbytes, tensors, [name], max_tensors=_MAX_TENSORS_PER_LINEAR)
+
+
+def _units(
+    model: nn.Module,
+    quantized: dict[str, QuantizedLinear],
+    dtype: torch.dtype,
+    modes: dict[str, str],
+) -> list[ShardUnit]:
+    """Every tensor in state-dict order: float tensors read from the model as they are, each
+    quantized linear converted on demand (its mode tags land in `modes` once it is made)."""
+    floats = _float_tensors(model, set(quantized))
+    modes.update(dict.fromkeys(floats, "FLOAT"))
+    units: list[ShardUnit] = []
+    done: set[str] = set()
+    for key in model.state_dict():
+        owner = key.rpartition(".")[0]
+        if owner in quantized:
+            if owner not in done:
+                done.add(owner)
+                units.append(_linear_unit(owner, quantized[owner], dtype, modes))
+        elif key in floats:
+            tensor = floats[key]
+            size = tensor.numel() * tensor.element_size()
+            units.append(ShardUnit(size, lambda key=key, t=tensor: [(key, t)], [key]))
+    return units
 
 
 def _group_size(quantized: dict[str, QuantizedLinear]) -> int:
@@ -178,25 +224,25 @@ def _group_size(quantized: dict[str, QuantizedLinear]) -> int:
 def save_ascend_v1(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[str, Any]:
     """Write `model` (with `QuantizedLinear` layers) as an AscendV1 directory into `out`.
 
-    `out` must be an existing empty directory (the caller makes the write atomic).
+    `out` must be an existing empty directory (the caller makes the write atomic). Streamed:
+    float tensors are written from the model's own storage and each quantized linear's tensors
+    are made when the writer reaches it and dropped once written, so saving holds about one
+    linear beyond the model.
 
     Returns:
         The description written to `quant_model_description.json`.
 
     Raises:
         UserError: no quantized layers, lowered or run-time-rotated layers, mixed group sizes,
-            or a scheme AscendV1 has no mode for.
+            a scheme AscendV1 has no mode for, or a full disk.
     """
     quantized = _check_model(model)
     dtype = _model_dtype(model)
     group_size = _group_size(quantized)
-    tensors = _float_tensors(model, set(quantized))
-    modes = dict.fromkeys(tensors, "FLOAT")
-    for name, q in quantized.items():
-        mode, parts = linear_tensors(name, q, dtype)
-        for suffix, t in parts.items():
-            tensors[f"{name}.{suffix}"] = t
-            modes[f"{name}.{suffix}"] = mode
+    for q in quantized.values():
+        ascend_mode(q.scheme)  # a scheme without a mode is refused before anything is written
+    modes: dict[str, str] = {}
+    write_sharded_checkpoint(out, _units(model, quantized, dtype, modes), single_file=WEIGHTS_NAME)
     present = set(modes.values())
     description: dict[str, Any] = {
         "model_quant_type": max(present, key=MODE_PRIORITY.index),
@@ -205,14 +251,16 @@ def save_ascend_v1(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[s
         "metadata": {"producer": "slimc"},
     }
     description.update(sorted(modes.items()))
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / DESCRIPTION_NAME).write_text(
-        json.dumps(description, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    _save_config(model, out, quantized)
-    _save_tokenizer_files(model, tokenizer, out)
+    with disk_full_is_user_error(out / DESCRIPTION_NAME):
+        (out / DESCRIPTION_NAME).write_text(
+            json.dumps(description, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+    with disk_full_is_user_error(out / "config.json"):
+        _save_config(model, out, quantized)
+    with disk_full_is_user_error(out):  # tokenizer files
+        _save_tokenizer_files(model, tokenizer, out)
     counts = {m: sum(1 for q in quantized if modes[f"{q}.weight"] == m) for m in present}
-    log.info("ascend-v1: %d tensors, linears per mode %s", len(tensors), counts)
+    log.info("ascend-v1: %d tensors, linears per mode %s", len(modes), counts)
     return description
 
 

@@ -17,7 +17,12 @@ import torch
 
 from slimc.errors import UserError
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "ShardUnit", "write_sharded_checkpoint"]
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "ShardUnit",
+    "disk_full_is_user_error",
+    "write_sharded_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +171,7 @@ def write_sharded_checkpoint(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     index_metadata: dict[str, Any] | None = None,
+    single_file: str | None = None,
 ) -> list[Path]:
     """Write `units` into `out` as safetensors shards; return the shard paths.
 
@@ -174,16 +180,18 @@ def write_sharded_checkpoint(
     `model-0000k-of-0000n.safetensors` and `model.safetensors.index.json` (weight map, total size
     and `index_metadata`) is written last, as `save_pretrained` does. Each tensor is released
     once written; the shard's header, reserved ahead of its data, is filled in at its end.
+    With `single_file`, every unit goes into one file of that name (never split, no index).
 
     Raises:
         UserError: the disk filled up while writing (the message names the file).
     """
-    planned = _plan(units, max_shard_bytes)
-    shards = [_Shard(p, u) for p, u in zip(_shard_paths(out, len(planned)), planned, strict=True)]
+    planned = [list(units)] if single_file else _plan(units, max_shard_bytes)
+    paths = [out / single_file] if single_file else _shard_paths(out, len(planned))
+    shards = [_Shard(p, u) for p, u in zip(paths, planned, strict=True)]
     weight_map: dict[str, str] = {}
     total = 0
     for shard in shards:
-        with _disk_full_is_user_error(shard.path):
+        with disk_full_is_user_error(shard.path):
             _write_shard(shard)
         log.debug("wrote %s: %d tensors", shard.path.name, len(shard.entries))
         for name, entry in shard.entries.items():
@@ -194,13 +202,14 @@ def write_sharded_checkpoint(
             "metadata": {**(index_metadata or {}), "total_size": total},
             "weight_map": weight_map,
         }
-        with _disk_full_is_user_error(out / INDEX_NAME):
+        with disk_full_is_user_error(out / INDEX_NAME):
             (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return [s.path for s in shards]
 
 
 @contextlib.contextmanager
-def _disk_full_is_user_error(path: Path) -> Iterator[None]:
+def disk_full_is_user_error(path: Path) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) while writing `path` into a one-line UserError."""
     try:
         yield
     except OSError as exc:
