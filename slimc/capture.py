@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from slimc import canonical
 from slimc.errors import UserError, first_line
 from slimc.program import LOC_KEY, Program
 from slimc.stage import Stage
+from slimc.weight_source import meta_weights, needs_widening, rebind_meta_device, source_device
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ def capture(
     *,
     dynamic_shapes: Any = None,
     canonicalize: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> Program:
     """Export `model` to one GraphModule with weights as constants and wrap it in a Program.
 
@@ -100,6 +103,10 @@ def capture(
     length and the SDPA attention implementation; any example shape works (batch 1 and one token
     included: see `exportable_token_ids`), and the program keeps the widened example it was
     exported with. Other modules need `example_inputs` and are exported at their shapes.
+
+    With `compute_dtype`, a model stored in a narrower float dtype (bf16) is traced on meta
+    weights of `compute_dtype`: the program computes in it and reads each weight from the model
+    when needed (`Program.weight_source`), so no weight is copied to capture.
 
     Raises:
         UserError: the model cannot be exported (the message gives torch.export's reason).
@@ -124,8 +131,10 @@ def capture(
     args = tuple(example_inputs)
     was_training = model.training
     model.eval()
+    widen = needs_widening(model, compute_dtype)
+    weights = meta_weights(model, compute_dtype) if widen else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), weights as source:
             ep = torch.export.export(target, args, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         reason = first_line(exc)
@@ -137,7 +146,10 @@ def capture(
     gm = ep.module()
     _strip_prefix(gm, prefix)
     _set_locations(gm.graph, prefix)
-    program = Program(gm, example_inputs=args)
+    program = Program(gm, example_inputs=args, weight_source=source)
+    if source is not None:
+        rebind_meta_device(program.graph, source_device(source))
+        gm.recompile()
     program.metadata.update(model_class=type(model).__name__, hf_causal_lm=hf)
     if canonicalize:
         canonical.canonicalize(program)

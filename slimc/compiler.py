@@ -19,6 +19,7 @@ from slimc.nn import QuantizedLinear
 from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
 from slimc.program import RunContext
+from slimc.weight_source import copy_sharing_tensors, needs_widening
 from slimc.write_back import write_back
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def compile_model(
     inplace: bool = False,
     instrumentations: Sequence[Instrumentation] = (),
     progress: bool = True,
+    compute_dtype: torch.dtype | None = torch.float32,
 ) -> nn.Module:
     """Capture `model`, run the pipeline `passes` on it, and return a runnable model.
 
@@ -170,6 +172,12 @@ def compile_model(
         inplace: modify and return `model` itself instead of a copy.
         instrumentations: hooks the pass manager calls around every pass (timing, IR dumps).
         progress: show a progress bar for the passes that report progress.
+        compute_dtype: the dtype calibration and the passes compute in. A model stored in a
+            narrower float dtype (bf16, fp16) is captured in `compute_dtype` without a copy in
+            that dtype: each weight is read and widened when a pass or the calibration runner
+            needs it, and the model's tensors are never written (so `inplace=False` copies no
+            weight either). Weights a pass changes are written back in the model's dtype. None
+            computes in the model's own dtype.
 
     Raises:
         slimc.errors.UserError: bad pipeline, missing calibration data, model not exportable.
@@ -185,8 +193,11 @@ def compile_model(
         if not is_hf_causal_lm(model):
             raise UserError("this pipeline needs calibration data: pass calib=...")
         samples = default_calibration(model)
-    target = model if inplace else copy.deepcopy(model)
-    program = capture(target, example_inputs)
+    if needs_widening(model, compute_dtype):  # weights are read, never written: no copy
+        target = model if inplace else copy_sharing_tensors(model)
+    else:
+        target = model if inplace else copy.deepcopy(model)
+    program = capture(target, example_inputs, compute_dtype=compute_dtype)
     program.calibration = samples
     program.context = RunContext(progress=progress)
     pm.run(program)

@@ -198,8 +198,11 @@ def load_model(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     return load_causal_lm(d), tokenizer
 
 
-def load_causal_lm(d: Path) -> Any:
-    """The causal LM of a checked model directory (`model_directory`) in fp32, eval mode, SDPA.
+def load_causal_lm(d: Path, dtype: torch.dtype | str = torch.float32) -> Any:
+    """The causal LM of a checked model directory (`model_directory`), eval mode, SDPA.
+
+    `dtype="auto"` keeps the checkpoint's dtype: a bf16 checkpoint then stays memory-mapped from
+    its safetensors files instead of being copied into float32 (2x its size).
 
     Raises:
         UserError: the weights do not load.
@@ -210,12 +213,18 @@ def load_causal_lm(d: Path) -> Any:
     t0 = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            d, dtype=torch.float32, attn_implementation="sdpa"
+            d, dtype=dtype, attn_implementation="sdpa"
         )
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input here
         raise UserError(f"cannot load model weights from {d}: {_one_line(exc)}") from exc
     model.eval()
-    logger.info("loaded %s from %s in %.1f s", type(model).__name__, d, time.perf_counter() - t0)
+    logger.info(
+        "loaded %s (%s) from %s in %.1f s",
+        type(model).__name__,
+        model.dtype,
+        d,
+        time.perf_counter() - t0,
+    )
     return model
 
 

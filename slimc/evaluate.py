@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimc.errors import UserError
+from slimc.weight_source import widened_forward
 
 __all__ = ["PPLResult", "count_windows", "perplexity"]
 
@@ -150,6 +152,7 @@ def perplexity(
     seqlen: int = 512,
     bos_token_id: int | None = None,
     progress: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> PPLResult:
     """Compute perplexity on the first ``windows`` non-overlapping ``seqlen``-token windows.
 
@@ -168,6 +171,9 @@ def perplexity(
         bos_token_id: If given, prepend this token to every window.
         progress: Show a tqdm bar when stderr is a TTY, else log a progress line every
             ``PROGRESS_LOG_SECONDS``.
+        compute_dtype: For an ``nn.Module`` stored in a narrower float dtype (a bf16
+            checkpoint), compute in this dtype, widening one module's weights at a time
+            (``float32`` gives the figure of the float32 model without a float32 copy).
 
     Returns:
         A ``PPLResult``.
@@ -188,8 +194,13 @@ def perplexity(
     lines = _ProgressLog(n, enabled=progress and not tty)
     t0 = time.perf_counter()
     total_nll, total_n = 0.0, 0
+    widened = (
+        widened_forward(model, compute_dtype)
+        if isinstance(model, torch.nn.Module) and compute_dtype is not None
+        else contextlib.nullcontext()
+    )
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), widened:
             for w in range(n):
                 window = ids[w * seqlen : (w + 1) * seqlen]
                 inp = window

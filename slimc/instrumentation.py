@@ -174,7 +174,7 @@ class NumericsTracker(Instrumentation):
 
     def _run(self, program: Program) -> torch.Tensor:
         with torch.inference_mode():
-            out = program.graph_module(*self.inputs)
+            out = program(*self.inputs)
         return _first_tensor(out).float()
 
     def before_pass(self, p: Pass, index: int, program: Program) -> None:

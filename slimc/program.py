@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from slimc.errors import UserError
 from slimc.stage import Stage
+from slimc.weight_source import WeightSource
 
 LOC_KEY = "slimc_loc"
 """`node.meta` key holding the module path a node came from (set by capture/canonicalize)."""
@@ -42,27 +44,40 @@ def layer_of(loc: str | None) -> str | None:
 class WeightStore:
     """Named constant tensors of a program (weights, scales, packed data), one at a time.
 
-    Backed by the graph module's attributes today; the interface is what lets it stream from
-    disk later.
+    Backed by the graph module's attributes. A program captured with a `WeightSource` (a bf16
+    checkpoint computed in float32) holds its unwritten weights as meta tensors: `get` then
+    returns a fresh copy of the source tensor in the graph's dtype, and `set` stores a tensor of
+    the program's own, so the source (the user's model, a memory-mapped checkpoint) is never
+    modified and no full float32 copy of the model exists at any time.
     """
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, source: WeightSource | None = None) -> None:
         self._gm = gm
+        self._source = source
 
-    def __contains__(self, target: str) -> bool:
-        try:
-            self.get(target)
-        except AttributeError:
-            return False
-        return True
-
-    def get(self, target: str) -> torch.Tensor:
+    def _attr(self, target: str) -> Any:
         obj: Any = self._gm
         for part in target.split("."):
             obj = getattr(obj, part)
+        return obj
+
+    def __contains__(self, target: str) -> bool:
+        try:
+            return isinstance(self._attr(target), torch.Tensor)
+        except AttributeError:
+            return False
+
+    def get(self, target: str) -> torch.Tensor:
+        obj = self._attr(target)
         if not isinstance(obj, torch.Tensor):
             raise AttributeError(f"{target!r} is not a tensor")
+        if obj.is_meta and self._source is not None and target in self._source:
+            return self._source.read(target, obj.dtype)
         return obj
+
+    def is_written(self, target: str) -> bool:
+        """Whether `target` holds a tensor of the program's own (not an unread source weight)."""
+        return not self._attr(target).is_meta
 
     def set(self, target: str, value: torch.Tensor) -> None:
         """Create or replace the constant `target` (a dotted path) with a plain tensor."""
@@ -85,9 +100,20 @@ class WeightStore:
             mod = getattr(mod, part)
         delattr(mod, leaf)
 
+    def names(self) -> list[str]:
+        """The constants the graph reads, in graph order."""
+        return [str(node.target) for node in self._gm.graph.find_nodes(op="get_attr")]
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for node in self._gm.graph.find_nodes(op="get_attr"):
-            yield str(node.target), self.get(str(node.target))
+        for target in self.names():
+            yield target, self.get(target)
+
+    def written_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the constants the program holds itself: what a pass wrote, and
+        every constant of a program without a source."""
+        for target in self.names():
+            if self.is_written(target):
+                yield target, self.get(target)
 
 
 @dataclass(frozen=True)
@@ -113,6 +139,8 @@ class Program:
         statistics: per-pass counters (`--pass-statistics`).
         metadata: free-form facts (source model, capture options).
         context: how the caller runs the pipeline (progress bars).
+        weight_source: where the unwritten weights live when the program computes in a wider
+            dtype than its checkpoint (see `WeightStore`); None when the graph holds them all.
     """
 
     graph_module: fx.GraphModule
@@ -122,6 +150,7 @@ class Program:
     statistics: dict[str, dict[str, float]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     context: RunContext = field(default_factory=RunContext)
+    weight_source: WeightSource | None = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -129,7 +158,7 @@ class Program:
 
     @property
     def weights(self) -> WeightStore:
-        return WeightStore(self.graph_module)
+        return WeightStore(self.graph_module, self.weight_source)
 
     def constant_node(self, target: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
         """Store `value` as constant `target` and return a `get_attr` node placed before `before`."""
@@ -189,4 +218,34 @@ class Program:
                 self.weights.delete(name)
 
     def __call__(self, *args: Any) -> Any:
-        return self.graph_module(*args)
+        if self.weight_source is None:
+            return self.graph_module(*args)
+        with self.materialized():
+            return self.graph_module(*args)
+
+    @contextlib.contextmanager
+    def materialized(self) -> Iterator[None]:
+        """Hold every source weight in the graph module while inside (a full copy in the
+        graph's dtype: for running the graph module directly, or serializing it)."""
+        store = self.weights
+        unread = [t for t in dict.fromkeys(store.names()) if not store.is_written(t)]
+        placeholders = {t: store._attr(t) for t in unread}
+        for target in unread:
+            _replace_attr(self.graph_module, target, store.get(target))
+        try:
+            yield
+        finally:
+            for target, meta in placeholders.items():
+                _replace_attr(self.graph_module, target, meta)
+
+
+def _replace_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Swap the tensor at `target` keeping its kind (parameter or buffer)."""
+    *parents, leaf = target.split(".")
+    mod: Any = gm
+    for part in parents:
+        mod = getattr(mod, part)
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[leaf] = value

@@ -94,7 +94,8 @@ def save_program(program: Program, path: str | Path, pipeline: str = "") -> str:
         raise UserError("cannot save a program without example inputs")
     with warnings.catch_warnings():  # torch's pytree specs warn when deep-copied
         warnings.filterwarnings("ignore", "`isinstance.treespec, LeafSpec.`", FutureWarning)
-        gm = copy.deepcopy(program.graph_module)
+        with program.materialized():
+            gm = copy.deepcopy(program.graph_module)
     table = _annotate(gm)
     gm.recompile()
     try:

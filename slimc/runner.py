@@ -128,6 +128,10 @@ class LayerwiseRunner:
             def constant_value(n: fx.Node) -> Any:
                 return shared[n] if n in shared else get_weight(n)
 
+            for node in nodes:  # each weight read once per call (a widened copy, for a source)
+                for weight in node.all_input_nodes:
+                    if weight.op == "get_attr" and weight not in shared:
+                        shared[weight] = get_weight(weight)
             for node in constant:  # e.g. a dequantized weight: computed once, not per sample
                 args = fx.node.map_arg(node.args, constant_value)
                 kwargs = fx.node.map_arg(node.kwargs, constant_value)

@@ -207,13 +207,16 @@ def _untie_parameters(model: nn.Module, program: Program) -> None:
     record in the config that the embeddings are no longer tied, so that a save reloads both."""
     named = dict(model.named_parameters(remove_duplicate=False))
     by_param: dict[int, list[str]] = {}
-    for target in dict(program.weights.items()):
+    store = program.weights
+    for target in dict.fromkeys(store.names()):
         if target in named:
             by_param.setdefault(id(named[target]), []).append(target)
     untied = False
     for names in by_param.values():
-        values = [program.weights.get(n) for n in names]
-        if len(names) < 2 or all(torch.equal(v, values[0]) for v in values[1:]):
+        if len(names) < 2 or not any(store.is_written(n) for n in names):
+            continue  # one name, or none written: still the same tensor
+        values = [store.get(n) for n in names]
+        if all(torch.equal(v, values[0]) for v in values[1:]):
             continue
         for name in names[1:]:
             parent, leaf, old = _module_at(model, name)
@@ -229,6 +232,15 @@ def _untie_parameters(model: nn.Module, program: Program) -> None:
             text_config.tie_word_embeddings = False
         if hasattr(model, "all_tied_weights_keys"):
             model.all_tied_weights_keys = {}
+
+
+def _replace_tensor(model: nn.Module, target: str, value: torch.Tensor) -> None:
+    """Make `value` the parameter or buffer `target` of `model` (a new tensor, same kind)."""
+    parent, leaf, old = _module_at(model, target)
+    if isinstance(old, nn.Parameter):
+        setattr(parent, leaf, nn.Parameter(value.detach(), old.requires_grad))
+    else:
+        parent._buffers[leaf] = value.detach()
 
 
 def _check_replaceable(program: Program, path: str | None, old: nn.Module | None) -> None:
@@ -269,7 +281,7 @@ def write_back(model: nn.Module, program: Program) -> None:
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     transposed = set(program.metadata.get(TRANSPOSED_WEIGHTS_KEY, ()))
-    for target, tensor in program.weights.items():
+    for target, tensor in program.weights.written_items():
         param = params.get(target)
         if param is None or param.data_ptr() == tensor.data_ptr():
             continue
@@ -280,6 +292,9 @@ def write_back(model: nn.Module, program: Program) -> None:
                 f"cannot write back {target!r}: shape {tuple(tensor.shape)} "
                 f"!= the model's {tuple(param.shape)}"
             )
+        if program.weight_source is not None:  # the model's tensors may be the user's: not written
+            _replace_tensor(model, target, tensor.to(param.dtype, copy=True))
+            continue
         with torch.no_grad():
             param.copy_(tensor)
     input_rotations = []

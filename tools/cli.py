@@ -135,6 +135,8 @@ def check_ignore_patterns(model: Any, patterns: list[str] | None) -> None:
 
 
 def cmd_quant(args: argparse.Namespace) -> int:
+    import torch
+
     import slimc
     from slimc.data import eval_token_ids, load_causal_lm, model_directory
     from slimc.errors import UserError
@@ -165,14 +167,16 @@ def cmd_quant(args: argparse.Namespace) -> int:
         if not pm.needs_calibration:
             print("note: the pipeline calibrates nothing; --calib-data is unused", file=sys.stderr)
             calib = None
-    model = load_causal_lm(model_dir)
+    # in the checkpoint's dtype (a bf16 checkpoint stays memory-mapped); every computation below
+    # is float32, widening one layer's weights at a time
+    model = load_causal_lm(model_dir, dtype="auto")
     check_ignore_patterns(model, ignore_patterns(args))
     clock.lap("load")
     print(f"pipeline: {pm.pipeline_spec(include_defaults=True)}", file=sys.stderr)
     rows: list[tuple[str, ...]] = [("model", "PPL", "delta", "quant time s", "peak RSS MB")]
     fp32_ppl = None
     if ids is not None:
-        fp32 = perplexity(model, ids, windows=args.eval)
+        fp32 = perplexity(model, ids, windows=args.eval, compute_dtype=torch.float32)
         fp32_ppl = fp32.ppl
         clock.lap("eval")
         rows.append(("fp32", f"{fp32.ppl:.3f}", "", "", f"{_peak_rss_mb():.0f}"))
@@ -184,7 +188,7 @@ def cmd_quant(args: argparse.Namespace) -> int:
     qppl = ""
     delta = ""
     if ids is not None:
-        q = perplexity(quantized, ids, windows=args.eval)
+        q = perplexity(quantized, ids, windows=args.eval, compute_dtype=torch.float32)
         qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
         clock.lap("eval")
     if args.save is not None:

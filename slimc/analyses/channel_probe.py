@@ -25,8 +25,11 @@ class _Probe(fx.Interpreter):
     dtype arguments are promoted), so channel numbers stay exact in a bf16 or fp16 model.
     """
 
-    def __init__(self, gm: fx.GraphModule, producers: set[fx.Node], products: set[fx.Node]) -> None:
-        super().__init__(gm)
+    def __init__(
+        self, program: Program, producers: set[fx.Node], products: set[fx.Node]
+    ) -> None:
+        super().__init__(program.graph_module)
+        self.weights = program.weights
         self.producers = producers
         self.products = products
 
@@ -34,7 +37,7 @@ class _Probe(fx.Interpreter):
         return _wide(super().placeholder(target, args, kwargs))
 
     def get_attr(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return _wide(super().get_attr(target, args, kwargs))
+        return _wide(self.weights.get(str(target)))
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         args, kwargs = fx.node.map_aggregate((args, kwargs), _wide)  # type: ignore[assignment]
@@ -81,7 +84,7 @@ def probe_channel_maps(
                 node.meta["_probe_side"] = 0 if node.args[0] in on_path else 1
                 products.add(node)
     wanted = {g.input for g in groups} | {n for g in groups for n in g.side_reads}
-    interp = _Probe(program.graph_module, producers, products)  # type: ignore[arg-type]
+    interp = _Probe(program, producers, products)
     captured: dict[fx.Node, torch.Tensor] = {}
     original = interp.run_node
 

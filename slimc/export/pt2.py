@@ -68,7 +68,7 @@ def export_program(program: Any) -> torch.export.ExportedProgram:
     """
     gm = program.graph_module
     try:
-        with torch.no_grad():
+        with torch.no_grad(), program.materialized():
             return torch.export.export(
                 gm,
                 tuple(program.example_inputs),
