@@ -116,3 +116,28 @@ def test_widened_forward_evaluates_a_bf16_model_as_its_float32_copy(family: str)
     with widened_forward(model, torch.float32):
         pass
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_slimc_quant_of_a_bf16_checkpoint_reports_its_float32_figures(tmp_path, capsys) -> None:
+    """The bf16 checkpoint loads as bf16 and gives the PPL rows of the same weights in float32."""
+    from transformers import AutoModelForCausalLM
+
+    from slimc.tools.cli import main
+    from tests.models import tiny_tokenizer
+
+    model = _bf16("llama")
+    dirs = {"bf16": tmp_path / "bf16", "fp32": tmp_path / "fp32"}
+    model.save_pretrained(dirs["bf16"])
+    copy.deepcopy(model).float().save_pretrained(dirs["fp32"])
+    rows = {}
+    for kind, path in dirs.items():
+        tiny_tokenizer().save_pretrained(path)
+        out = tmp_path / f"{kind}-w8a8"
+        argv = ["quant", "--model", str(path), "--quant-type", "w8a8", "--calib-samples", "4"]
+        assert main([*argv, "--eval", "1", "--save", str(out)]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        rows[kind] = [line.split()[:2] for line in printed if line.startswith(("fp32", "w8a8"))]
+        reloaded = AutoModelForCausalLM.from_pretrained(out)
+        expected = {"bf16": torch.bfloat16, "fp32": torch.float32}[kind]
+        assert reloaded.model.norm.weight.dtype == expected  # the checkpoint's dtype is kept
+    assert len(rows["bf16"]) == 2 and rows["bf16"] == rows["fp32"]
