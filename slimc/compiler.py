@@ -20,6 +20,7 @@ from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
 from slimc.program import RunContext
 from slimc.weight_source import copy_sharing_tensors, needs_widening
+from slimc.work_dir import WorkDir
 from slimc.write_back import write_back
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def compile_model(
     instrumentations: Sequence[Instrumentation] = (),
     progress: bool = True,
     compute_dtype: torch.dtype | None = torch.float32,
+    work_dir: WorkDir | None = None,
 ) -> nn.Module:
     """Capture `model`, run the pipeline `passes` on it, and return a runnable model.
 
@@ -178,6 +180,8 @@ def compile_model(
             needs it, and the model's tensors are never written (so `inplace=False` copies no
             weight either). Weights a pass changes are written back in the model's dtype. None
             computes in the model's own dtype.
+        work_dir: where layer-wise passes record finished layers and find those a stopped
+            run finished (`slimc.work_dir.WorkDir.open`); None records nothing.
 
     Raises:
         slimc.errors.UserError: bad pipeline, missing calibration data, model not exportable.
@@ -199,7 +203,7 @@ def compile_model(
         target = model if inplace else copy.deepcopy(model)
     program = capture(target, example_inputs, compute_dtype=compute_dtype)
     program.calibration = samples
-    program.context = RunContext(progress=progress)
+    program.context = RunContext(progress=progress, work_dir=work_dir)
     pm.run(program)
     write_back(target, program)
     target.slimc_program = program  # type: ignore[assignment]

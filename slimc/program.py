@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from slimc.errors import UserError
 from slimc.stage import Stage
 from slimc.weight_source import WeightSource
+from slimc.work_dir import WorkDir
 
 LOC_KEY = "slimc_loc"
 """`node.meta` key holding the module path a node came from (set by capture/canonicalize)."""
@@ -122,9 +123,12 @@ class RunContext:
 
     Attributes:
         progress: show progress bars for layer-by-layer calibration.
+        work_dir: where layer-wise passes record finished layers, and find those a stopped
+            run finished (`slimc quant --resume`); None records nothing.
     """
 
     progress: bool = True
+    work_dir: WorkDir | None = None
 
 
 @dataclass

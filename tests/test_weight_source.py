@@ -53,7 +53,7 @@ def _assert_same_compile(model: nn.Module, pipeline: str) -> nn.Module:
     return got
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gpt2"])
 def test_smoothed_static_w8a8_of_a_bf16_model_equals_its_float32_copy(family: str) -> None:
     model = _bf16(family)
     before = {k: (v.data_ptr(), v.clone()) for k, v in _tensors(model).items()}
@@ -104,7 +104,7 @@ def test_meta_weights_restores_the_model_and_names_tied_weights() -> None:
         assert t is tensors[name], name
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "opt"])
+@pytest.mark.parametrize("family", ["gemma2", "opt"])
 def test_widened_forward_evaluates_a_bf16_model_as_its_float32_copy(family: str) -> None:
     model = _bf16(family)
     ids = torch.randint(3, 128, (200,), generator=torch.Generator().manual_seed(1))

@@ -134,6 +134,36 @@ def check_ignore_patterns(model: Any, patterns: list[str] | None) -> None:
             raise UserError(f"--ignore {pattern!r} matches no linear of the model{example}")
 
 
+def open_work_dir(args: argparse.Namespace, model_dir: Path, pm: Any, calib: Any) -> Any:
+    """The run's work directory (`--work-dir`, default `<save>.work`): created, or with
+    `--resume` reopened after checking it is this run's. None when nothing calibrates layer by
+    layer or nothing is saved.
+
+    Raises:
+        UserError: --resume / --work-dir without --save, or a work directory that is not this
+            run's (see `WorkDir.open`).
+    """
+    from slimc.errors import UserError
+    from slimc.work_dir import WorkDir, fingerprint_files, fingerprint_tensors
+
+    if args.save is None:
+        if args.resume or args.work_dir is not None:
+            flag = "--resume" if args.resume else "--work-dir"
+            raise UserError(f"{flag} needs --save (the work directory belongs to a saved run)")
+        return None
+    if not pm.needs_calibration:
+        return None  # data-free pipelines take seconds per layer: nothing worth recording
+    path = Path(args.work_dir) if args.work_dir else Path(f"{Path(args.save).expanduser()}.work")
+    model_files = [p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json")]
+    samples = [t for sample in calib for t in (sample if isinstance(sample, tuple) else (sample,))]
+    fingerprint = {
+        "model": fingerprint_files(model_files),
+        "pipeline": pm.pipeline_spec(include_defaults=True),
+        "calibration": fingerprint_tensors(samples),
+    }
+    return WorkDir.open(path, fingerprint, resume=args.resume)
+
+
 def cmd_quant(args: argparse.Namespace) -> int:
     import torch
 
@@ -169,6 +199,7 @@ def cmd_quant(args: argparse.Namespace) -> int:
             calib = None
     # in the checkpoint's dtype (a bf16 checkpoint stays memory-mapped); every computation below
     # is float32, widening one layer's weights at a time
+    work_dir = open_work_dir(args, model_dir, pm, calib)  # before the long part starts
     model = load_causal_lm(model_dir, dtype="auto")
     check_ignore_patterns(model, ignore_patterns(args))
     clock.lap("load")
@@ -182,7 +213,7 @@ def cmd_quant(args: argparse.Namespace) -> int:
         rows.append(("fp32", f"{fp32.ppl:.3f}", "", "", f"{_peak_rss_mb():.0f}"))
     start = time.perf_counter()
     # the float model is not used again: quantizing it in place saves a full copy of it
-    quantized = slimc.compile(model, pm.steps, calib=calib, inplace=True)
+    quantized = slimc.compile(model, pm.steps, calib=calib, inplace=True, work_dir=work_dir)
     seconds = time.perf_counter() - start
     clock.lap("capture+passes")  # capture, calibration, quantization
     qppl = ""
@@ -195,6 +226,8 @@ def cmd_quant(args: argparse.Namespace) -> int:
         fmt = choose_format(quantized, args.format)
         save(quantized, args.save, format=fmt, tokenizer=tokenizer, overwrite=args.overwrite)
         print(f"saved {fmt} model to {args.save}", file=sys.stderr)
+        if work_dir is not None:
+            work_dir.remove()
         clock.lap("save")
     label = " + ".join(
         [args.quant_type]
@@ -326,6 +359,20 @@ def make_parser() -> argparse.ArgumentParser:
         help="replace an existing --save directory that holds a model (config.json with "
         "weights, or a slimc pt2 / ascend-v1 output); never the working, home or --model "
         "directory, nor a directory holding other files",
+    )
+    q.add_argument(
+        "--work-dir",
+        default=None,
+        metavar="DIR",
+        help="where a calibrating run records each finished layer (default: <save>.work beside "
+        "--save); removed after a successful save",
+    )
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run that was stopped (killed, out of memory) from its work "
+        "directory: the finished layers are not calibrated again and the checkpoint is the "
+        "one an uninterrupted run writes",
     )
     q.add_argument(
         "--eval",

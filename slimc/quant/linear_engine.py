@@ -27,6 +27,7 @@ from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
 from slimc.quant.qdq_rewrite import dequantized_weight, quantized_input
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
+from slimc.quant.replay import linear_key, open_journal, recorded_results, replayed_results
 from slimc.quant.scheme import (
     SCHEMES,
     LinearQuantScheme,
@@ -92,6 +93,31 @@ class WeightMethod:
 
 class RoundToNearest(WeightMethod):
     """Round to nearest with each block's MinMax range (msModelSlim section 2.6); data-free."""
+
+
+class Replay(WeightMethod):
+    """The rounded weight a stopped run recorded for a linear (`slimc quant --resume`)."""
+
+    def __init__(self, parts: dict[str, torch.Tensor | None]) -> None:
+        self.parts = parts
+
+    def quantize_linear_weight(
+        self,
+        quant: LinearQuantEngine,
+        program: Program,
+        node: fx.Node,
+        weight: torch.Tensor,
+        spec: TensorQuantSpec,
+        collected: Any,
+    ) -> QuantizedWeight:
+        qdata, scale = self.parts["qdata"], self.parts["scale"]
+        assert qdata is not None and scale is not None
+        if qdata.shape != weight.shape:
+            raise UserError(
+                f"--resume: the recorded weight of {node_loc(node)} is {tuple(qdata.shape)}, "
+                f"the model's is {tuple(weight.shape)}: the work directory is of another run"
+            )
+        return QuantizedWeight(qdata, scale, self.parts["zero_point"], spec)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -257,11 +283,20 @@ class LinearQuantEngine(Pass):
         wanted = set(targets)
         act = scheme.activation
         static = act is not None and not act.dynamic
+        journal = open_journal(program, self.name, wanted)
 
         def visit(seg: Segment, runner: LayerwiseRunner) -> None:
             here = [n for n in seg.nodes if n in wanted]
             if not here:
                 return
+            recorded = journal.finished(seg.label) if journal is not None else None
+            if recorded is not None:  # finished by a run that was stopped: replayed
+                for node in here:
+                    qparams, qw = replayed_results(recorded, node, static)
+                    self.rewrite(program, node, scheme, qparams, method=Replay(qw))
+                return
+            results: dict[str, torch.Tensor] = {}
+            keys = {node: linear_key(node) for node in here}
             observers: dict[fx.Node, Any] = {}
             collectors: dict[fx.Node, Any] = {}
             for node in here:
@@ -286,7 +321,10 @@ class LinearQuantEngine(Pass):
             for node in here:
                 x = node.args[0]
                 qparams = observers[x].calculate_qparams() if static else None
-                self.rewrite(program, node, scheme, qparams, collectors.get(x), method=method)
+                qw = self.rewrite(program, node, scheme, qparams, collectors.get(x), method=method)
+                results.update(recorded_results(keys[node], qparams, qw))
+            if journal is not None:
+                journal.record(seg.label, results)
 
         LayerwiseRunner(program, samples).run(visit)
 
@@ -325,9 +363,10 @@ class LinearQuantEngine(Pass):
         collected: Any = None,
         *,
         method: WeightMethod,
-    ) -> None:
+    ) -> QuantizedWeight:
         """Rewrite one linear to the QDQ form: its weight rounded by `method`, its input
         quantized as `scheme`'s activations say (`static_qparams` for static ranges).
+        Returns the rounded weight.
 
         Raises:
             UserError: the weight holds NaN or inf.
@@ -350,3 +389,4 @@ class LinearQuantEngine(Pass):
         node.args = (new_x, w_dq, *node.args[2:])
         node.meta[SCHEME_KEY] = scheme
         self.stat(program, f"quantized linears ({scheme.name})")
+        return qw
