@@ -20,6 +20,7 @@ from slimc.pass_base import Pass
 from slimc.pass_manager import PassManager
 from slimc.program import RunContext
 from slimc.weight_source import copy_sharing_tensors, needs_widening
+from slimc.weight_spill import SpillArea
 from slimc.work_dir import WorkDir
 from slimc.write_back import write_back
 
@@ -181,7 +182,9 @@ def compile_model(
             weight either). Weights a pass changes are written back in the model's dtype. None
             computes in the model's own dtype.
         work_dir: where layer-wise passes record finished layers and find those a stopped
-            run finished (`slimc.work_dir.WorkDir.open`); None records nothing.
+            run finished (`slimc.work_dir.WorkDir.open`), and where the tensors passes write
+            move to memory-mapped files as layers finish (so the process holds about one
+            layer of them); None records nothing and keeps every tensor in memory.
 
     Raises:
         slimc.errors.UserError: bad pipeline, missing calibration data, model not exportable.
@@ -203,7 +206,8 @@ def compile_model(
         target = model if inplace else copy.deepcopy(model)
     program = capture(target, example_inputs, compute_dtype=compute_dtype)
     program.calibration = samples
-    program.context = RunContext(progress=progress, work_dir=work_dir)
+    spill = SpillArea(work_dir.path / "spill") if work_dir is not None else None
+    program.context = RunContext(progress=progress, work_dir=work_dir, spill=spill)
     pm.run(program)
     write_back(target, program)
     target.slimc_program = program  # type: ignore[assignment]

@@ -16,6 +16,7 @@ from slimc.pipeline_spec import PassSpec, PipelineSyntaxError, format_pipeline, 
 from slimc.program import Program
 from slimc.reproducer import write_reproducer
 from slimc.stage import Stage
+from slimc.weight_spill import spill_all
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class PassManager:
             inst.before_pass(p, i, program)
         try:
             result = p.run(program, am)
+            spill_all(program)  # what the pass wrote: to memory-mapped files, if the run has them
             if p.produces is not None:
                 program.stage = p.produces
             for inst in self.instrumentations:

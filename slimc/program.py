@@ -6,7 +6,7 @@ import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
@@ -17,6 +17,9 @@ from slimc.errors import UserError
 from slimc.stage import Stage
 from slimc.weight_source import WeightSource
 from slimc.work_dir import WorkDir
+
+if TYPE_CHECKING:
+    from slimc.weight_spill import SpillArea
 
 LOC_KEY = "slimc_loc"
 """`node.meta` key holding the module path a node came from (set by capture/canonicalize)."""
@@ -125,10 +128,13 @@ class RunContext:
         progress: show progress bars for layer-by-layer calibration.
         work_dir: where layer-wise passes record finished layers, and find those a stopped
             run finished (`slimc quant --resume`); None records nothing.
+        spill: where the tensors passes write move as layers finish (memory-mapped files);
+            None keeps them in memory.
     """
 
     progress: bool = True
     work_dir: WorkDir | None = None
+    spill: SpillArea | None = None
 
 
 @dataclass
@@ -235,15 +241,15 @@ class Program:
         unread = [t for t in dict.fromkeys(store.names()) if not store.is_written(t)]
         placeholders = {t: store._attr(t) for t in unread}
         for target in unread:
-            _replace_attr(self.graph_module, target, store.get(target))
+            replace_attr(self.graph_module, target, store.get(target))
         try:
             yield
         finally:
             for target, meta in placeholders.items():
-                _replace_attr(self.graph_module, target, meta)
+                replace_attr(self.graph_module, target, meta)
 
 
-def _replace_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+def replace_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     """Swap the tensor at `target` keeping its kind (parameter or buffer)."""
     *parents, leaf = target.split(".")
     mod: Any = gm

@@ -14,6 +14,7 @@ from torch import fx
 
 from slimc.heap import resident_mb
 from slimc.program import Program, layer_of, node_loc
+from slimc.weight_spill import spill_constants_of
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ class LayerwiseRunner:
                     self.reused_segments += bool(escaping)
                 done.update(seg.nodes)
                 self._release(done)
+                spill_constants_of(self.program, seg.nodes)
                 prev_last = last
                 seconds = time.perf_counter() - start
                 self.layer_seconds[seg.label] = seconds

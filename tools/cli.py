@@ -136,8 +136,7 @@ def check_ignore_patterns(model: Any, patterns: list[str] | None) -> None:
 
 def open_work_dir(args: argparse.Namespace, model_dir: Path, pm: Any, calib: Any) -> Any:
     """The run's work directory (`--work-dir`, default `<save>.work`): created, or with
-    `--resume` reopened after checking it is this run's. None when nothing calibrates layer by
-    layer or nothing is saved.
+    `--resume` reopened after checking it is this run's. None when nothing is saved.
 
     Raises:
         UserError: --resume / --work-dir without --save, or a work directory that is not this
@@ -151,11 +150,11 @@ def open_work_dir(args: argparse.Namespace, model_dir: Path, pm: Any, calib: Any
             flag = "--resume" if args.resume else "--work-dir"
             raise UserError(f"{flag} needs --save (the work directory belongs to a saved run)")
         return None
-    if not pm.needs_calibration:
-        return None  # data-free pipelines take seconds per layer: nothing worth recording
     path = Path(args.work_dir) if args.work_dir else Path(f"{Path(args.save).expanduser()}.work")
     model_files = [p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json")]
-    samples = [t for sample in calib for t in (sample if isinstance(sample, tuple) else (sample,))]
+    samples = [
+        t for sample in calib or () for t in (sample if isinstance(sample, tuple) else (sample,))
+    ]
     fingerprint = {
         "model": fingerprint_files(model_files),
         "pipeline": pm.pipeline_spec(include_defaults=True),
@@ -364,8 +363,9 @@ def make_parser() -> argparse.ArgumentParser:
         "--work-dir",
         default=None,
         metavar="DIR",
-        help="where a calibrating run records each finished layer (default: <save>.work beside "
-        "--save); removed after a successful save",
+        help="where the run keeps each finished layer: the quantized tensors (memory-mapped, "
+        "so the process holds about one layer of them) and what --resume needs (default: "
+        "<save>.work beside --save); removed after a successful save",
     )
     q.add_argument(
         "--resume",

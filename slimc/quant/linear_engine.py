@@ -23,7 +23,7 @@ from slimc.ir.builder import tensor_val
 from slimc.linear_select import float_linears, matches
 from slimc.pass_base import GROUP_SIZE, OptionError, Pass, PassResult, option
 from slimc.pipeline_spec import OptionValue
-from slimc.program import SCHEME_KEY, Program, node_loc
+from slimc.program import SCHEME_KEY, Program, layer_of, node_loc
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
 from slimc.quant.qdq_rewrite import dequantized_weight, quantized_input
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
@@ -39,6 +39,7 @@ from slimc.quant.scheme import (
 from slimc.quant.sensitivity import describe, most_sensitive, rank_layers
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.stage import Stage
+from slimc.weight_spill import spill_all
 
 log = logging.getLogger(__name__)
 SCHEME_HELP = f"Quantization scheme: {', '.join(SCHEMES)}."
@@ -240,8 +241,13 @@ class LinearQuantEngine(Pass):
         if self.observes_inputs(method):
             method.calibrate_and_rewrite(self, program, targets, scheme)
         else:
-            for node in targets:
+            for i, node in enumerate(targets):
                 self.rewrite(program, node, scheme, None, method=method)
+                last_of_layer = i + 1 == len(targets) or layer_of(node_loc(targets[i + 1])) != (
+                    layer_of(node_loc(node))
+                )
+                if last_of_layer:  # this layer's quantized weights: to the run's spill files
+                    spill_all(program)
         program.recompile()
         return PassResult(changed=True)
 
