@@ -90,6 +90,7 @@ def test_uncapped_run_writes_a_tool_check_row_between_the_markers(tmp_path, caps
     )
     (row,) = json.loads(cache.read_text()).values()
     assert row["exit_status"] == 0 and row["peak_rss_kib"] > 50_000
+    assert 0 < row["peak_anon_kib"] <= row["peak_rss_kib"]
     assert row["checkpoint_bytes"] == sum(f.stat().st_size for f in model.glob("*.safetensors"))
     assert set(row["stages"]) == {"load", "capture+passes", "save"} and row["saved_bytes"] > 0
     text = doc.read_text()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from slimc.errors import UserError
+from slimc.tools._anon_sampler import AnonSampler
 from slimc.tools._cli_common import run_guarded, setup_logging
 from slimc.tools._memory_cap import require_memory_cap
 from slimc.tools.bench_linear_quant import write_section
@@ -167,9 +168,11 @@ def run(args: argparse.Namespace) -> Row:
         print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
         with (scratch / "stdout.txt").open("w") as out, (scratch / "stderr.txt").open("w") as err:
             start = time.perf_counter()
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 cmd, stdout=out, stderr=err, env=env, preexec_fn=cap.enter() if cap else None
             )
+            with AnonSampler(proc.pid) as sampler:
+                proc.wait()
             wall = time.perf_counter() - start
         usage = cap.usage() if cap else {}
         stdout = (scratch / "stdout.txt").read_text()
@@ -199,6 +202,7 @@ def run(args: argparse.Namespace) -> Row:
         "cap_fraction": args.cap_fraction,
         "cap": cap.describe() if cap else None,
         "peak_rss_kib": measured.get("peak_rss_kib"),
+        "peak_anon_kib": sampler.peak_kib,
         "wall_s": measured.get("wall_s", wall),
         "exit_status": measured.get("exit_status", proc.returncode),
         "signal": measured.get("signal"),
@@ -228,25 +232,31 @@ def render(rows: list[Row]) -> str:
         "",
         "Each row is one `slimc quant` process run by `python -m slimc.tools.bench_memory` under "
         "`/usr/bin/time -v`: peak RSS of the whole process, wall time, exit status; stage times "
-        "come from the command's own summary. A cap is a cgroup memory limit of a fraction of "
+        "come from the command's own summary. Peak anon is the largest anonymous resident "
+        "memory (RssAnon, sampled every 50 ms): RSS less the memory-mapped checkpoint and work "
+        "files, which the kernel can drop and read again, so it is the part a memory cap "
+        "cannot reclaim. A cap is a cgroup memory limit of a fraction of "
         "the checkpoint's safetensors bytes (page cache counts but is reclaimable). Rows marked "
         "*tool check* prove the tool works on a small model; they are not results.",
         "",
         "| model | checkpoint MB | scheme | cap | exit | peak RSS MB | peak RSS / checkpoint "
-        "| wall s | stages s | saved MB | date | machine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak anon MB | peak anon / checkpoint | wall s | stages s | saved MB | date | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         size_mb = r["checkpoint_bytes"] / 2**20
         rss_mb = r["peak_rss_kib"] / 1024 if r.get("peak_rss_kib") else None
         ratio = f"{rss_mb / size_mb:.2f}x" if rss_mb else ""
+        anon_mb = r["peak_anon_kib"] / 1024 if r.get("peak_anon_kib") else None
+        anon = f"{anon_mb:.0f} | {anon_mb / size_mb:.2f}x" if anon_mb else "? | "
         exit_text = f"signal {r['signal']}" if r.get("signal") else str(r["exit_status"])
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r.get("stages", {}).items())
         threads = f", OMP_NUM_THREADS={r['threads']}" if r.get("threads") else ""
         model = r["model"] + (" (*tool check*, not a result)" if r.get("tool_check") else "")
         lines.append(
             f"| {model} | {size_mb:.0f} | {r['scheme']} | {r['cap'] or 'none'} | {exit_text} "
-            f"| {f'{rss_mb:.0f}' if rss_mb else '?'} | {ratio} | {r['wall_s']:.1f} | {stages} "
+            f"| {f'{rss_mb:.0f}' if rss_mb else '?'} | {ratio} | {anon} | {r['wall_s']:.1f} "
+            f"| {stages} "
             f"| {r['saved_bytes'] / 2**20:.0f} | {r['date']} | {r['cpu']}{threads}; {r['idle']} |"
         )
     lines += [
