@@ -79,6 +79,14 @@ class WeightStore:
             return self._source.read(target, obj.dtype)
         return obj
 
+    def get_stored(self, target: str) -> torch.Tensor | None:
+        """The source tensor of an unwritten weight in its stored dtype (no copy: do not write
+        it), or None when the program holds `target` itself."""
+        obj = self._attr(target)
+        if obj.is_meta and self._source is not None and target in self._source:
+            return self._source.stored(target)
+        return None
+
     def is_written(self, target: str) -> bool:
         """Whether `target` holds a tensor of the program's own (not an unread source weight)."""
         return not self._attr(target).is_meta

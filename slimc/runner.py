@@ -129,6 +129,9 @@ class LayerwiseRunner:
             def constant_value(n: fx.Node) -> Any:
                 return shared[n] if n in shared else get_weight(n)
 
+            gathers = self._narrow_gathers(nodes)
+            for weight, stored in gathers.values():
+                shared[weight] = stored  # rows are gathered narrow, then widened
             for node in nodes:  # each weight read once per call (a widened copy, for a source)
                 for weight in node.all_input_nodes:
                     if weight.op == "get_attr" and weight not in shared:
@@ -151,8 +154,30 @@ class LayerwiseRunner:
                     if node in hooks:
                         hooks[node](node, args)
                     local[node] = node.target(*args, **kwargs)
+                    if node in gathers:
+                        local[node] = local[node].to(gathers[node][0].meta["val"].dtype)
                 if keep:
                     env.update((n, local[n]) for n in escaping)
+
+    def _narrow_gathers(self, nodes: Sequence[fx.Node]) -> dict[fx.Node, tuple[fx.Node, Any]]:
+        """Embedding lookups in `nodes` of a weight the program reads from a narrower source
+        (a bf16 embedding computed in float32), each with its weight node and stored tensor:
+        gathering the stored rows and widening them is exact and widens only those rows, not
+        the whole table."""
+        out: dict[fx.Node, tuple[fx.Node, Any]] = {}
+        inside = set(nodes)
+        store = self.program.weights
+        for node in nodes:
+            weight = node.args[0] if node.target is torch.ops.aten.embedding.default else None
+            if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+                continue
+            here = [u for u in weight.users if u in inside]
+            if any(u.target is not node.target or u.args[0] is not weight for u in here):
+                continue  # read otherwise here too (a tied lm_head): widened whole
+            stored = store.get_stored(str(weight.target))
+            if stored is not None and "val" in weight.meta:
+                out[node] = (weight, stored)
+        return out
 
     def outputs(self) -> list[Any]:
         """The graph outputs per sample after `run` (needs `keep_outputs=True`)."""

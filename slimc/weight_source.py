@@ -39,6 +39,10 @@ class WeightSource:
         """A new tensor holding the weight `name` converted to `dtype` (exact for a widening)."""
         return self._tensors[name].to(dtype=dtype, copy=True)
 
+    def stored(self, name: str) -> torch.Tensor:
+        """The weight `name` as stored (the model's tensor itself: read it, never write it)."""
+        return self._tensors[name]
+
     def nbytes(self) -> int:
         seen: set[int] = set()
         total = 0

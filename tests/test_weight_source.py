@@ -141,3 +141,24 @@ def test_slimc_quant_of_a_bf16_checkpoint_reports_its_float32_figures(tmp_path, 
         expected = {"bf16": torch.bfloat16, "fp32": torch.float32}[kind]
         assert reloaded.model.norm.weight.dtype == expected  # the checkpoint's dtype is kept
     assert len(rows["bf16"]) == 2 and rows["bf16"] == rows["fp32"]
+
+
+def test_calibration_gathers_embedding_rows_without_widening_the_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from slimc.weight_source import WeightSource
+
+    widened: list[str] = []
+    read = WeightSource.read
+
+    def spy(self: WeightSource, name: str, dtype: torch.dtype) -> torch.Tensor:
+        widened.append(name)
+        return read(self, name, dtype)
+
+    model = _bf16("llama")  # tied: the table is also lm_head, outside the layers calibrated
+    monkeypatch.setattr(WeightSource, "read", spy)
+    slimc.compile(model, "w8a8", calib=CALIB, progress=False)
+    monkeypatch.undo()
+    _assert_same_compile(model, "w8a8")
+    assert "model.layers.0.mlp.up_proj.weight" in widened
+    assert not {"lm_head.weight", "model.embed_tokens.weight"} & set(widened)
