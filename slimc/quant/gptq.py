@@ -46,13 +46,17 @@ def _inverse_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, float]:
     """
     h = hessian.to(torch.float64)
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=torch.float64)
     damp = percdamp
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        damped = h.clone()  # K x K float64 each: at most two alive at once (K = 14336: 1.6 GB)
+        damped.diagonal().add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 if attempt:
                     log.info("gptq: Hessian needed dampening %.3g (asked %.3g)", damp, percdamp)
@@ -147,8 +151,8 @@ def gptq_quantize(
     group = spec.group_size if spec.granularity == "group" else k
     if k % group:
         raise ValueError(f"group_size={group} does not divide the weight's input dim K={k}")
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(torch.float64).clone()
+    w = weight.detach().to(torch.float32, copy=True)
+    h = hessian.detach().to(torch.float64, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -159,11 +163,13 @@ def gptq_quantize(
         perm = torch.argsort(torch.diagonal(h), descending=True)
         params.set_all(w, spec)  # static groups, from the original (dead-zeroed) weights
         w = w[:, perm]
-        h = h[perm][:, perm]
+        h = h[perm[:, None], perm]
     elif group == k:
         params.set(0, w, spec)
-    hinv, damp = _inverse_cholesky(h, percdamp)
-    hinv = hinv.to(torch.float32)
+    hinv64, damp = _inverse_cholesky(h, percdamp)
+    del h
+    hinv = hinv64.to(torch.float32)
+    del hinv64
 
     codes = torch.zeros(n, k, dtype=torch.int32)
     qmin, qmax = spec.qmin, spec.qmax
