@@ -8,9 +8,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import fx
 
+from slimc.export.shards import ShardUnit, write_sharded_checkpoint
 from slimc.program import Program, replace_attr
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ class SpillArea:
             storage = t.untyped_storage().data_ptr()
             tensors[name] = t.detach().contiguous() if storage not in seen else t.detach().clone()
             seen.add(storage)
-        save_file(tensors, str(file))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        unit = ShardUnit(nbytes, lambda: tensors.items(), list(tensors))
+        write_sharded_checkpoint(self.path, [unit], single_file=file.name)  # tensor by tensor
         mapped = load_file(str(file))
         moved = 0
         for target, value in mapped.items():
