@@ -65,7 +65,14 @@ def test_smoothed_static_w8a8_of_a_bf16_model_equals_its_float32_copy(family: st
 
 
 @pytest.mark.parametrize(
-    "pipeline", ["w8a8-dynamic", "gptq{scheme=w4a16 group-size=16}", "quarot,w8a8"]
+    "pipeline",
+    [
+        "w8a8-dynamic",
+        "gptq{scheme=w4a16 group-size=16}",
+        "quarot,w8a8",
+        "awq,w4a16",
+        "autoround{scheme=w4a16 iters=4}",
+    ],
 )
 def test_llama_pipelines_of_a_bf16_model_equal_their_float32_copy(pipeline: str) -> None:
     _assert_same_compile(_bf16("llama"), pipeline)
