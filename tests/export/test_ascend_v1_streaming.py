@@ -20,6 +20,7 @@ from slimc.export import ascend_v1, shards
 from slimc.export.ascend_v1 import DESCRIPTION_NAME, WEIGHTS_NAME, load_ascend_v1
 from slimc.export.ascend_v1_tensors import linear_tensors
 from slimc.nn import QuantizedLinear
+from tests.export.disk import fill_disk_after
 from tests.models import tiny_gemma2, tiny_llama, tiny_opt
 
 CALIB = [
@@ -150,17 +151,10 @@ def test_each_linear_is_made_when_written_and_dropped_after(tmp_path, monkeypatc
 
 def test_full_disk_is_one_line_error_and_leaves_nothing(tmp_path, monkeypatch):
     q = _compiled("llama", "w8a8")
-    calls = []
-
-    def full(f, data):
-        calls.append(len(data))
-        if len(calls) > 2:  # a few tensors are on disk already
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        f.write(data)
-
-    monkeypatch.setattr(shards, "write_shard_bytes", full)
+    calls = fill_disk_after(monkeypatch)
     with pytest.raises(UserError) as info:
         slimc.save(q, tmp_path / "out", format="ascend-v1")
+    assert len(calls) > 2  # the disk filled up in the middle of the save
     message = str(info.value)
     assert "\n" not in message
     assert "no space left" in message and WEIGHTS_NAME in message

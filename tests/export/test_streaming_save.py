@@ -16,6 +16,7 @@ import slimc
 from slimc.errors import UserError
 from slimc.export import compressed_tensors as ct
 from slimc.export import ct_stream, shards
+from tests.export.disk import fill_disk_after
 from tests.models import tiny_decoder, tiny_gemma2, tiny_llama, tiny_opt
 
 CALIB = [
@@ -164,17 +165,10 @@ def test_streamed_save_round_trip_logits(tmp_path):
 
 def test_full_disk_is_one_line_error_and_leaves_nothing(tmp_path, monkeypatch):
     q = _compiled("llama", "w8a16")
-    calls = []
-
-    def full(f, data):
-        calls.append(len(data))
-        if len(calls) > 2:  # a few tensors are on disk already
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        f.write(data)
-
-    monkeypatch.setattr(shards, "write_shard_bytes", full)
+    calls = fill_disk_after(monkeypatch)
     with pytest.raises(UserError) as info:
         slimc.save(q, tmp_path / "out")
+    assert len(calls) > 2  # the disk filled up in the middle of the save
     message = str(info.value)
     assert "\n" not in message
     assert "no space left" in message and "model.safetensors" in message
