@@ -196,9 +196,9 @@ def cmd_quant(args: argparse.Namespace) -> int:
         if not pm.needs_calibration:
             print("note: the pipeline calibrates nothing; --calib-data is unused", file=sys.stderr)
             calib = None
+    work_dir = open_work_dir(args, model_dir, pm, calib)  # before the long part starts
     # in the checkpoint's dtype (a bf16 checkpoint stays memory-mapped); every computation below
     # is float32, widening one layer's weights at a time
-    work_dir = open_work_dir(args, model_dir, pm, calib)  # before the long part starts
     model = load_causal_lm(model_dir, dtype="auto")
     check_ignore_patterns(model, ignore_patterns(args))
     clock.lap("load")
