@@ -21,7 +21,7 @@ from slimc.pass_manager import PassManager
 from slimc.program import RunContext
 from slimc.weight_source import copy_sharing_tensors, needs_widening
 from slimc.weight_spill import SpillArea
-from slimc.work_dir import WorkDir
+from slimc.work_dir import SPILL, WorkDir
 from slimc.write_back import write_back
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def compile_model(
         target = model if inplace else copy.deepcopy(model)
     program = capture(target, example_inputs, compute_dtype=compute_dtype)
     program.calibration = samples
-    spill = SpillArea(work_dir.path / "spill") if work_dir is not None else None
+    spill = SpillArea(work_dir.path / SPILL) if work_dir is not None else None
     program.context = RunContext(progress=progress, work_dir=work_dir, spill=spill)
     pm.run(program)
     write_back(target, program)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from slimc.errors import UserError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SPILL = "spill"
+"""The folder of `slimc.weight_spill.SpillArea`'s files (not resume records)."""
 FORMAT = 1
 
 
@@ -66,9 +69,13 @@ class WorkDir:
     """The work directory of one run, identified by a fingerprint of its inputs (model files,
     pipeline, calibration data): a run with other inputs cannot resume from it."""
 
-    def __init__(self, path: Path, fingerprint: Mapping[str, str]) -> None:
+    def __init__(
+        self, path: Path, fingerprint: Mapping[str, str], created: Sequence[Path] = ()
+    ) -> None:
         self.path = path
         self.fingerprint = dict(fingerprint)
+        self.created = list(created)
+        """Directories `open` made, the work directory's missing parents included."""
         self._sections: dict[str, int] = {}
 
     @classmethod
@@ -108,11 +115,17 @@ class WorkDir:
                 )
             log.info("resuming from work directory %s", path)
             return cls(path, fingerprint)
-        path.mkdir(parents=True)
-        tmp = manifest.with_name(MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"format": FORMAT, "fingerprint": dict(fingerprint)}, indent=1))
-        os.replace(tmp, manifest)
-        return cls(path, fingerprint)
+        created = [p for p in (path, *path.parents) if not p.exists()]
+        try:
+            path.mkdir(parents=True)
+            tmp = manifest.with_name(MANIFEST + ".tmp")
+            tmp.write_text(
+                json.dumps({"format": FORMAT, "fingerprint": dict(fingerprint)}, indent=1)
+            )
+            os.replace(tmp, manifest)
+        except OSError as exc:
+            raise UserError(f"cannot create work directory {path}: {exc.strerror}") from exc
+        return cls(path, fingerprint, created)
 
     def journal(self, pass_name: str) -> LayerJournal:
         """The journal of the next pass named `pass_name` (a second one gets its own)."""
@@ -121,8 +134,37 @@ class WorkDir:
         name = pass_name if n == 1 else f"{pass_name}-{n}"
         return LayerJournal(self.path / name, name)
 
+    def has_records(self) -> bool:
+        """Whether a layer-wise pass recorded a finished layer (something `--resume` skips)."""
+        return any(p.parent.name != SPILL for p in self.path.glob("*/*.safetensors"))
+
     def remove(self) -> None:
+        """Delete the work directory, and the parents `open` created once they are empty."""
         shutil.rmtree(self.path, ignore_errors=True)
+        for parent in self.created[1:]:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+
+@contextlib.contextmanager
+def failure_keeps_records(work_dir: WorkDir | None) -> Iterator[None]:
+    """On an error inside, keep `work_dir` when it records finished layers (and say how to
+    resume), else remove it: a failure before any layer finished leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        if work_dir is not None:
+            if work_dir.has_records():
+                log.warning(
+                    "kept the work directory %s: the same command with --resume continues "
+                    "from the layers it records",
+                    work_dir.path,
+                )
+            else:
+                work_dir.remove()
+        raise
 
 
 def fingerprint_files(paths: Iterable[Path]) -> str:

@@ -53,6 +53,12 @@ def test_work_dir_of_another_run_is_refused_naming_what_differs(tmp_path: Path) 
         WorkDir.open(tmp_path / "plain", FINGERPRINT, resume=True)
 
 
+def test_work_dir_that_cannot_be_created_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot create work directory .*file/w"):
+        WorkDir.open(tmp_path / "file" / "w", FINGERPRINT, resume=False)
+
+
 def test_journal_records_whole_layers_in_order(tmp_path: Path) -> None:
     journal = WorkDir.open(tmp_path / "w", FINGERPRINT, resume=False).journal("gptq")
     journal.record("model.layers.0", {"a": torch.arange(4)})
@@ -162,3 +168,32 @@ def test_gptq_run_killed_halfway_resumes_to_the_same_checkpoint(
     assert files == sorted(p.name for p in save.iterdir())
     for name in files:
         assert (save / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def test_failed_save_keeps_recorded_layers_and_a_failed_check_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from slimc.export import compressed_tensors
+
+    model = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    argv = ["quant", "--model", str(model), "--quant-type", "w8a8", "--calib-samples", "2"]
+    save = tmp_path / "new" / "out"
+    assert main([*argv, "--ignore", "typo", "--save", str(save)]) == 1  # before any layer
+    assert not (tmp_path / "new").exists()
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise UserError("disk full")
+
+    monkeypatch.setattr(compressed_tensors, "save_compressed_tensors", disk_full)
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--save", str(save)]) == 1
+    assert "--resume continues" in caplog.text
+    assert len(list((tmp_path / "new" / "out.work").glob("*/model.layers.*.safetensors"))) == 2
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--save", str(save), "--resume"]) == 0
+    assert "linear-quant: all 2 layers are recorded: replaying them" in caplog.text
+    assert (save / "config.json").exists() and not (tmp_path / "new" / "out.work").exists()

@@ -174,6 +174,7 @@ def cmd_quant(args: argparse.Namespace) -> int:
     from slimc.export.atomic import check_target
     from slimc.model_dir import check_float_checkpoint, load_tokenizer
     from slimc.pass_manager import PassManager
+    from slimc.work_dir import failure_keeps_records
 
     # every argument is checked before the model loads: nothing long runs on a bad input
     pipeline = build_pipeline(args)
@@ -197,37 +198,38 @@ def cmd_quant(args: argparse.Namespace) -> int:
             print("note: the pipeline calibrates nothing; --calib-data is unused", file=sys.stderr)
             calib = None
     work_dir = open_work_dir(args, model_dir, pm, calib)  # before the long part starts
-    # in the checkpoint's dtype (a bf16 checkpoint stays memory-mapped); every computation below
-    # is float32, widening one layer's weights at a time
-    model = load_causal_lm(model_dir, dtype="auto")
-    check_ignore_patterns(model, ignore_patterns(args))
-    clock.lap("load")
-    print(f"pipeline: {pm.pipeline_spec(include_defaults=True)}", file=sys.stderr)
-    rows: list[tuple[str, ...]] = [("model", "PPL", "delta", "quant time s", "peak RSS MB")]
-    fp32_ppl = None
-    if ids is not None:
-        fp32 = perplexity(model, ids, windows=args.eval, compute_dtype=torch.float32)
-        fp32_ppl = fp32.ppl
-        clock.lap("eval")
-        rows.append(("fp32", f"{fp32.ppl:.3f}", "", "", f"{_peak_rss_mb():.0f}"))
-    start = time.perf_counter()
-    # the float model is not used again: quantizing it in place saves a full copy of it
-    quantized = slimc.compile(model, pm.steps, calib=calib, inplace=True, work_dir=work_dir)
-    seconds = time.perf_counter() - start
-    clock.lap("capture+passes")  # capture, calibration, quantization
-    qppl = ""
-    delta = ""
-    if ids is not None:
-        q = perplexity(quantized, ids, windows=args.eval, compute_dtype=torch.float32)
-        qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
-        clock.lap("eval")
-    if args.save is not None:
-        fmt = choose_format(quantized, args.format)
-        save(quantized, args.save, format=fmt, tokenizer=tokenizer, overwrite=args.overwrite)
-        print(f"saved {fmt} model to {args.save}", file=sys.stderr)
-        if work_dir is not None:
-            work_dir.remove()
-        clock.lap("save")
+    with failure_keeps_records(work_dir):
+        # in the checkpoint's dtype (a bf16 checkpoint stays memory-mapped); every computation
+        # below is float32, widening one layer's weights at a time
+        model = load_causal_lm(model_dir, dtype="auto")
+        check_ignore_patterns(model, ignore_patterns(args))
+        clock.lap("load")
+        print(f"pipeline: {pm.pipeline_spec(include_defaults=True)}", file=sys.stderr)
+        rows: list[tuple[str, ...]] = [("model", "PPL", "delta", "quant time s", "peak RSS MB")]
+        fp32_ppl = None
+        if ids is not None:
+            fp32 = perplexity(model, ids, windows=args.eval, compute_dtype=torch.float32)
+            fp32_ppl = fp32.ppl
+            clock.lap("eval")
+            rows.append(("fp32", f"{fp32.ppl:.3f}", "", "", f"{_peak_rss_mb():.0f}"))
+        start = time.perf_counter()
+        # the float model is not used again: quantizing it in place saves a full copy of it
+        quantized = slimc.compile(model, pm.steps, calib=calib, inplace=True, work_dir=work_dir)
+        seconds = time.perf_counter() - start
+        clock.lap("capture+passes")  # capture, calibration, quantization
+        qppl = ""
+        delta = ""
+        if ids is not None:
+            q = perplexity(quantized, ids, windows=args.eval, compute_dtype=torch.float32)
+            qppl, delta = f"{q.ppl:.3f}", f"{100 * (q.ppl / fp32_ppl - 1):+.2f}%"
+            clock.lap("eval")
+        if args.save is not None:
+            fmt = choose_format(quantized, args.format)
+            save(quantized, args.save, format=fmt, tokenizer=tokenizer, overwrite=args.overwrite)
+            print(f"saved {fmt} model to {args.save}", file=sys.stderr)
+            if work_dir is not None:
+                work_dir.remove()
+            clock.lap("save")
     label = " + ".join(
         [args.quant_type]
         + ([args.rotation] if args.rotation else [])

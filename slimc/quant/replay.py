@@ -74,6 +74,8 @@ def open_journal(program: Program, pass_name: str, wanted: set[fx.Node]) -> Laye
     journal = work_dir.journal(pass_name)
     labels = [s.label for s in split_segments(program.graph) if wanted & set(s.nodes)]
     done = journal.count_finished(labels)
-    if done:
+    if done == len(labels):
+        log.warning("%s: all %d layers are recorded: replaying them", pass_name, done)
+    elif done:
         log.warning("%s: resuming at layer %d of %d", pass_name, done + 1, len(labels))
     return journal
