@@ -75,15 +75,21 @@ class WeightStore:
         obj = self._attr(target)
         if not isinstance(obj, torch.Tensor):
             raise AttributeError(f"{target!r} is not a tensor")
-        if obj.is_meta and self._source is not None and target in self._source:
+        if self._in_source(obj, target):
+            assert self._source is not None
             return self._source.read(target, obj.dtype)
         return obj
+
+    def _in_source(self, obj: torch.Tensor, target: str) -> bool:
+        """Whether `target` (whose attribute is `obj`) is an unwritten weight of the source."""
+        return obj.is_meta and self._source is not None and target in self._source
 
     def get_stored(self, target: str) -> torch.Tensor | None:
         """The source tensor of an unwritten weight in its stored dtype (no copy: do not write
         it), or None when the program holds `target` itself."""
         obj = self._attr(target)
-        if obj.is_meta and self._source is not None and target in self._source:
+        if self._in_source(obj, target):
+            assert self._source is not None
             return self._source.stored(target)
         return None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -71,10 +70,6 @@ class SpillArea:
             moved += value.numel() * value.element_size()
         self.bytes_spilled += moved
         return moved
-
-    def remove(self) -> None:
-        for file in self.path.glob("*.safetensors"):
-            os.unlink(file)
 
 
 def constants_read_by(nodes: Iterable[fx.Node]) -> list[str]:

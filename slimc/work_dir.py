@@ -12,9 +12,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from slimc.errors import UserError
+from slimc.export.shards import ShardUnit, write_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,10 @@ class LayerJournal:
         """Write layer `label`'s tensors; once this returns, the layer counts as finished."""
         file = self._file(label)
         tmp = file.with_name(file.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        parts = {k: v.contiguous() for k, v in tensors.items()}
+        nbytes = sum(t.numel() * t.element_size() for t in parts.values())
+        unit = ShardUnit(nbytes, lambda: parts.items(), list(parts))
+        write_sharded_checkpoint(self.path, [unit], single_file=tmp.name)  # tensor by tensor
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, file)
