@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 DEFAULT_CALIB_SAMPLES = 128
@@ -83,3 +84,32 @@ def calibration_from_args(args: argparse.Namespace, tokenizer: Any) -> list[Any]
 
     n = DEFAULT_CALIB_SAMPLES if args.calib_samples is None else args.calib_samples
     return calibration_samples(tokenizer, n=n, seqlen=args.calib_seq_len)
+
+
+def open_work_dir(args: argparse.Namespace, model_dir: Path, pm: Any, calib: Any) -> Any:
+    """The run's work directory (`--work-dir`, default `<save>.work`): created, or with
+    `--resume` reopened after checking it is this run's. None when nothing is saved.
+
+    Raises:
+        UserError: --resume / --work-dir without --save, or a work directory that is not this
+            run's (see `WorkDir.open`).
+    """
+    from slimc.errors import UserError
+    from slimc.work_dir import WorkDir, fingerprint_files, fingerprint_tensors
+
+    if args.save is None:
+        if args.resume or args.work_dir is not None:
+            flag = "--resume" if args.resume else "--work-dir"
+            raise UserError(f"{flag} needs --save (the work directory belongs to a saved run)")
+        return None
+    path = Path(args.work_dir) if args.work_dir else Path(f"{Path(args.save).expanduser()}.work")
+    model_files = [p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json")]
+    samples = [
+        t for sample in calib or () for t in (sample if isinstance(sample, tuple) else (sample,))
+    ]
+    fingerprint = {
+        "model": fingerprint_files(model_files),
+        "pipeline": pm.pipeline_spec(include_defaults=True),
+        "calibration": fingerprint_tensors(samples),
+    }
+    return WorkDir.open(path, fingerprint, resume=args.resume)
