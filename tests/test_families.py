@@ -75,7 +75,7 @@ class Zoo:
 
     def __init__(self) -> None:
         self.models: dict[tuple[str, torch.dtype], nn.Module] = {}
-        self.programs: dict[tuple[str, torch.dtype], Program] = {}
+        self.programs: dict[tuple[str, torch.dtype, torch.dtype | None], Program] = {}
         self.compiled: dict[tuple[str, str, torch.dtype], nn.Module] = {}
 
     def model(self, family: str, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -86,18 +86,31 @@ class Zoo:
             self.models[key] = model
         return self.models[key]
 
-    def program(self, family: str, dtype: torch.dtype = torch.float32) -> Program:
-        key = (family, dtype)
+    def program(
+        self,
+        family: str,
+        dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Program:
+        if compute_dtype == dtype:  # computing in the model's own dtype: the same capture
+            compute_dtype = None
+        key = (family, dtype, compute_dtype)
         if key not in self.programs:
-            self.programs[key] = capture(copy.deepcopy(self.model(family, dtype)))
+            model = copy.deepcopy(self.model(family, dtype))
+            self.programs[key] = capture(model, compute_dtype=compute_dtype)
         return self.programs[key]
 
     def shared_capture(self, real: Callable[..., Program]) -> Callable[..., Program]:
-        def capture_or_copy(model: nn.Module, example_inputs: Any = None, **kw: Any) -> Program:
+        def capture_or_copy(
+            model: nn.Module,
+            example_inputs: Any = None,
+            compute_dtype: torch.dtype | None = None,
+            **kw: Any,
+        ) -> Program:
             key = getattr(model, "_sweep_key", None)
             if key is None or example_inputs is not None or kw:
-                return real(model, example_inputs, **kw)
-            return copy.deepcopy(self.program(*key))
+                return real(model, example_inputs, compute_dtype=compute_dtype, **kw)
+            return copy.deepcopy(self.program(*key, compute_dtype=compute_dtype))
 
         return capture_or_copy
 
