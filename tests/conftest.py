@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import slimc  # noqa: F401  (first: a checkout root on sys.path must not shadow PyPI's kernels)
 
@@ -27,6 +28,11 @@ RUN_PREFIX = "# RUN:"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n N`: the workers share the cores
+        # one intra-op thread each, in this process and the subprocesses tests start: two
+        # OpenMP pools on the same cores spin against each other (5-15x slower)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     # torch's own deepcopy of pytree specs (copying captured programs) warns; not ours to fix
     config.addinivalue_line(
         "filterwarnings", "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"
