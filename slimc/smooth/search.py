@@ -258,6 +258,7 @@ class ScaleEvaluator:
     def __post_init__(self) -> None:
         self.x = self.inputs.sample
         self.weight = self.weight.to(torch.float32)
+        self._weight64 = self.weight.double()  # each candidate scales it in float64
         self.y = self.x @ self.weight.T
         self.y_norm = float(torch.linalg.vector_norm(self.y))
 
@@ -272,7 +273,7 @@ class ScaleEvaluator:
             lo = (self.inputs.min / s_in).min()
             hi = (self.inputs.max / s_in).max()
             xs = fake_quant_per_tensor(xs, lo, hi, self.act_bits)
-        wq = self.weight_quant((self.weight.double() * s_in).to(torch.float32))
+        wq = self.weight_quant((self._weight64 * s_in).to(torch.float32))
         return relative_error(xs @ wq.T, self.y, self.y_norm)
 
 
