@@ -323,7 +323,12 @@ class LinearQuantEngine(Pass):
                 except ValueError as exc:
                     raise UserError(f"{self.name}: input of {node_loc(node)}: {exc}") from None
 
-            runner.forward(seg.nodes, {n: hook for n in here})
+            # one hook per distinct input (q, k and v read one value): each observer and
+            # collector sees every sample once
+            first_reader = {}
+            for node in here:
+                first_reader.setdefault(node.args[0], node)
+            runner.forward(seg.nodes, dict.fromkeys(first_reader.values(), hook))
             for node in here:
                 x = node.args[0]
                 qparams = observers[x].calculate_qparams() if static else None
