@@ -305,8 +305,10 @@ class LinearQuantEngine(Pass):
             keys = {node: linear_key(node) for node in here}
             observers: dict[fx.Node, Any] = {}
             collectors: dict[fx.Node, Any] = {}
+            first_reader: dict[Any, fx.Node] = {}  # hooked: q, k and v read one value once
             for node in here:
                 x = node.args[0]
+                first_reader.setdefault(x, node)
                 if static and x not in observers:
                     assert act is not None
                     observers[x] = self.make_observer(act)
@@ -323,11 +325,6 @@ class LinearQuantEngine(Pass):
                 except ValueError as exc:
                     raise UserError(f"{self.name}: input of {node_loc(node)}: {exc}") from None
 
-            # one hook per distinct input (q, k and v read one value): each observer and
-            # collector sees every sample once
-            first_reader = {}
-            for node in here:
-                first_reader.setdefault(node.args[0], node)
             runner.forward(seg.nodes, dict.fromkeys(first_reader.values(), hook))
             for node in here:
                 x = node.args[0]
