@@ -20,6 +20,7 @@ from slimc.errors import UserError
 from slimc.nn import KernelLinear, QuantizedLinear
 from slimc.pass_manager import PassManager
 from slimc.program import Program, RunContext
+from slimc.weight_source import needs_widening
 from tests.families import FAMILIES, FAMILY_SPECS, LAYERS, VOCAB, linear_like_modules
 
 TOLERANCE = 1e-4  # max |out - ref| / max |ref|, fp32
@@ -92,8 +93,8 @@ class Zoo:
         dtype: torch.dtype = torch.float32,
         compute_dtype: torch.dtype | None = None,
     ) -> Program:
-        if compute_dtype == dtype:  # computing in the model's own dtype: the same capture
-            compute_dtype = None
+        if not needs_widening(self.model(family, dtype), compute_dtype):
+            compute_dtype = None  # capture computes in the model's own dtype either way
         key = (family, dtype, compute_dtype)
         if key not in self.programs:
             model = copy.deepcopy(self.model(family, dtype))
