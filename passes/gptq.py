@@ -12,7 +12,7 @@ from torch import fx
 from slimc.errors import UserError
 from slimc.pass_base import OptionError, option
 from slimc.program import Program, node_loc
-from slimc.quant.gptq import gptq_quantize, hessian_error
+from slimc.quant.gptq import gptq_quantize, hessian_error, hessian_factor
 from slimc.quant.hessian import HessianAccumulator
 from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine, WeightMethod
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
@@ -61,9 +61,13 @@ class GPTQRounding(WeightMethod):
         if collected.rows == 0:
             raise UserError(f"gptq: {path} saw no calibration input")
         try:
+            factor = collected.derived(
+                f"gptq:{self.percdamp}:{self.act_order}",
+                lambda h: hessian_factor(h, self.percdamp, self.act_order),
+            )
             result = gptq_quantize(
                 weight,
-                collected.hessian,
+                factor,
                 spec,
                 block_size=self.block_size,
                 percdamp=self.percdamp,

@@ -120,9 +120,60 @@ class _GroupParams:
         self.zero_point.copy_(z.reshape(n, groups))
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ needs of one input Hessian, computed once for every weight that reads it.
+
+    Attributes:
+        perm: the column order (decreasing Hessian diagonal with act-order, else identity).
+        hinv: float32 upper Cholesky factor of the damped inverse Hessian, in `perm` order.
+        damp: the dampening finally added (relative to the diagonal's mean).
+        dead: input channels whose diagonal is zero (never saw a non-zero input).
+        act_order: whether `perm` is the act-order permutation.
+    """
+
+    perm: Tensor
+    hinv: Tensor
+    damp: float
+    dead: Tensor
+    act_order: bool
+
+
+def hessian_factor(
+    hessian: Tensor, percdamp: float = 0.01, act_order: bool = False
+) -> HessianFactor:
+    """Factor `hessian` [K, K] for `gptq_quantize`: dead channels set aside, columns ordered,
+    damped, inverted and Cholesky-factored (float64 for the factorization, float32 kept).
+
+    Linears that read one input share one Hessian, so one factor serves all of them (q, k
+    and v; gate and up): the result equals factoring it once per linear.
+
+    Raises:
+        ValueError: the Hessian is not square, holds NaN / inf, or cannot be made positive
+            definite.
+    """
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} is not square")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("weight or Hessian holds NaN or inf")
+    k = hessian.shape[0]
+    h = hessian.detach().to(torch.float64, copy=True)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    perm = torch.arange(k)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        h = h[perm[:, None], perm]
+    hinv64, damp = _inverse_cholesky(h, percdamp)
+    del h
+    hinv = hinv64.to(torch.float32)
+    del hinv64
+    return HessianFactor(perm, hinv, damp, dead, act_order)
+
+
 def gptq_quantize(
     weight: Tensor,
-    hessian: Tensor,
+    hessian: Tensor | HessianFactor,
     spec: TensorQuantSpec,
     *,
     block_size: int = 128,
@@ -130,7 +181,8 @@ def gptq_quantize(
     act_order: bool = False,
     range_steps: int = 0,
 ) -> GPTQResult:
-    """Quantize `weight` [N, K] with GPTQ against the input Hessian [K, K].
+    """Quantize `weight` [N, K] with GPTQ against the input Hessian [K, K] (or its
+    `hessian_factor`, which then fixes `percdamp` and `act_order`).
 
     Columns are quantized in blocks of `block_size`; inside a block each column's rounding error,
     scaled by the inverse Hessian, is subtracted from the block's remaining columns, and the
@@ -145,35 +197,31 @@ def gptq_quantize(
         ValueError: shapes disagree, the weight or Hessian holds NaN / inf, the group size does
             not divide K, or the Hessian cannot be made positive definite.
     """
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(
-            f"weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match"
-        )
-    if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(hessian).all())):
+    k_h = hessian.hinv.shape[0] if isinstance(hessian, HessianFactor) else None
+    shape = (k_h, k_h) if k_h is not None else tuple(hessian.shape)  # type: ignore[union-attr]
+    if weight.dim() != 2 or shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"weight {tuple(weight.shape)} and Hessian {shape} do not match")
+    if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight or Hessian holds NaN or inf")
     n, k = weight.shape
     group = spec.group_size if spec.granularity == "group" else k
     if k % group:
         raise ValueError(f"group_size={group} does not divide the weight's input dim K={k}")
+    factor = (
+        hessian
+        if isinstance(hessian, HessianFactor)
+        else hessian_factor(hessian, percdamp, act_order)
+    )
+    act_order, perm, hinv = factor.act_order, factor.perm, factor.hinv
     w = weight.detach().to(torch.float32, copy=True)
-    h = hessian.detach().to(torch.float64, copy=True)
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w[:, factor.dead] = 0.0
 
     params = _GroupParams(n, k // group, range_steps)
-    perm = torch.arange(k)
     if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True)
         params.set_all(w, spec)  # static groups, from the original (dead-zeroed) weights
         w = w[:, perm]
-        h = h[perm[:, None], perm]
     elif group == k:
         params.set(0, w, spec)
-    hinv64, damp = _inverse_cholesky(h, percdamp)
-    del h
-    hinv = hinv64.to(torch.float32)
-    del hinv64
 
     codes = torch.zeros(n, k, dtype=torch.int32)
     qmin, qmax = spec.qmin, spec.qmax
@@ -208,4 +256,4 @@ def gptq_quantize(
     qw = QuantizedWeight(
         qdata=codes.to(torch.int8), scale=params.scale, zero_point=zero_point, spec=spec
     )
-    return GPTQResult(weight=qw, damp=damp, dead_columns=int(dead.sum()))
+    return GPTQResult(weight=qw, damp=factor.damp, dead_columns=int(factor.dead.sum()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,6 +23,14 @@ class HessianAccumulator:
         self.hessian = torch.zeros(k, k, dtype=torch.float32)
         self.rows = 0
         self.transform = transform
+        self._derived: dict[str, Any] = {}
+
+    def derived(self, key: str, make: Callable[[Tensor], Any]) -> Any:
+        """`make(hessian)`, computed once per `key` until the next `update`: the linears that
+        share this input (q, k and v) share what is derived from its Hessian (a factorization)."""
+        if key not in self._derived:
+            self._derived[key] = make(self.hessian)
+        return self._derived[key]
 
     def update(self, x: Tensor) -> None:
         """Fold the rows of `x` [..., K] into the running average.
@@ -41,6 +50,7 @@ class HessianAccumulator:
         n = rows.shape[0]
         if n == 0:
             return
+        self._derived.clear()
         total = self.rows + n
         self.hessian.mul_(self.rows / total)
         self.hessian.addmm_(rows.t(), rows, alpha=2.0 / total)

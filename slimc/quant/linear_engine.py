@@ -326,11 +326,14 @@ class LinearQuantEngine(Pass):
                     raise UserError(f"{self.name}: input of {node_loc(node)}: {exc}") from None
 
             runner.forward(seg.nodes, dict.fromkeys(first_reader.values(), hook))
+            last_reader = {node.args[0]: node for node in here}
             for node in here:
                 x = node.args[0]
                 qparams = observers[x].calculate_qparams() if static else None
                 qw = self.rewrite(program, node, scheme, qparams, collectors.get(x), method=method)
                 results.update(recorded_results(keys[node], qparams, qw))
+                if last_reader[x] is node:  # its Hessian (and factorization) no longer needed
+                    collectors.pop(x, None)
             if journal is not None:
                 journal.record(seg.label, results)
 

@@ -12,7 +12,7 @@ from slimc.pass_base import OptionError
 from slimc.pass_manager import PassManager
 from slimc.passes.gptq import GPTQ
 from slimc.program import Program
-from slimc.quant.gptq import gptq_quantize, hessian_error
+from slimc.quant.gptq import gptq_quantize, hessian_error, hessian_factor
 from slimc.quant.hessian import HessianAccumulator
 from slimc.quant.qparams import quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
@@ -62,6 +62,36 @@ def test_gptq_beats_rounding_on_the_hessian_error(spec: TensorQuantSpec, act_ord
     rtn = hessian_error(w, quantize_weight(w, spec).dequantize(), hessian)
     ours = hessian_error(w, qw.dequantize(), hessian)
     assert ours < 0.9 * rtn
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_one_factor_serves_every_weight_reading_the_input(act_order: bool) -> None:
+    """q, k and v share a Hessian: quantizing each against one shared factorization gives
+    bit for bit what factoring it once per weight gives (dead channels included)."""
+    x = correlated_inputs(64)
+    x[:, 5] = 0.0  # a dead input channel
+    acc = HessianAccumulator(64)
+    acc.update(x)
+    made = []
+
+    def make(h: torch.Tensor) -> object:
+        made.append(1)
+        return hessian_factor(h, 0.01, act_order)
+
+    gen = torch.Generator().manual_seed(4)
+    spec = TensorQuantSpec(4, False, "group", 16)
+    for rows in (24, 8, 8):
+        w = torch.randn(rows, 64, generator=gen)
+        shared = gptq_quantize(w, acc.derived("f", make), spec, act_order=act_order)
+        alone = gptq_quantize(w, acc.hessian, spec, act_order=act_order)
+        assert shared.dead_columns == alone.dead_columns == 1
+        assert torch.equal(shared.weight.qdata, alone.weight.qdata)
+        assert torch.equal(shared.weight.scale, alone.weight.scale)
+        assert torch.equal(shared.weight.zero_point, alone.weight.zero_point)
+    assert len(made) == 1
+    acc.update(x[:10])  # new rows: the factor is stale and made again
+    acc.derived("f", make)
+    assert len(made) == 2
 
 
 def test_block_size_does_not_change_the_result_much() -> None:
