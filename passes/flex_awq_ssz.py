@@ -17,6 +17,7 @@ from slimc.program import Program
 from slimc.quant.scheme import QuantTarget, TensorQuantSpec
 from slimc.smooth.base import SmoothingPass
 from slimc.smooth.fold import fold_scale, target_weight, weight_column_absmax
+from slimc.smooth.layerwise import Folded, smooth_layerwise
 from slimc.smooth.scales import smoothquant_scale
 from slimc.smooth.search import (
     WEIGHT_METHODS,
@@ -26,7 +27,6 @@ from slimc.smooth.search import (
     check_search_options,
     grid,
     record_errors,
-    smooth_layerwise,
 )
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class FlexAWQSSZ(SmoothingPass):
         chosen: list[float] = []
         errors: list[tuple[float, float]] = []
 
-        def handle(group: LinearGroup, inputs: GroupInput) -> None:
+        def handle(group: LinearGroup, inputs: GroupInput) -> Folded:
             wmax = weight_column_absmax(program, group)
 
             def scale(alpha: float) -> torch.Tensor:
@@ -120,17 +120,26 @@ class FlexAWQSSZ(SmoothingPass):
                 return group.reduce(s, "mean")
 
             if self.alpha is not None:
-                alpha = self.alpha
-                log.info("%s: %s: alpha %.2f", self.name, group.name, alpha)
+                choice: tuple[float, ...] = (self.alpha,)
             else:
-                alpha, before, after = self._search(program, group, inputs, scale)
-                errors.append((before, after))
-                log.info(
-                    "%s: %s: alpha %.2f, error %.4g -> %.4g",
-                    self.name, group.name, alpha, before, after,
-                )  # fmt: skip
-            fold_scale(program, group, scale(alpha), stats=None)
+                choice = self._search(program, group, inputs, scale)
+            chosen_scale = scale(choice[0])
+            fold_scale(program, group, chosen_scale, stats=None)
+            note(group, choice)
+            return Folded(chosen_scale, choice)
+
+        def note(group: LinearGroup, choice: tuple[float, ...]) -> None:
+            alpha = choice[0]
             chosen.append(alpha)
+            if len(choice) == 1:
+                log.info("%s: %s: alpha %.2f", self.name, group.name, alpha)
+                return
+            before, after = choice[1:]
+            errors.append((before, after))
+            log.info(
+                "%s: %s: alpha %.2f, error %.4g -> %.4g",
+                self.name, group.name, alpha, before, after,
+            )  # fmt: skip
 
         smooth_layerwise(
             program,
@@ -139,6 +148,7 @@ class FlexAWQSSZ(SmoothingPass):
             pass_name=self.name,
             max_tokens=self.max_tokens if self.alpha is None else 0,
             seed=self.seed,
+            replayed=note,
         )
         self.stat(program, "mean alpha", sum(chosen) / len(chosen))
         record_errors(self, program, errors)

@@ -16,6 +16,7 @@ from slimc.program import Program
 from slimc.quant.scheme import QuantTarget, TensorQuantSpec
 from slimc.smooth.base import SmoothingPass
 from slimc.smooth.fold import fold_scale, target_weight, weight_column_absmax
+from slimc.smooth.layerwise import Folded, smooth_layerwise
 from slimc.smooth.scales import smoothquant_scale
 from slimc.smooth.search import (
     GroupInput,
@@ -25,7 +26,6 @@ from slimc.smooth.search import (
     grid,
     minmax_weight,
     record_errors,
-    smooth_layerwise,
 )
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,15 @@ class FlexSmoothQuant(SmoothingPass):
         chosen: list[tuple[float, float]] = []
         errors: list[tuple[float, float]] = []
 
-        def handle(group: LinearGroup, inputs: GroupInput) -> None:
+        def handle(group: LinearGroup, inputs: GroupInput) -> Folded:
             alpha, beta, before, after = self._choose(program, group, inputs)
             scale = self._scale(program, group, inputs, alpha, beta)
             fold_scale(program, group, scale, stats=None)
+            note(group, (alpha, beta, before, after))
+            return Folded(scale, (alpha, beta, before, after))
+
+        def note(group: LinearGroup, choice: tuple[float, ...]) -> None:
+            alpha, beta, before, after = choice
             chosen.append((alpha, beta))
             if searched:
                 errors.append((before, after))
@@ -112,6 +117,7 @@ class FlexSmoothQuant(SmoothingPass):
             pass_name=self.name,
             max_tokens=self.max_tokens if searched else 0,
             seed=self.seed,
+            replayed=note,
         )
         n = len(chosen)
         self.stat(program, "mean alpha", sum(a for a, _ in chosen) / n)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import torch
-from torch import Tensor, fx
+from torch import Tensor
 
 from slimc.analyses.linear_groups import LinearGroup
 from slimc.pass_base import OptionError, Pass
@@ -17,7 +17,6 @@ from slimc.program import Program
 from slimc.quant.qparams import qparams_from_minmax, quantize_weight
 from slimc.quant.scheme import TensorQuantSpec
 from slimc.quant.ssz import ssz_quantize_weight
-from slimc.runner import LayerwiseRunner, Segment
 
 log = logging.getLogger(__name__)
 
@@ -188,53 +187,6 @@ class TokenSampler:
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
                 self._cache[key] = torch.randperm(length, generator=gen)[:q].sort().values
         return self._cache[key]
-
-
-def smooth_layerwise(
-    program: Program,
-    groups: Sequence[LinearGroup],
-    handle: Callable[[LinearGroup, GroupInput], None],
-    *,
-    pass_name: str,
-    max_tokens: int,
-    seed: int = 0,
-) -> None:
-    """Layer by layer: collect each group's input (hook on its first target), call `handle` on
-    the groups of the layer in the given order (it folds a scale), then advance the samples
-    through the changed layer, so later layers see the smoothed model's activations."""
-    samples = program.require_calibration(pass_name)
-    sampler = TokenSampler(max_tokens, len(samples), seed)
-
-    def visit(seg: Segment, runner: LayerwiseRunner) -> None:
-        pos = {n: i for i, n in enumerate(seg.nodes)}
-        here = [g for g in groups if g.targets[0] in pos]
-        if not here:
-            return
-        inputs = {g.targets[0]: GroupInput.empty(g.channels) for g in here}
-        calls = dict.fromkeys(inputs, 0)
-
-        def hook(node: fx.Node, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            i = calls[node]
-            calls[node] = i + 1
-            inputs[node].update(x, sampler.indices(i, x.numel() // x.shape[-1]))
-
-        # the whole layer: the folds below are exact, so its outputs stand for the smoothed
-        # layer's and the runner does not run the layer a second time to advance the samples
-        runner.forward(seg.nodes, dict.fromkeys(inputs, hook), advance=True)
-        for g in here:
-            collected = inputs.pop(g.targets[0])
-            log.debug(
-                "%s: %s: %d tokens, %d kept",
-                pass_name,
-                g.name,
-                collected.tokens,
-                collected.sample.shape[0],
-            )
-            with torch.no_grad():
-                handle(g, collected)
-
-    LayerwiseRunner(program, samples).run(visit)
 
 
 # -- the measured error of one candidate scale ------------------------------------------------
