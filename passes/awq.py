@@ -15,10 +15,12 @@ from torch import fx
 from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analysis import AnalysisManager
 from slimc.calibration import evenly_spaced
+from slimc.errors import UserError
 from slimc.pass_base import GROUP_SIZE, OptionError, PassResult, Preserved, option
 from slimc.pipeline_spec import OptionValue
 from slimc.program import Program
 from slimc.quant.qparams import quantize_weight
+from slimc.quant.replay import open_journal
 from slimc.quant.scheme import QuantTarget, TensorQuantSpec, make_scheme
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.smooth.base import SmoothingPass
@@ -252,6 +254,7 @@ class AWQ(SmoothingPass):
         samples = evenly_spaced(program.require_calibration(self.name), self.search_samples)
         pending = list(groups)
         results: list[ScaleSearch] = []
+        journal = open_journal(program, self.name, {g.targets[0] for g in groups})
         notes: set[str] = set()
 
         def note_once(key: str, msg: str, *args: Any) -> None:
@@ -289,6 +292,16 @@ class AWQ(SmoothingPass):
                 plan.append((g, region))
             if not plan:
                 return
+            finished = journal.finished(seg.label) if journal is not None else None
+            if finished is not None:  # searched by a run that was stopped: its scales refolded
+                for g, _ in plan:
+                    result = _replayed(finished, g)
+                    results.append(result)
+                    self._report(program, g, result)
+                    if result.best > 0:
+                        fold_scale(program, g, result.scale)
+                return
+            record: dict[str, torch.Tensor] = {}
             recorded = self._record(runner, seg, plan)
             changed: set[fx.Node] = set()
             for i, (g, region) in enumerate(plan):
@@ -309,9 +322,12 @@ class AWQ(SmoothingPass):
                 result = search_scale(program, g, region, rec.samples, mean.mean, spec, self.n_grid)
                 results.append(result)
                 self._report(program, g, result)
+                record.update(_recorded(g, result))
                 if result.best > 0:
                     fold_scale(program, g, result.scale)
                     changed |= folded_values(g)
+            if journal is not None:
+                journal.record(seg.label, record)
 
         LayerwiseRunner(program, samples).run(
             visit
@@ -355,3 +371,33 @@ def _gain(result: ScaleSearch) -> float:
     base = result.base_loss
     gain = 100.0 * (base - result.loss) / base if base > 0 else 0.0
     return gain if math.isfinite(gain) else 0.0
+
+
+def _recorded(group: LinearGroup, result: ScaleSearch) -> dict[str, torch.Tensor]:
+    """The search's outcome as tensors for the work directory (for a resumed run)."""
+    return {
+        f"{group.name}:ratios": torch.tensor(result.ratios, dtype=torch.float64),
+        f"{group.name}:losses": torch.tensor(result.losses, dtype=torch.float64),
+        f"{group.name}:best": torch.tensor(result.best),
+        f"{group.name}:scale": result.scale.detach(),
+    }
+
+
+def _replayed(finished: dict[str, torch.Tensor], group: LinearGroup) -> ScaleSearch:
+    """The search outcome `_recorded` wrote for `group`.
+
+    Raises:
+        UserError: the record lacks it (the work directory is of another run).
+    """
+    try:
+        return ScaleSearch(
+            ratios=finished[f"{group.name}:ratios"].tolist(),
+            losses=finished[f"{group.name}:losses"].tolist(),
+            best=int(finished[f"{group.name}:best"]),
+            scale=finished[f"{group.name}:scale"],
+        )
+    except KeyError as exc:
+        raise UserError(
+            f"--resume: the work directory has no record of {group.name} ({exc.args[0]}): it "
+            "is of another run; remove it"
+        ) from None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from slimc.errors import UserError
 from slimc.nn import QuantizedLinear
 from slimc.quant import linear_engine
 from slimc.tools.cli import main
-from slimc.work_dir import WorkDir, fingerprint_tensors
+from slimc.work_dir import LayerJournal, WorkDir, fingerprint_tensors
 from tests.models import tiny_llama, tiny_tokenizer
 
 FINGERPRINT = {"model": "m", "pipeline": "p", "calibration": "c"}
@@ -109,6 +108,7 @@ def test_resumed_compile_replays_finished_layers_bitwise(
     [
         "flex-smooth-quant,linear-quant{scheme=w8a8}",
         "flex-awq-ssz{group-size=32},linear-quant{scheme=w4a16 group-size=32}",
+        "awq{group-size=32},linear-quant{scheme=w4a16 group-size=32}",
     ],
 )
 def test_resumed_smoothing_search_refolds_recorded_scales_bitwise(
@@ -116,8 +116,6 @@ def test_resumed_smoothing_search_refolds_recorded_scales_bitwise(
 ) -> None:
     """A run killed in a searching smoothing pass: the layers it finished are not searched
     again (their recorded scales are folded), and the result equals an uninterrupted run's."""
-    from slimc.smooth import layerwise
-
     work = WorkDir.open(tmp_path / "w", FINGERPRINT, resume=False)
     whole = slimc.compile(
         tiny_llama(layers=4), pipeline, calib=CALIB, progress=False, work_dir=work
@@ -126,26 +124,22 @@ def test_resumed_smoothing_search_refolds_recorded_scales_bitwise(
     for p in work.path.glob("*/*.safetensors"):  # as if killed while smoothing layer 2
         if p.parent.name != smoothing or p.stem >= "model.layers.2":
             p.unlink()
-    searched: list[str] = []
-    original = layerwise.smooth_layerwise
+    searched: list[str] = []  # a layer is recorded once its search is done
+    original = LayerJournal.record
 
-    def spy(program, groups, handle, **kwargs):  # type: ignore[no-untyped-def]
-        def counted(group, inputs):  # type: ignore[no-untyped-def]
-            searched.append(group.name)
-            return handle(group, inputs)
+    def spy(self: LayerJournal, label: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.name == smoothing:
+            searched.append(label)
+        original(self, label, tensors)
 
-        return original(program, groups, counted, **kwargs)
-
-    for module in ("slimc.passes.flex_smooth_quant", "slimc.passes.flex_awq_ssz"):
-        monkeypatch.setattr(f"{module}.smooth_layerwise", spy)
+    monkeypatch.setattr(LayerJournal, "record", spy)
     again = WorkDir.open(tmp_path / "w", FINGERPRINT, resume=True)
     with caplog.at_level(logging.WARNING):
         resumed = slimc.compile(
             tiny_llama(layers=4), pipeline, calib=CALIB, progress=False, work_dir=again
         )
     assert f"{smoothing}: resuming at layer 3 of 4" in caplog.text
-    layers = {re.search(r"model\.layers\.(\d+)\.", g).group(1) for g in searched}  # type: ignore[union-attr]
-    assert layers == {"2", "3"}, searched
+    assert searched == ["model.layers.2", "model.layers.3"]
     want, got = _quantized_state(whole), _quantized_state(resumed)
     assert want.keys() == got.keys()
     for name, value in want.items():
