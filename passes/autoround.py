@@ -25,11 +25,13 @@ from slimc.quant.layer_run import (
     run_region,
     upstream,
 )
-from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine, WeightMethod
+from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine, Replay, WeightMethod
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
+from slimc.quant.replay import linear_key, open_journal, recorded_results, replayed_results
 from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.smooth.region import Recorder, Region, RegionError, merge_hooks
+from slimc.work_dir import LayerJournal
 
 log = logging.getLogger(__name__)
 slimc_ops = torch.ops.slimc
@@ -116,13 +118,14 @@ class LayerTuning(WeightMethod):
         wanted = set(targets)
         floats: list[Env] = [{} for _ in samples]  # float-model values that differ, per sample
         done: set[fx.Node] = set()
+        journal = open_journal(program, quant.name, wanted)
 
         def visit(seg: Segment, runner: LayerwiseRunner) -> None:
             here = [n for n in seg.nodes if n in wanted]
             region = Region.of(seg.nodes, seg.label)
             later = any(u.op != "output" for n in region.outputs for u in n.users)
             if here or (later and any(n in floats[0] for n in region.inputs)):
-                self._visit(quant, program, seg, region, here, scheme, runner, floats)
+                self._visit(quant, program, seg, region, here, scheme, runner, floats, journal)
             done.update(seg.nodes)
             for env in floats:
                 for n in [n for n in env if all(u in done for u in n.users)]:
@@ -140,8 +143,10 @@ class LayerTuning(WeightMethod):
         scheme: LinearQuantScheme,
         runner: LayerwiseRunner,
         floats: list[Env],
+        journal: LayerJournal | None,
     ) -> None:
-        """Record the layer's inputs, extend the float chain, tune and rewrite its linears."""
+        """Record the layer's inputs, extend the float chain, tune and rewrite its linears
+        (or, for a layer a stopped run finished, rewrite them as it recorded)."""
         t0 = time.perf_counter()
         act = scheme.activation
         static = act is not None and not act.dynamic
@@ -189,6 +194,15 @@ class LayerTuning(WeightMethod):
                     static_qparams[node] = qp
                     act_quant[node] = act_fake_quant(act, qp, dev)
 
+            finished = journal.finished(seg.label) if journal is not None else None
+            if finished is not None:  # the float chain above is extended; tuning is replayed
+                for node in here:
+                    qp, parts = replayed_results(finished, node, static)
+                    quant.rewrite(program, node, schemes[node], qp, method=Replay(parts))
+                losses = finished.get("autoround:losses", torch.zeros(2)).tolist()
+                _report(quant, program, seg.label, *losses, time.perf_counter() - t0)
+                return
+
             def loss_fn(i: int, quantized: Mapping[str, Tensor]) -> Tensor:
                 values = {**inputs[i], **consts}
                 for c in region.constants:
@@ -202,11 +216,16 @@ class LayerTuning(WeightMethod):
         _report(quant, program, seg.label, result.rtn_loss, result.loss, time.perf_counter() - t0)
         if result.kept_rtn and self.tune.iters:
             quant.stat(program, "layers where tuning lost to RTN")
+        losses = torch.tensor([result.rtn_loss, result.loss], dtype=torch.float64)
+        record = {"autoround:losses": losses}
         for node in here:
+            key = linear_key(node)
             params = result.params[str(node.args[1].target)]  # type: ignore[union-attr]
-            quant.rewrite(
-                program, node, schemes[node], static_qparams.get(node), params, method=self
-            )
+            qp = static_qparams.get(node)
+            qw = quant.rewrite(program, node, schemes[node], qp, params, method=self)
+            record.update(recorded_results(key, qp, qw))
+        if journal is not None:
+            journal.record(seg.label, record)
 
 
 def _report(

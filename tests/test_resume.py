@@ -69,7 +69,7 @@ def test_journal_records_whole_layers_in_order(tmp_path: Path) -> None:
     assert fingerprint_tensors([torch.ones(2)]) != fingerprint_tensors([torch.ones(3)])
 
 
-@pytest.mark.parametrize("pipeline", ["w8a8"])  # GPTQ: the killed-run test below
+@pytest.mark.parametrize("pipeline", ["w8a8", "autoround{iters=3 seqlen=0}"])  # GPTQ: killed below
 def test_resumed_compile_replays_finished_layers_bitwise(
     pipeline: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
