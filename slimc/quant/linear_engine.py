@@ -10,6 +10,7 @@ AutoRound plug in there, so each algorithm is a leaf pass on this engine.
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,7 +40,7 @@ from slimc.quant.scheme import (
 from slimc.quant.sensitivity import describe, most_sensitive, rank_layers
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.stage import Stage
-from slimc.weight_spill import spill_all
+from slimc.weight_spill import spill_constants_of
 
 log = logging.getLogger(__name__)
 SCHEME_HELP = f"Quantization scheme: {', '.join(SCHEMES)}."
@@ -241,13 +242,12 @@ class LinearQuantEngine(Pass):
         if self.observes_inputs(method):
             method.calibrate_and_rewrite(self, program, targets, scheme)
         else:
-            for i, node in enumerate(targets):
-                self.rewrite(program, node, scheme, None, method=method)
-                last_of_layer = i + 1 == len(targets) or layer_of(node_loc(targets[i + 1])) != (
-                    layer_of(node_loc(node))
-                )
-                if last_of_layer:  # this layer's quantized weights: to the run's spill files
-                    spill_all(program)
+            for _, run in itertools.groupby(targets, lambda n: layer_of(node_loc(n))):
+                layer = list(run)
+                for node in layer:
+                    self.rewrite(program, node, scheme, None, method=method)
+                # the layer's codes and scales (its weights' dequantizations read them): to files
+                spill_constants_of(program, [n.args[1] for n in layer])  # type: ignore[misc]
         program.recompile()
         return PassResult(changed=True)
 
@@ -302,7 +302,6 @@ class LinearQuantEngine(Pass):
                     self.rewrite(program, node, scheme, qparams, method=Replay(qw))
                 return
             results: dict[str, torch.Tensor] = {}
-            keys = {node: linear_key(node) for node in here}
             observers: dict[fx.Node, Any] = {}
             collectors: dict[fx.Node, Any] = {}
             first_reader: dict[Any, fx.Node] = {}  # hooked: q, k and v read one value once
@@ -310,28 +309,26 @@ class LinearQuantEngine(Pass):
                 x = node.args[0]
                 first_reader.setdefault(x, node)
                 if static and x not in observers:
-                    assert act is not None
-                    observers[x] = self.make_observer(act)
+                    observers[x] = self.make_observer(act)  # type: ignore[arg-type]
                 if method.reads_inputs and x not in collectors:
                     collectors[x] = method.input_collector(scheme, tensor_val(x).shape[-1])
 
             def hook(node: fx.Node, args: tuple[Any, ...]) -> None:
                 x = node.args[0]
                 try:
-                    if x in observers:
-                        observers[x].update(args[0])
-                    if collectors.get(x) is not None:
-                        collectors[x].update(args[0])
+                    for sink in (observers.get(x), collectors.get(x)):
+                        if sink is not None:
+                            sink.update(args[0])
                 except ValueError as exc:
                     raise UserError(f"{self.name}: input of {node_loc(node)}: {exc}") from None
 
             runner.forward(seg.nodes, dict.fromkeys(first_reader.values(), hook))
             last_reader = {node.args[0]: node for node in here}
             for node in here:
-                x = node.args[0]
+                x, key = node.args[0], linear_key(node)  # the key: before the rewrite
                 qparams = observers[x].calculate_qparams() if static else None
                 qw = self.rewrite(program, node, scheme, qparams, collectors.get(x), method=method)
-                results.update(recorded_results(keys[node], qparams, qw))
+                results.update(recorded_results(key, qparams, qw))
                 if last_reader[x] is node:  # its Hessian (and factorization) no longer needed
                     collectors.pop(x, None)
             if journal is not None:
