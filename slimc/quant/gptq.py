@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,10 @@ log = logging.getLogger(__name__)
 
 MAX_DAMP_RETRIES = 8
 """How many times the dampening is multiplied by 10 when the Hessian is not positive definite."""
+
+FLOAT32_FACTOR_FROM_K = 16384
+"""Input width from which the Hessian is factored in float32 instead of float64: two float64
+K x K copies would take 13 GB at K = 28672 (a 70B model's down_proj), 3.3 GB at K = 14336."""
 
 
 @dataclass(frozen=True)
@@ -42,20 +47,24 @@ def hessian_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
     return float(0.5 * ((d @ hessian.to(torch.float32)) * d).sum(dtype=torch.float64))
 
 
-def _inverse_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, float]:
+def _inverse_cholesky(build: Callable[[], Tensor], percdamp: float) -> tuple[Tensor, float]:
     """Upper Cholesky factor of `(H + damp * mean(diag H) * I)^-1`, retrying larger damps.
+
+    `build` makes a fresh copy of H for each attempt, which is damped in place and freed once
+    factored: at most two K x K matrices are alive at once (K = 14336 in float64: 3.3 GB).
 
     Raises:
         ValueError: the Hessian stays indefinite after `MAX_DAMP_RETRIES` retries.
     """
-    h = hessian.to(torch.float64)
-    mean_diag = float(torch.diagonal(h).mean())
+    mean_diag: float | None = None
     damp = percdamp
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        damped = h.clone()  # K x K float64 each: at most two alive at once (K = 14336: 1.6 GB)
-        damped.diagonal().add_(damp * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        h = build()
+        if mean_diag is None:
+            mean_diag = float(torch.diagonal(h).mean())
+        h.diagonal().add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
+        del h
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
             del chol
@@ -143,7 +152,8 @@ def hessian_factor(
     hessian: Tensor, percdamp: float = 0.01, act_order: bool = False
 ) -> HessianFactor:
     """Factor `hessian` [K, K] for `gptq_quantize`: dead channels set aside, columns ordered,
-    damped, inverted and Cholesky-factored (float64 for the factorization, float32 kept).
+    damped, inverted and Cholesky-factored (in float64, or float32 from K =
+    `FLOAT32_FACTOR_FROM_K`; the factor is kept in float32).
 
     Linears that read one input share one Hessian, so one factor serves all of them (q, k
     and v; gate and up): the result equals factoring it once per linear.
@@ -157,17 +167,23 @@ def hessian_factor(
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("weight or Hessian holds NaN or inf")
     k = hessian.shape[0]
-    h = hessian.detach().to(torch.float64, copy=True)
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    perm = torch.arange(k)
-    if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True)
-        h = h[perm[:, None], perm]
-    hinv64, damp = _inverse_cholesky(h, percdamp)
-    del h
-    hinv = hinv64.to(torch.float32)
-    del hinv64
+    dtype = torch.float64 if k < FLOAT32_FACTOR_FROM_K else torch.float32
+    diag = torch.diagonal(hessian).detach().to(dtype, copy=True)
+    dead = diag == 0
+    diag[dead] = 1.0
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(k)
+    dead_in_order = dead[perm]
+
+    def build() -> Tensor:  # H in sweep order, widened, dead channels' diagonal set to 1
+        ordered = hessian[perm[:, None], perm] if act_order else hessian
+        h = ordered.detach().to(dtype, copy=True)
+        del ordered
+        h.diagonal()[dead_in_order] = 1.0
+        return h
+
+    upper, damp = _inverse_cholesky(build, percdamp)
+    hinv = upper.to(torch.float32)
+    del upper
     return HessianFactor(perm, hinv, damp, dead, act_order)
 
 

@@ -191,3 +191,24 @@ def test_shrunk_ranges_never_lose_to_minmax_on_their_own_objective() -> None:
     base = error(*shrunk_range(block, spec, steps=0))
     best = error(*shrunk_range(block, spec, steps=20))
     assert bool((best <= base).all()) and float(best.sum()) < float(base.sum())
+
+
+def test_wide_inputs_are_factored_in_float32_close_to_float64(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From `FLOAT32_FACTOR_FROM_K` (a 70B model's FFN width) the factorization runs in
+    float32, which must give nearly the float64 result."""
+    from slimc.quant import gptq
+
+    x = correlated_inputs(64)
+    hessian = 2 * x.T @ x / x.shape[0]
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
+    spec = TensorQuantSpec(4, False, "group", 16)
+    f64 = gptq.hessian_factor(hessian, 0.01, True)
+    monkeypatch.setattr(gptq, "FLOAT32_FACTOR_FROM_K", 64)
+    f32 = gptq.hessian_factor(hessian, 0.01, True)
+    assert torch.equal(f64.perm, f32.perm)
+    torch.testing.assert_close(f32.hinv, f64.hinv, rtol=1e-3, atol=1e-4)
+    err64 = hessian_error(w, gptq_quantize(w, f64, spec).weight.dequantize(), hessian)
+    err32 = hessian_error(w, gptq_quantize(w, f32, spec).weight.dequantize(), hessian)
+    assert err32 == pytest.approx(err64, rel=0.02)
