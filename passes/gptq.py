@@ -113,9 +113,11 @@ class GPTQ(LinearQuantEngine):
     fake-quantized first, as the linear will see them). The weight is then quantized column by
     column in blocks of `block-size`, each column's rounding error compensated on the columns
     not yet quantized (`percdamp` x mean(diag H) added to the diagonal, multiplied by 10 and
-    retried when the Hessian is not positive definite). Each group's range is the MinMax range
-    shrunk by the ratio (of `range-steps` between 1 and 0.75) with the lowest |w - Q(w)|^2.4
-    error. Scheme, group size, symmetry and activation handling are linear-quant's. Lossy.
+    retried when the Hessian is not positive definite; the factorization runs in float64, in
+    float32 from K = 16384, once per input its linears share). Each group's range is the
+    MinMax range shrunk by the ratio (of `range-steps` between 1 and 0.75) with the lowest
+    |w - Q(w)|^2.4 error. Scheme, group size, symmetry and activation handling are
+    linear-quant's. Lossy.
     """
 
     name = "gptq"
