@@ -25,10 +25,11 @@ from slimc.quant.layer_run import (
     run_region,
     upstream,
 )
-from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine, Replay, WeightMethod
+from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.replay import linear_key, open_journal, recorded_results, replayed_results
 from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
+from slimc.quant.weight_method import Replay, WeightMethod
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.smooth.region import Recorder, Region, RegionError, merge_hooks
 from slimc.work_dir import LayerJournal

@@ -14,9 +14,10 @@ from slimc.pass_base import OptionError, option
 from slimc.program import Program, node_loc
 from slimc.quant.gptq import gptq_quantize, hessian_error, hessian_factor
 from slimc.quant.hessian import HessianAccumulator
-from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine, WeightMethod
+from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
+from slimc.quant.weight_method import WeightMethod
 
 log = logging.getLogger(__name__)
 slimc_ops = torch.ops.slimc

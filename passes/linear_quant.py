@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimc.quant.linear_engine import LinearQuantEngine, RoundToNearest, WeightMethod
+from slimc.quant.linear_engine import LinearQuantEngine
+from slimc.quant.weight_method import RoundToNearest, WeightMethod
 
 
 @dataclass(frozen=True, kw_only=True)

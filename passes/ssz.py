@@ -13,10 +13,11 @@ from slimc.errors import UserError
 from slimc.pass_base import OptionError, option
 from slimc.program import Program, node_loc
 from slimc.quant.hessian import HessianAccumulator
-from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine, WeightMethod
+from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
 from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
 from slimc.quant.ssz import SSZ_ITERS, ssz_quantize_weight
+from slimc.quant.weight_method import WeightMethod
 
 log = logging.getLogger(__name__)
 

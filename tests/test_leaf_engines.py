@@ -12,7 +12,8 @@ from slimc.passes.gptq import GPTQ, GPTQRounding
 from slimc.passes.linear_quant import LinearQuant
 from slimc.passes.ssz import SSZ, SSZRefit
 from slimc.program import RunContext
-from slimc.quant.linear_engine import LinearQuantEngine, RoundToNearest
+from slimc.quant.linear_engine import LinearQuantEngine
+from slimc.quant.weight_method import RoundToNearest
 from slimc.rotate.residual import ResidualRotation
 from slimc.runner import LayerwiseRunner
 from tests.models import tiny_llama

@@ -17,6 +17,7 @@ import slimc
 from slimc.errors import UserError
 from slimc.nn import QuantizedLinear
 from slimc.quant import linear_engine
+from slimc.quant.weight_method import Replay
 from slimc.tools.cli import main
 from slimc.work_dir import LayerJournal, WorkDir, fingerprint_tensors
 from tests.models import tiny_llama, tiny_tokenizer
@@ -85,7 +86,7 @@ def test_resumed_compile_replays_finished_layers_bitwise(
     original = linear_engine.LinearQuantEngine.rewrite
 
     def spy(self, program, node, scheme, static_qparams, collected=None, *, method):  # type: ignore[no-untyped-def]
-        if not isinstance(method, linear_engine.Replay):
+        if not isinstance(method, Replay):
             rounded.append(str(node.meta.get("slimc_loc")))
         return original(self, program, node, scheme, static_qparams, collected, method=method)
 

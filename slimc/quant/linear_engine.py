@@ -27,7 +27,7 @@ from slimc.pipeline_spec import OptionValue
 from slimc.program import SCHEME_KEY, Program, layer_of, node_loc
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
 from slimc.quant.qdq_rewrite import dequantized_weight, quantized_input
-from slimc.quant.qparams import QuantizedWeight, quantize_weight
+from slimc.quant.qparams import QuantizedWeight
 from slimc.quant.replay import linear_key, open_journal, recorded_results, replayed_results
 from slimc.quant.scheme import (
     SCHEMES,
@@ -38,88 +38,13 @@ from slimc.quant.scheme import (
     make_scheme,
 )
 from slimc.quant.sensitivity import describe, most_sensitive, rank_layers
+from slimc.quant.weight_method import Replay, WeightMethod
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.stage import Stage
 from slimc.weight_spill import spill_constants_of
 
 log = logging.getLogger(__name__)
 SCHEME_HELP = f"Quantization scheme: {', '.join(SCHEMES)}."
-
-
-class WeightMethod:
-    """How the engine rounds each chosen linear's weight; this base rounds to nearest (MinMax).
-
-    Attributes:
-        reads_inputs: whether the method needs each linear's calibration inputs (GPTQ's
-            Hessian); the engine then runs the calibration data even for dynamic activations.
-    """
-
-    reads_inputs: bool = False
-
-    def input_collector(self, scheme: LinearQuantScheme, k: int) -> Any:
-        """An object whose `update(x)` sees every calibration input of a linear (or None).
-
-        Linears reading the same value share one collector. Only called when `reads_inputs`.
-        """
-        return None
-
-    def quantize_linear_weight(
-        self,
-        quant: LinearQuantEngine,
-        program: Program,
-        node: fx.Node,
-        weight: torch.Tensor,
-        spec: TensorQuantSpec,
-        collected: Any,
-    ) -> QuantizedWeight:
-        """Quantize one linear's weight [N, K]; `collected` is its input collector (or None).
-
-        `quant` is the pass running the method (for its name and statistics).
-        """
-        return quantize_weight(weight, spec)
-
-    def calibrate_and_rewrite(
-        self,
-        quant: LinearQuantEngine,
-        program: Program,
-        targets: list[fx.Node],
-        scheme: LinearQuantScheme,
-    ) -> None:
-        """Run the calibration data layer by layer and rewrite `targets` as each layer is seen.
-
-        The engine's own loop (static ranges observed, inputs collected) unless a method needs
-        another one (AutoRound trains each decoder layer); either ends in `quant.rewrite`.
-        """
-        quant.observe_and_rewrite(program, targets, scheme, self)
-
-
-class RoundToNearest(WeightMethod):
-    """Round to nearest with each block's MinMax range (msModelSlim section 2.6); data-free."""
-
-
-class Replay(WeightMethod):
-    """The rounded weight a stopped run recorded for a linear (`slimc quant --resume`)."""
-
-    def __init__(self, parts: dict[str, torch.Tensor | None]) -> None:
-        self.parts = parts
-
-    def quantize_linear_weight(
-        self,
-        quant: LinearQuantEngine,
-        program: Program,
-        node: fx.Node,
-        weight: torch.Tensor,
-        spec: TensorQuantSpec,
-        collected: Any,
-    ) -> QuantizedWeight:
-        qdata, scale = self.parts["qdata"], self.parts["scale"]
-        assert qdata is not None and scale is not None
-        if qdata.shape != weight.shape:
-            raise UserError(
-                f"--resume: the recorded weight of {node_loc(node)} is {tuple(qdata.shape)}, "
-                f"the model's is {tuple(weight.shape)}: the work directory is of another run"
-            )
-        return QuantizedWeight(qdata, scale, self.parts["zero_point"], spec)
 
 
 @dataclass(frozen=True, kw_only=True)
