@@ -115,6 +115,7 @@ def capture(
     prefix = ""
     if hf:
         _use_sdpa(model)
+        _use_batched_experts(model)
         if example_inputs is None:
             example_inputs = default_example_inputs(model)
         if dynamic_shapes is None:
@@ -175,6 +176,20 @@ def _use_sdpa(model: nn.Module) -> None:
             log.info("%s has no SDPA attention; capturing %s", type(model).__name__, impl)
             return
         log.info("switched attention implementation %s -> sdpa for capture", impl)
+
+
+def _use_batched_experts(model: nn.Module) -> None:
+    """Mixture-of-experts layers through transformers' `batched_mm` experts: each token's chosen
+    experts' weights are gathered (`aten.index`) and multiplied (`aten.bmm`), which exports
+    exactly with dynamic shapes. The default `grouped_mm` is a transformers custom op, and
+    `eager` loops over data-dependent token sets that torch.export cannot trace."""
+    can_set = getattr(type(model), "_can_set_experts_implementation", None)
+    if can_set is None or not can_set():
+        return
+    current = model.get_experts_implementation()  # type: ignore[operator]
+    if set(current.values()) != {"batched_mm"}:
+        model.set_experts_implementation("batched_mm")  # type: ignore[operator]
+        log.info("switched experts implementation %s -> batched_mm for capture", current)
 
 
 def _strip_prefix(gm: fx.GraphModule, prefix: str) -> None:

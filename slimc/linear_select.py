@@ -1,4 +1,4 @@
-"""Choosing linears: module-path globs and the float linears a quantizer can still take."""
+"""Choosing linears: module-path globs, the float linears a quantizer can still take, MoE routers."""
 
 from __future__ import annotations
 
@@ -30,3 +30,34 @@ def float_linears(program: Program) -> list[fx.Node]:
         if is_constant(w) and tensor_val(w).is_floating_point() and tensor_val(w).dim() == 2:
             out.append(node)
     return out
+
+
+STOPS = (aten.linear.default, aten.bmm.default, aten.mm.default, aten.matmul.default)
+"""Ops a router search does not look past: another projection's output is not the router's."""
+
+
+def moe_routers(program: Program) -> set[fx.Node]:
+    """The linears of mixture-of-experts routers: those the choice of experts is computed from
+    (the indices that gather the experts' stacked weights, or an `aten.topk`) without passing
+    through another projection, whatever the scoring in between (softmax, sigmoid, a bias,
+    group-limited top-k, sparsemixer)."""
+    graph = program.graph
+    seeds: list[fx.Node] = []
+    for topk in graph.find_nodes(op="call_function", target=aten.topk.default):
+        seeds.extend(topk.all_input_nodes)
+    for gather in graph.find_nodes(op="call_function", target=aten.index.Tensor):
+        source = gather.args[0]
+        if is_constant(source) and tensor_val(source).dim() >= 3:  # experts' stacked weights
+            seeds.extend(i for i in gather.all_input_nodes if i is not source)
+    found: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    while seeds:
+        node = seeds.pop()
+        if node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        if node.target is aten.linear.default:
+            found.add(node)
+        elif node.target not in STOPS:
+            seeds.extend(node.all_input_nodes)
+    return found

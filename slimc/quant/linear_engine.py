@@ -21,7 +21,7 @@ from torch import fx
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
 from slimc.ir.builder import tensor_val
-from slimc.linear_select import float_linears, matches
+from slimc.linear_select import float_linears, matches, moe_routers
 from slimc.pass_base import GROUP_SIZE, OptionError, Pass, PassResult, option
 from slimc.pipeline_spec import OptionValue
 from slimc.program import SCHEME_KEY, Program, layer_of, node_loc
@@ -125,14 +125,18 @@ class LinearQuantEngine(Pass):
         return make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
 
     def targets(self, program: Program) -> list[fx.Node]:
-        """The float linears this pass quantizes: `only` (plus sensitive layers) minus `ignore`."""
+        """The float linears this pass quantizes: `only` (plus sensitive layers) minus `ignore`
+        and MoE routers."""
         sensitive = self._sensitive_linears(program) if self.only else set()
+        routers = moe_routers(program)  # float: their rounding would change which experts run
+        if routers:
+            log.info("%s: leaving %d MoE routers in float", self.name, len(routers))
         chosen = []
         for node in float_linears(program):
             path = node_loc(node)
             if self.only and not matches(path, self.only) and node not in sensitive:
                 continue
-            if matches(path, self.ignore):
+            if matches(path, self.ignore) or node in routers:
                 continue
             chosen.append(node)
         return chosen

@@ -1,0 +1,111 @@
+"""Mixture-of-experts decoders: every MoE family transformers ships captures exactly, and the
+linear quantizers leave routers in float."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+import slimc
+from slimc.capture import capture
+from slimc.linear_select import moe_routers
+from slimc.program import node_loc
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "Qwen3Moe": ("Qwen3Moe", dict(moe_intermediate_size=32, num_experts=8, head_dim=16)),
+    "Qwen2Moe": (
+        "Qwen2Moe",
+        dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8),
+    ),
+    "Mixtral": ("Mixtral", dict(num_local_experts=8)),
+    "Olmoe": ("Olmoe", dict(num_experts=8)),
+    "GptOss": ("GptOss", dict(num_local_experts=8, head_dim=16)),
+    "Phimoe": ("Phimoe", dict(num_local_experts=8)),
+    "GraniteMoe": ("GraniteMoe", dict(num_local_experts=8)),
+    "Glm4Moe": (
+        "Glm4Moe",
+        dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, head_dim=16,
+             first_k_dense_replace=1),
+    ),  # fmt: skip
+    "DeepseekV3": (
+        "DeepseekV3",
+        dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, q_lora_rank=32,
+             first_k_dense_replace=1, n_group=2, topk_group=1, num_key_value_heads=4, **MLA),
+    ),  # fmt: skip
+    "DeepseekV2": (
+        "DeepseekV2",
+        dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, q_lora_rank=None,
+             first_k_dense_replace=1, num_key_value_heads=4, **MLA),
+    ),  # fmt: skip
+}
+
+
+def tiny_moe(family: str, seed: int = 0) -> torch.nn.Module:
+    prefix, extra = FAMILIES[family]
+    config = getattr(transformers, f"{prefix}Config")(
+        **{**COMMON, "num_experts_per_tok": 2, **extra}
+    )
+    torch.manual_seed(seed)
+    return getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_moe_family_captures_exactly_with_one_router_per_moe_layer(family: str) -> None:
+    model = tiny_moe(family)
+    program = capture(model)
+    with torch.no_grad():
+        want = model(IDS).logits
+        got = _logits(program(IDS))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    layer = re.compile(r"model\.layers\.\d+")
+    moe_layers = {
+        layer.match(name).group(0)  # type: ignore[union-attr]
+        for name, p in model.named_parameters()
+        if p.dim() == 3
+    }
+    routers = [layer.match(node_loc(n) or "") for n in moe_routers(program)]
+    assert moe_layers and sorted(m.group(0) for m in routers if m) == sorted(moe_layers)
+
+
+def test_linear_quant_leaves_routers_float() -> None:
+    model = tiny_moe("Qwen3Moe")
+    quantized = slimc.compile(model, "w8a8-dynamic", progress=False)
+    program = quantized.slimc_program
+    router_paths = {node_loc(n) for n in moe_routers(program)}
+    assert router_paths == {f"model.layers.{i}.mlp.gate" for i in range(2)}  # still float
+    assert program.statistics["linear-quant"]["quantized linears (w8a8-dynamic)"] == 8
+    with torch.no_grad():
+        err = (_logits(quantized(IDS)) - model(IDS).logits).abs().max()
+    assert 0 < float(err) < 0.1  # attention quantized; routers and experts float
+
+
+@pytest.mark.parametrize("pipeline", ["smooth-quant", "iter-smooth"])
+def test_smoothing_a_moe_model_keeps_its_logits(pipeline: str) -> None:
+    model = tiny_moe("Qwen3Moe")
+    calib = [IDS[:1], IDS[1:]]
+    smoothed = slimc.compile(model, pipeline, calib=calib, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _logits(smoothed(IDS)), model(IDS).logits, rtol=1e-4, atol=1e-4
+        )
