@@ -27,7 +27,13 @@ from slimc.quant.layer_run import (
 )
 from slimc.quant.linear_engine import SCHEME_HELP, LinearQuantEngine
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
-from slimc.quant.replay import linear_key, open_journal, recorded_results, replayed_results
+from slimc.quant.replay import (
+    linear_key,
+    open_journal,
+    recorded_results,
+    recorded_tensor,
+    replayed_results,
+)
 from slimc.quant.scheme import LinearQuantScheme, SchemeName, TensorQuantSpec
 from slimc.quant.weight_method import Replay, WeightMethod
 from slimc.runner import LayerwiseRunner, Segment
@@ -200,7 +206,7 @@ class LayerTuning(WeightMethod):
                 for node in here:
                     qp, parts = replayed_results(finished, node, static)
                     quant.rewrite(program, node, schemes[node], qp, method=Replay(parts))
-                losses = finished.get("autoround:losses", torch.zeros(2)).tolist()
+                losses = recorded_tensor(finished, "autoround", "losses").tolist()
                 _report(quant, program, seg.label, *losses, time.perf_counter() - t0)
                 return
 

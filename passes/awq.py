@@ -15,12 +15,11 @@ from torch import fx
 from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analysis import AnalysisManager
 from slimc.calibration import evenly_spaced
-from slimc.errors import UserError
 from slimc.pass_base import GROUP_SIZE, OptionError, PassResult, Preserved, option
 from slimc.pipeline_spec import OptionValue
 from slimc.program import Program
 from slimc.quant.qparams import quantize_weight
-from slimc.quant.replay import open_journal
+from slimc.quant.replay import open_journal, recorded_tensor
 from slimc.quant.scheme import QuantTarget, TensorQuantSpec, make_scheme
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.smooth.base import SmoothingPass
@@ -329,9 +328,7 @@ class AWQ(SmoothingPass):
             if journal is not None:
                 journal.record(seg.label, record)
 
-        LayerwiseRunner(program, samples).run(
-            visit
-        )
+        LayerwiseRunner(program, samples).run(visit)
         if results:
             n = len(results)
             self.stat(program, "mean chosen ratio", sum(r.ratio for r in results) / n)
@@ -389,15 +386,13 @@ def _replayed(finished: dict[str, torch.Tensor], group: LinearGroup) -> ScaleSea
     Raises:
         UserError: the record lacks it (the work directory is of another run).
     """
-    try:
-        return ScaleSearch(
-            ratios=finished[f"{group.name}:ratios"].tolist(),
-            losses=finished[f"{group.name}:losses"].tolist(),
-            best=int(finished[f"{group.name}:best"]),
-            scale=finished[f"{group.name}:scale"],
-        )
-    except KeyError as exc:
-        raise UserError(
-            f"--resume: the work directory has no record of {group.name} ({exc.args[0]}): it "
-            "is of another run; remove it"
-        ) from None
+
+    def field(name: str) -> torch.Tensor:
+        return recorded_tensor(finished, group.name, name)
+
+    return ScaleSearch(
+        ratios=field("ratios").tolist(),
+        losses=field("losses").tolist(),
+        best=int(field("best")),
+        scale=field("scale"),
+    )

@@ -241,3 +241,12 @@ def test_failed_save_keeps_recorded_layers_and_a_failed_check_leaves_nothing(
         assert main([*argv, "--save", str(save), "--resume"]) == 0
     assert "linear-quant: all 2 layers are recorded: replaying them" in caplog.text
     assert (save / "config.json").exists() and not (tmp_path / "new" / "out.work").exists()
+
+
+def test_a_record_without_what_the_pass_wrote_is_another_runs() -> None:
+    from slimc.quant.replay import recorded_tensor
+
+    record = {"g:scale": torch.ones(2)}
+    assert torch.equal(recorded_tensor(record, "g", "scale"), torch.ones(2))
+    with pytest.raises(UserError, match=r"no record of g \(g:choice\): it is of another run"):
+        recorded_tensor(record, "g", "choice")

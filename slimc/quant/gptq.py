@@ -213,8 +213,7 @@ def gptq_quantize(
         ValueError: shapes disagree, the weight or Hessian holds NaN / inf, the group size does
             not divide K, or the Hessian cannot be made positive definite.
     """
-    k_h = hessian.hinv.shape[0] if isinstance(hessian, HessianFactor) else None
-    shape = (k_h, k_h) if k_h is not None else tuple(hessian.shape)  # type: ignore[union-attr]
+    shape = tuple((hessian.hinv if isinstance(hessian, HessianFactor) else hessian).shape)
     if weight.dim() != 2 or shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"weight {tuple(weight.shape)} and Hessian {shape} do not match")
     if not bool(torch.isfinite(weight).all()):

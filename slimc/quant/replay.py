@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import fx
@@ -37,6 +38,21 @@ def recorded_results(
     return out
 
 
+def recorded_tensor(recorded: Mapping[str, torch.Tensor], owner: str, field: str) -> torch.Tensor:
+    """`owner`'s `field` in a finished layer's record (written under `"{owner}:{field}"`).
+
+    Raises:
+        UserError: the record lacks it (the work directory is of another run).
+    """
+    key = f"{owner}:{field}"
+    if key not in recorded:
+        raise UserError(
+            f"--resume: the work directory has no record of {owner} ({key}): it is of another "
+            "run; remove it"
+        )
+    return recorded[key]
+
+
 def replayed_results(
     recorded: dict[str, torch.Tensor], node: fx.Node, static: bool
 ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict[str, torch.Tensor | None]]:
@@ -46,22 +62,17 @@ def replayed_results(
         UserError: the record lacks them (the work directory is of another run).
     """
     key = linear_key(node)
-    try:
-        parts: dict[str, torch.Tensor | None] = {
-            "qdata": recorded[f"{key}:qdata"],
-            "scale": recorded[f"{key}:scale"],
-            "zero_point": recorded.get(f"{key}:zero_point"),
-        }
+    parts: dict[str, torch.Tensor | None] = {
+        "qdata": recorded_tensor(recorded, key, "qdata"),
+        "scale": recorded_tensor(recorded, key, "scale"),
+        "zero_point": recorded.get(f"{key}:zero_point"),
+    }
+    qparams = None
+    if static:
         qparams = (
-            (recorded[f"{key}:input_scale"], recorded[f"{key}:input_zero_point"])
-            if static
-            else None
+            recorded_tensor(recorded, key, "input_scale"),
+            recorded_tensor(recorded, key, "input_zero_point"),
         )
-    except KeyError as exc:
-        raise UserError(
-            f"--resume: the work directory has no record of {key} ({exc.args[0]}): it is "
-            "of another run; remove it"
-        ) from None
     return qparams, parts
 
 

@@ -11,9 +11,8 @@ import torch
 from torch import Tensor, fx
 
 from slimc.analyses.linear_groups import LinearGroup
-from slimc.errors import UserError
 from slimc.program import Program
-from slimc.quant.replay import open_journal
+from slimc.quant.replay import open_journal, recorded_tensor
 from slimc.runner import LayerwiseRunner, Segment
 from slimc.smooth.fold import fold_scale
 from slimc.smooth.search import GroupInput, TokenSampler
@@ -109,12 +108,6 @@ def _recorded(recorded: dict[str, Tensor], group: LinearGroup) -> tuple[Tensor, 
     Raises:
         UserError: the record lacks them (the work directory is of another run).
     """
-    try:
-        scale = recorded[f"{group.name}:scale"]
-        choice = tuple(float(v) for v in recorded[f"{group.name}:choice"].tolist())
-    except KeyError as exc:
-        raise UserError(
-            f"--resume: the work directory has no record of {group.name} ({exc.args[0]}): it "
-            "is of another run; remove it"
-        ) from None
-    return scale, choice
+    scale = recorded_tensor(recorded, group.name, "scale")
+    choice = recorded_tensor(recorded, group.name, "choice")
+    return scale, tuple(float(v) for v in choice.tolist())
