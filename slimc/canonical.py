@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from slimc.expert_forms import canonicalize_experts
 from slimc.ir.verifier import verify
 from slimc.linear_forms import canonicalize_linears
 from slimc.program import Program
@@ -63,7 +64,8 @@ def canonicalize(program: Program, *, check: bool = True) -> int:
     """Remove export guards, runtime asserts and no-op casts; rewrite linears; drop dead code.
 
     Linears computed as matmul / mm / addmm on a constant 2-D weight become `aten.linear`
-    (see `slimc.linear_forms`). Exact. With `check`, the IR verifier runs afterwards, as it
+    (see `slimc.linear_forms`), and MoE experts' gathered products `slimc::expert_linear`
+    (see `slimc.expert_forms`). Exact. With `check`, the IR verifier runs afterwards, as it
     does after every pass a pass manager runs.
 
     Returns:
@@ -87,6 +89,10 @@ def canonicalize(program: Program, *, check: bool = True) -> int:
     linears = canonicalize_linears(program)
     if linears:
         _stat(program, "linears recognised from matmul/addmm", linears)
+    experts = canonicalize_experts(program)
+    if experts:
+        _stat(program, "expert products recognised from gathered bmm", experts)
+        linears += experts
     before = len(graph.nodes)
     graph.eliminate_dead_code()
     changed += linears + before - len(graph.nodes)

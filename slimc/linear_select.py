@@ -7,6 +7,7 @@ import fnmatch
 import torch
 from torch import fx
 
+import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.ir.builder import is_constant, tensor_val
 from slimc.program import Program
 
@@ -32,13 +33,21 @@ def float_linears(program: Program) -> list[fx.Node]:
     return out
 
 
-STOPS = (aten.linear.default, aten.bmm.default, aten.mm.default, aten.matmul.default)
+EXPERT_LINEAR = torch.ops.slimc.expert_linear.default
+STOPS = (
+    aten.linear.default,
+    aten.bmm.default,
+    aten.mm.default,
+    aten.matmul.default,
+    EXPERT_LINEAR,
+)
 """Ops a router search does not look past: another projection's output is not the router's."""
 
 
 def moe_routers(program: Program) -> set[fx.Node]:
     """The linears of mixture-of-experts routers: those the choice of experts is computed from
-    (the indices that gather the experts' stacked weights, or an `aten.topk`) without passing
+    (the expert ids of `slimc::expert_linear`, the indices that gather the experts' stacked
+    weights, or the input of an `aten.topk`) without passing
     through another projection, whatever the scoring in between (softmax, sigmoid, a bias,
     group-limited top-k, sparsemixer)."""
     graph = program.graph
@@ -49,6 +58,8 @@ def moe_routers(program: Program) -> set[fx.Node]:
         source = gather.args[0]
         if is_constant(source) and tensor_val(source).dim() >= 3:  # experts' stacked weights
             seeds.extend(i for i in gather.all_input_nodes if i is not source)
+    for experts in graph.find_nodes(op="call_function", target=EXPERT_LINEAR):
+        seeds.append(experts.args[2])
     found: set[fx.Node] = set()
     seen: set[fx.Node] = set()
     while seeds:

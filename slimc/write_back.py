@@ -286,7 +286,7 @@ def write_back(model: nn.Module, program: Program) -> None:
         if param is None or param.data_ptr() == tensor.data_ptr():
             continue
         if target in transposed:  # held [out, in] by the program, [in, out] by the module
-            tensor = tensor.t()
+            tensor = tensor.transpose(-2, -1)
         if param.shape != tensor.shape:
             raise UserError(
                 f"cannot write back {target!r}: shape {tuple(tensor.shape)} "

@@ -12,6 +12,7 @@ import transformers
 
 import slimc
 from slimc.capture import capture
+from slimc.ir.builder import is_constant
 from slimc.linear_select import moe_routers
 from slimc.program import node_loc
 
@@ -38,18 +39,39 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "GraniteMoe": ("GraniteMoe", dict(num_local_experts=8)),
     "Glm4Moe": (
         "Glm4Moe",
-        dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, head_dim=16,
-             first_k_dense_replace=1),
+        dict(
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            head_dim=16,
+            first_k_dense_replace=1,
+        ),
     ),  # fmt: skip
     "DeepseekV3": (
         "DeepseekV3",
-        dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, q_lora_rank=32,
-             first_k_dense_replace=1, n_group=2, topk_group=1, num_key_value_heads=4, **MLA),
+        dict(
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            q_lora_rank=32,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            num_key_value_heads=4,
+            **MLA,
+        ),
     ),  # fmt: skip
     "DeepseekV2": (
         "DeepseekV2",
-        dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, q_lora_rank=None,
-             first_k_dense_replace=1, num_key_value_heads=4, **MLA),
+        dict(
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            q_lora_rank=None,
+            first_k_dense_replace=1,
+            num_key_value_heads=4,
+            **MLA,
+        ),
     ),  # fmt: skip
 }
 
@@ -86,6 +108,13 @@ def test_moe_family_captures_exactly_with_one_router_per_moe_layer(family: str) 
     }
     routers = [layer.match(node_loc(n) or "") for n in moe_routers(program)]
     assert moe_layers and sorted(m.group(0) for m in routers if m) == sorted(moe_layers)
+    # the dispatch is in canonical form: no per-token gather of expert weights is left
+    experts = program.graph.find_nodes(
+        op="call_function", target=torch.ops.slimc.expert_linear.default
+    )
+    assert len(experts) == 2 * len(moe_layers)
+    gathers = program.graph.find_nodes(op="call_function", target=torch.ops.aten.index.Tensor)
+    assert not [g for g in gathers if is_constant(g.args[0])]
 
 
 def test_linear_quant_leaves_routers_float() -> None:
@@ -106,6 +135,4 @@ def test_smoothing_a_moe_model_keeps_its_logits(pipeline: str) -> None:
     calib = [IDS[:1], IDS[1:]]
     smoothed = slimc.compile(model, pipeline, calib=calib, progress=False)
     with torch.no_grad():
-        torch.testing.assert_close(
-            _logits(smoothed(IDS)), model(IDS).logits, rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(_logits(smoothed(IDS)), model(IDS).logits, rtol=1e-4, atol=1e-4)

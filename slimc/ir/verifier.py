@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 ALLOWED_NAMESPACES = frozenset({"aten", "slimc"})
 QDQ_OPS = frozenset({"quantize_affine", "dequantize_affine", "choose_qparams_affine"})
-FLOAT_OPS = frozenset({"hadamard"})
-"""slimc ops on float values (online rotations), allowed at every stage."""
+FLOAT_OPS = frozenset({"hadamard", "expert_linear"})
+"""slimc ops on float values (online rotations, MoE experts), allowed at every stage."""
 
 
 class VerificationError(AssertionError):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from slimc.ops import fp8, fused, linear, packing, quant, rotate
+from slimc.ops import experts, fp8, fused, linear, packing, quant, rotate
 from slimc.ops.linear import dequantize_weight, int8_matmul
 from slimc.ops.packing import pack_int4, unpack_int4
 from slimc.ops.quant import block_grid_shape, expand_blocks, resolve_block_size
 
 __all__ = [
+    "experts",
     "fp8",
     "fused",
     "linear",
