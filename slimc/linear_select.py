@@ -47,9 +47,9 @@ STOPS = (
 def moe_routers(program: Program) -> set[fx.Node]:
     """The linears of mixture-of-experts routers: those the choice of experts is computed from
     (the expert ids of `slimc::expert_linear`, the indices that gather the experts' stacked
-    weights, or the input of an `aten.topk`) without passing
-    through another projection, whatever the scoring in between (softmax, sigmoid, a bias,
-    group-limited top-k, sparsemixer)."""
+    weights, or the input of an `aten.topk`) without passing through another projection,
+    whatever the scoring in between (softmax, sigmoid, a bias, group-limited top-k,
+    sparsemixer)."""
     graph = program.graph
     seeds: list[fx.Node] = []
     for topk in graph.find_nodes(op="call_function", target=aten.topk.default):
@@ -59,7 +59,13 @@ def moe_routers(program: Program) -> set[fx.Node]:
         if is_constant(source) and tensor_val(source).dim() >= 3:  # experts' stacked weights
             seeds.extend(i for i in gather.all_input_nodes if i is not source)
     for experts in graph.find_nodes(op="call_function", target=EXPERT_LINEAR):
-        seeds.append(experts.args[2])
+        seeds.append(experts.args[2])  # type: ignore[arg-type]
+    return routers_of(seeds)
+
+
+def routers_of(seeds: list[fx.Node]) -> set[fx.Node]:
+    """The linears `seeds` are computed from without passing through another projection."""
+    seeds = list(seeds)
     found: set[fx.Node] = set()
     seen: set[fx.Node] = set()
     while seeds:

@@ -123,6 +123,7 @@ ANALYSES: dict[str, str] = {
     "linear-groups": "slimc.analyses.linear_groups:LinearGroups",
     "activation-stats": "slimc.analyses.activation_stats:ActivationStats",
     "residual-stream": "slimc.analyses.residual_stream:ResidualStream",
+    "experts": "slimc.analyses.experts:Experts",
 }
 """Analysis name -> `module:Class`, for `require<name>` in pipelines."""
 

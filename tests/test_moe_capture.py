@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import slimc
+from slimc.analyses.experts import Experts
 from slimc.capture import capture
 from slimc.ir.builder import is_constant
 from slimc.linear_select import moe_routers
@@ -76,6 +77,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+SHARED = ("Qwen2Moe", "Glm4Moe", "DeepseekV3", "DeepseekV2")
+"""The families with shared experts beside the routed ones."""
+
+
 def tiny_moe(family: str, seed: int = 0) -> torch.nn.Module:
     prefix, extra = FAMILIES[family]
     config = getattr(transformers, f"{prefix}Config")(
@@ -115,6 +120,17 @@ def test_moe_family_captures_exactly_with_one_router_per_moe_layer(family: str) 
     assert len(experts) == 2 * len(moe_layers)
     gathers = program.graph.find_nodes(op="call_function", target=torch.ops.aten.index.Tensor)
     assert not [g for g in gathers if is_constant(g.args[0])]
+    # the experts analysis names each block's router, top-k, products and shared experts
+    found = Experts.compute(program).layers
+    assert sorted(f"{b.path.rpartition('.')[0]}" for b in found) == sorted(moe_layers)
+    for block in found:
+        assert block.router is not None and block.router in moe_routers(program)
+        assert (block.experts, block.top_k, len(block.up), len(block.down)) == (8, 2, 1, 1)
+        assert str(block.up[0].args[1].target).endswith("experts.gate_up_proj")
+        assert str(block.down[0].args[1].target).endswith("experts.down_proj")
+        shared = {node_loc(n).rpartition(".")[2] for n in block.shared}
+        want = {"gate_proj", "up_proj", "down_proj"} if family in SHARED else set()
+        assert shared - {"shared_expert_gate"} == want
 
 
 def test_linear_quant_leaves_routers_float() -> None:

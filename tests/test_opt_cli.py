@@ -51,12 +51,22 @@ def build():
 """
 
 
+MOE_CASE = """\
+from tests.test_moe_capture import tiny_moe
+
+
+def build():
+    return tiny_moe("Qwen2Moe"), None
+"""
+
+
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("cases")
     (d / "mlp.py").write_text(MLP_CASE)
     (d / "llama.py").write_text(LLAMA_CASE)
     (d / "llama_calib.py").write_text(LLAMA_CALIB_CASE)
+    (d / "moe.py").write_text(MOE_CASE)
     (d / "nobuild.py").write_text("def make():\n    return None\n")
     (d / "badreturn.py").write_text("def build():\n    return 42\n")
     (d / "raises.py").write_text("def build():\n    raise ValueError('no model today')\n")
@@ -298,6 +308,22 @@ def test_print_analyses_without_pipeline(slimc_opt, cases: Path) -> None:
     )
     assert "activation-stats" not in res.err  # needs calibration: printed only when cached
     assert slimc_opt(str(cases / "llama.py")).err == ""
+
+
+def test_print_analyses_names_the_experts_of_a_moe_model(slimc_opt, cases: Path) -> None:
+    res = slimc_opt(str(cases / "moe.py"), "--print-analyses")
+    assert res.rc == 0, res.err
+    lines = res.err.splitlines()
+    at = lines.index("experts: 2 MoE layers")
+    assert lines[at + 1 : at + 5] == [
+        "  model.layers.0.mlp: 8 experts, top-2, router model.layers.0.mlp.gate",
+        "    up: model.layers.0.mlp.experts.gate_up_proj [8, 64, 64]",
+        "    down: model.layers.0.mlp.experts.down_proj [8, 64, 32]",
+        "    shared: model.layers.0.mlp.shared_expert.gate_proj, "
+        "model.layers.0.mlp.shared_expert.up_proj, model.layers.0.mlp.shared_expert.down_proj, "
+        "model.layers.0.mlp.shared_expert_gate",
+    ]
+    assert "experts" not in slimc_opt(str(cases / "llama.py"), "--print-analyses").err
 
 
 def test_print_analyses_after_smoothing(slimc_opt, cases: Path) -> None:

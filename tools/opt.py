@@ -183,13 +183,17 @@ def _needs_calibration(pm: PassManager) -> bool:
 
 
 def describe_analyses(am: AnalysisManager) -> str:
-    """`--print-analyses`: linear-groups (computed if not cached), then every other cached one."""
+    """`--print-analyses`: linear-groups (computed if not cached), experts (for a MoE model),
+    then every other cached one."""
+    from slimc.analyses.experts import Experts
     from slimc.analyses.linear_groups import LinearGroups
 
     blocks = [am.get(LinearGroups).describe()]
+    if (experts := am.get(Experts)).layers:
+        blocks.append(experts.describe())
     for name in sorted(registry.ANALYSES):
         cls = registry.get_analysis(name)
-        analysis = am.cached(cls) if cls is not LinearGroups else None
+        analysis = am.cached(cls) if cls not in (LinearGroups, Experts) else None
         if analysis is not None:
             describe = getattr(analysis, "describe", None)
             blocks.append(describe() if callable(describe) else f"{name}: cached")
