@@ -69,6 +69,7 @@ class LayerTuning(WeightMethod):
     device: str
     amp: bool
     reads_inputs: ClassVar[bool] = True
+    experts: ClassVar[str] = "float"  # its loop tunes linears; expert stacks are not tuned yet
 
     def training_samples(self, program: Program, name: str) -> list[tuple[Any, ...]]:
         """The calibration samples, packed to `seqlen` tokens when they are token ids."""

@@ -41,6 +41,7 @@ class GPTQRounding(WeightMethod):
     percdamp: float
     act_order: bool
     range_steps: int
+    min_expert_tokens: int
     reads_inputs: ClassVar[bool] = True
 
     def input_collector(self, scheme: LinearQuantScheme, k: int) -> HessianAccumulator:
@@ -117,8 +118,10 @@ class GPTQ(LinearQuantEngine):
     retried when the Hessian is not positive definite; the factorization runs in float64, in
     float32 from K = 16384, once per input its linears share). Each group's range is the
     MinMax range shrunk by the ratio (of `range-steps` between 1 and 0.75) with the lowest
-    |w - Q(w)|^2.4 error. Scheme, group size, symmetry and activation handling are
-    linear-quant's. Lossy.
+    |w - Q(w)|^2.4 error. MoE experts each get the Hessian of the tokens routed to them (one
+    K x K matrix per expert of a layer's stack, while it is quantized); an expert routed fewer
+    than `expert-min-tokens` is rounded to nearest. Scheme, group size, symmetry and activation
+    handling are linear-quant's. Lossy.
     """
 
     name = "gptq"
@@ -136,14 +139,29 @@ class GPTQ(LinearQuantEngine):
         "Shrink ratios (1 down to 0.75) tried per weight group, keeping the lowest |w - Q(w)|^2.4 "
         "error per row; 0 or 1 = MinMax ranges.",
     )
+    expert_min_tokens: int = option(
+        32,
+        "MoE experts routed fewer calibration tokens than this are rounded to nearest "
+        "(each other expert gets GPTQ on its own Hessian).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.block_size < 1:
             raise OptionError(f"pass 'gptq': block-size must be >= 1, got {self.block_size}")
+        if self.expert_min_tokens < 0:
+            raise OptionError(
+                f"pass 'gptq': expert-min-tokens must be >= 0, got {self.expert_min_tokens}"
+            )
         if not 0 <= self.percdamp < 1:
             raise OptionError(f"pass 'gptq': percdamp must be in [0, 1), got {self.percdamp}")
 
     def weight_method(self) -> GPTQRounding:
         """GPTQ rounding with this pass's block size, dampening, order and range search."""
-        return GPTQRounding(self.block_size, self.percdamp, self.act_order, self.range_steps)
+        return GPTQRounding(
+            self.block_size,
+            self.percdamp,
+            self.act_order,
+            self.range_steps,
+            self.expert_min_tokens,
+        )

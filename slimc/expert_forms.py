@@ -28,6 +28,9 @@ from slimc.program import Program, node_loc
 
 aten = torch.ops.aten
 EXPERT_LINEAR = torch.ops.slimc.expert_linear.default
+EXPERT_STACK_KEY = "expert_stack"
+"""`node.meta` key of an `expert_linear`: the name of its stacked weight in the model
+(`model.layers.0.mlp.experts.down_proj`), kept when a pass replaces the weight argument."""
 
 
 @dataclass
@@ -157,6 +160,7 @@ def _rewrite(program: Program, m: ExpertForm) -> None:
         loc=node_loc(m.core),
     )
     node._rename("expert_linear")
+    node.meta[EXPERT_STACK_KEY] = str(m.weight.target)
     for key in ("nn_module_stack", "stack_trace"):
         if key in m.core.meta:
             node.meta[key] = m.core.meta[key]

@@ -13,10 +13,11 @@ from slimc.ops.fused import bound_args
 from slimc.program import SCHEME_KEY
 from slimc.quant.scheme import LinearQuantScheme
 
-__all__ = ["QdqLinear", "match_qdq_linear"]
+__all__ = ["QdqLinear", "match_qdq_experts", "match_qdq_linear"]
 
 aten = torch.ops.aten
 ops = torch.ops.slimc
+EXPERT_LINEAR = ops.expert_linear.default
 
 
 def _is(node: object, op: object) -> bool:
@@ -42,11 +43,24 @@ class QdqLinear:
 
 def match_qdq_linear(node: fx.Node) -> QdqLinear | None:
     """Recognise `aten.linear(act?, dequantize_affine(const), bias?)` made by linear-quant."""
-    scheme = node.meta.get(SCHEME_KEY)
-    if not _is(node, aten.linear.default) or scheme is None:
+    if not _is(node, aten.linear.default):
         return None
     linear = bound_args(node)
-    x, w = linear["input"], linear["weight"]
+    return _match_qdq(node, linear["input"], linear["weight"], linear["bias"])
+
+
+def match_qdq_experts(node: fx.Node) -> QdqLinear | None:
+    """Recognise `slimc::expert_linear(act?, dequantize_affine(const [E, N, K]), ids, bias?)`
+    made by linear-quant: the pieces are stacks over the experts (`qweight` [E, N, K], ...)."""
+    if not _is(node, EXPERT_LINEAR):
+        return None
+    return _match_qdq(node, node.args[0], node.args[1], node.args[3])
+
+
+def _match_qdq(node: fx.Node, x: object, w: object, bias: object) -> QdqLinear | None:
+    scheme = node.meta.get(SCHEME_KEY)
+    if scheme is None:
+        return None
     if not _is(w, ops.dequantize_affine.default):
         return None
     dq = bound_args(w)
@@ -58,7 +72,7 @@ def match_qdq_linear(node: fx.Node) -> QdqLinear | None:
         qweight=dq["q"],
         w_scale=dq["scale"],
         w_zero_point=dq["zero_point"],
-        bias=linear["bias"],
+        bias=bias,
     )
     act = scheme.activation
     if act is None:

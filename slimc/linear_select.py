@@ -1,4 +1,5 @@
-"""Choosing linears: module-path globs, the float linears a quantizer can still take, MoE routers."""
+"""Choosing linears: module-path globs, the float linears and expert products a quantizer can still
+take, MoE routers."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import fnmatch
 import torch
 from torch import fx
 
-import slimc.ops  # noqa: F401  (registers slimc:: ops)
+from slimc.expert_forms import EXPERT_LINEAR, EXPERT_STACK_KEY
 from slimc.ir.builder import is_constant, tensor_val
-from slimc.program import Program
+from slimc.program import Program, node_loc
 
 aten = torch.ops.aten
 
@@ -33,7 +34,31 @@ def float_linears(program: Program) -> list[fx.Node]:
     return out
 
 
-EXPERT_LINEAR = torch.ops.slimc.expert_linear.default
+def float_expert_products(program: Program) -> list[fx.Node]:
+    """`slimc::expert_linear` nodes whose stacked weight [E, N, K] is still a float constant."""
+    out = []
+    for node in program.graph.find_nodes(op="call_function", target=EXPERT_LINEAR):
+        w = node.args[1]
+        if is_constant(w) and tensor_val(w).is_floating_point() and tensor_val(w).dim() == 3:
+            out.append(node)
+    return out
+
+
+def float_products(program: Program) -> list[fx.Node]:
+    """Float linears and float expert products, in graph order."""
+    chosen = set(float_linears(program)) | set(float_expert_products(program))
+    return [n for n in program.graph.nodes if n in chosen]
+
+
+def product_path(node: fx.Node) -> str | None:
+    """The name a linear or an expert product is chosen and reported by: a linear's module path;
+    for an expert product, its stacked weight's name (`...mlp.experts.gate_up_proj`), as one
+    experts module computes several products."""
+    if node.target is EXPERT_LINEAR:
+        return node.meta.get(EXPERT_STACK_KEY) or node_loc(node)
+    return node_loc(node)
+
+
 STOPS = (
     aten.linear.default,
     aten.bmm.default,

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from slimc.kernel import eager_impl
+from slimc.ops.experts import per_expert
 from slimc.ops.fused import LinearArgs, fused_linear_for
 from slimc.ops.packing import unpack_int4
 from slimc.quant.scheme import LinearQuantScheme
@@ -213,3 +214,47 @@ class KernelLinear(nn.Module):
             and not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
         )
+
+
+class QuantizedExperts(nn.Module):
+    """A transformers experts module (stacked `gate_up_proj` / `up_proj` / `down_proj` weights
+    [E, N, K], routed rows in, weighted sum out) whose stacks are quantized: one
+    `QuantizedLinear` per expert and stack, run on the rows routed to that expert.
+
+    The wrapped float module keeps its gate or activation, its optional post-expert norm and any
+    stack left in float; the quantized stacks (and their biases) are removed from it.
+    """
+
+    def __init__(self, module: nn.Module, quantized: dict[str, list[QuantizedLinear]]) -> None:
+        super().__init__()
+        self.module = module
+        self.quantized = nn.ModuleDict({k: nn.ModuleList(v) for k, v in quantized.items()})
+        for name in quantized:
+            module._parameters.pop(name, None)
+            module._parameters.pop(f"{name}_bias", None)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        inner, k = self.module, top_k_index.shape[-1]
+        if hidden_states.shape[0] == 0:
+            return torch.zeros_like(hidden_states)
+        x = hidden_states.repeat_interleave(k, dim=0)
+        ids = top_k_index.reshape(-1)
+        h = self._product("gate_up_proj" if inner.has_gate else "up_proj", x, ids)
+        h = inner._apply_gate(h) if inner.has_gate else inner.act_fn(h)
+        h = self._product("down_proj", h, ids)
+        if getattr(inner, "has_post_expert_norm", False):
+            h = inner.post_expert_norm(h)
+        h = h * top_k_weights.reshape(-1, 1).to(h.dtype)
+        return h.view(hidden_states.shape[0], k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _product(self, name: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if name in self.quantized:
+            linears = self.quantized[name]
+            return per_expert(x, ids, len(linears), lambda e, rows: linears[e](rows))
+        inner = self.module
+        weight = getattr(inner, name)
+        weight = weight.transpose(-2, -1) if inner.is_transposed else weight
+        bias = getattr(inner, f"{name}_bias") if inner.has_bias else None
+        return torch.ops.slimc.expert_linear(x, weight, ids, bias)

@@ -24,6 +24,7 @@ from slimc.ops.packing import pack_int4
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.rotate.online import ONLINE_INPUT_ROTATION_KEY, ONLINE_ROTATION_KEY
 from slimc.smooth.shift import NORM_BIAS_KEY
+from slimc.write_back_experts import write_back_experts
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,8 @@ def _replaced_type(old: nn.Module | None) -> str | None:
 
 
 def write_back(model: nn.Module, program: Program) -> None:
-    """Copy transformed weights into `model` and swap quantized linears for QuantizedLinear.
+    """Copy transformed weights into `model` and swap quantized linears for QuantizedLinear
+    (and experts modules with quantized stacks for QuantizedExperts).
 
     Weights the program holds transposed (GPT-2's `Conv1D`, stored [in, out]) are stored back in
     the module's layout; a quantized linear canonicalize recognised from a matmul / addmm form
@@ -329,3 +331,4 @@ def write_back(model: nn.Module, program: Program) -> None:
         setattr(parent, leaf, new)
     for node in input_rotations:
         _wrap_with_input_rotation(model, program, node)
+    write_back_experts(model, program)

@@ -45,3 +45,16 @@ def test_expert_linear_refuses_ids_out_of_range_and_bad_shapes() -> None:
         expert_linear(torch.randn(2, 16), weight[0], torch.tensor([0, 1]), None)
     with pytest.raises(ValueError, match="bias must be \\[E, N\\]"):
         expert_linear(torch.randn(2, 16), weight, torch.tensor([0, 1]), torch.randn(8))
+
+
+def test_expert_linear_gradients_equal_the_gathered_bmm() -> None:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.tensor([2, 0, 2, 1, 0, 2, 2])
+    inputs = [torch.randn(7, 5, generator=g), torch.randn(3, 4, 5, generator=g)]
+    inputs.append(torch.randn(3, 4, generator=g))
+    ours = [t.clone().requires_grad_() for t in inputs]
+    theirs = [t.clone().requires_grad_() for t in inputs]
+    expert_linear(ours[0], ours[1], ids, ours[2]).pow(2).sum().backward()
+    _gathered_bmm(theirs[0], theirs[1], ids, theirs[2]).pow(2).sum().backward()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)

@@ -52,6 +52,7 @@ from slimc.nn import (
     HadamardRotation,
     KernelLinear,
     OutputBias,
+    QuantizedExperts,
     QuantizedLinear,
 )
 
@@ -130,6 +131,12 @@ def _check_model(model: nn.Module) -> dict[str, QuantizedLinear]:
         raise UserError(
             f"{extra[0]} (and {len(extra) - 1} more) adds run-time work (a norm bias or an online "
             f"rotation) that AscendV1 cannot describe; {PT2_HINT}"
+        )
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    if experts:
+        raise UserError(
+            f"the quantized MoE experts of {experts[0]} (and {len(experts) - 1} more) have no "
+            f"AscendV1 layout in slimc yet; {PT2_HINT}"
         )
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     not_linear = [(n, q.replaced_type) for n, q in quantized.items() if q.replaced_type]

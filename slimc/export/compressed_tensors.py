@@ -14,7 +14,13 @@ from slimc.errors import UserError, first_line
 from slimc.export import ct_stream
 from slimc.export.ct_layers import compressed_linear, generation_config, model_copy
 from slimc.export.shards import DEFAULT_MAX_SHARD_BYTES
-from slimc.nn import HadamardInputRotation, HadamardRotation, OutputBias, QuantizedLinear
+from slimc.nn import (
+    HadamardInputRotation,
+    HadamardRotation,
+    OutputBias,
+    QuantizedExperts,
+    QuantizedLinear,
+)
 from slimc.quant.scheme import LinearQuantScheme, TensorQuantSpec
 
 __all__ = ["quantization_scheme", "save_compressed_tensors"]
@@ -117,6 +123,12 @@ def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
         raise UserError(
             f"quarot rotates the {what} of {name} (and {len(rotated) - 1} more) at run "
             f"time, which a Hugging Face model of this class cannot load; {PT2_HINT}"
+        )
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    if experts:
+        raise UserError(
+            f"the quantized MoE experts of {experts[0]} (and {len(experts) - 1} more) have no "
+            f"compressed-tensors layout in slimc yet; {PT2_HINT}"
         )
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     not_linear = [(n, q.replaced_type) for n, q in quantized.items() if q.replaced_type]

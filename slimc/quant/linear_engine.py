@@ -21,10 +21,18 @@ from torch import fx
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
 from slimc.ir.builder import tensor_val
-from slimc.linear_select import float_linears, matches, moe_routers
+from slimc.linear_select import (
+    EXPERT_LINEAR,
+    float_linears,
+    float_products,
+    matches,
+    moe_routers,
+    product_path,
+)
 from slimc.pass_base import GROUP_SIZE, OptionError, Pass, PassResult, option
 from slimc.pipeline_spec import OptionValue
 from slimc.program import SCHEME_KEY, Program, layer_of, node_loc
+from slimc.quant.expert_inputs import ExpertInputs, round_expert_stack
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
 from slimc.quant.qdq_rewrite import dequantized_weight, quantized_input
 from slimc.quant.qparams import QuantizedWeight
@@ -125,18 +133,24 @@ class LinearQuantEngine(Pass):
         return make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
 
     def targets(self, program: Program) -> list[fx.Node]:
-        """The float linears this pass quantizes: `only` (plus sensitive layers) minus `ignore`
-        and MoE routers."""
+        """The float linears and MoE expert products this pass quantizes: `only` (plus sensitive
+        layers) minus `ignore` and MoE routers; expert products are matched by their stacked
+        weight's name (`*.experts.down_proj`)."""
         sensitive = self._sensitive_linears(program) if self.only else set()
         routers = moe_routers(program)  # float: their rounding would change which experts run
         if routers:
             log.info("%s: leaving %d MoE routers in float", self.name, len(routers))
+        keep_experts_float = self.weight_method().experts == "float"
         chosen = []
-        for node in float_linears(program):
-            path = node_loc(node)
+        for node in float_products(program):
+            path = product_path(node)
             if self.only and not matches(path, self.only) and node not in sensitive:
                 continue
             if matches(path, self.ignore) or node in routers:
+                continue
+            if node.target is EXPERT_LINEAR and keep_experts_float:
+                log.info("%s: leaving the expert stack %s in float", self.name, path)
+                self.stat(program, "expert stacks left in float")
                 continue
             chosen.append(node)
         return chosen
@@ -186,7 +200,7 @@ class LinearQuantEngine(Pass):
         Raises:
             UserError: the graph has no float linear, or `only` / `ignore` exclude every one.
         """
-        remaining = float_linears(program)
+        remaining = float_products(program)
         quantized = any(SCHEME_KEY in n.meta for n in program.graph.nodes)
         if not remaining and quantized:
             log.info("%s: every linear is already quantized", self.name)
@@ -240,16 +254,19 @@ class LinearQuantEngine(Pass):
                 if static and x not in observers:
                     observers[x] = self.make_observer(act)  # type: ignore[arg-type]
                 if method.reads_inputs and x not in collectors:
-                    collectors[x] = method.input_collector(scheme, tensor_val(x).shape[-1])
+                    collectors[x] = self.input_collector(node, scheme, method)
 
             def hook(node: fx.Node, args: tuple[Any, ...]) -> None:
                 x = node.args[0]
                 try:
-                    for sink in (observers.get(x), collectors.get(x)):
-                        if sink is not None:
-                            sink.update(args[0])
+                    if (observer := observers.get(x)) is not None:
+                        observer.update(args[0])
+                    if isinstance(collector := collectors.get(x), ExpertInputs):
+                        collector.update(args[0], args[2])  # each expert its routed rows
+                    elif collector is not None:
+                        collector.update(args[0])
                 except ValueError as exc:
-                    raise UserError(f"{self.name}: input of {node_loc(node)}: {exc}") from None
+                    raise UserError(f"{self.name}: input of {product_path(node)}: {exc}") from None
 
             runner.forward(seg.nodes, dict.fromkeys(first_reader.values(), hook))
             last_reader = {node.args[0]: node for node in here}
@@ -264,6 +281,16 @@ class LinearQuantEngine(Pass):
                 journal.record(seg.label, results)
 
         LayerwiseRunner(program, samples).run(visit)
+
+    def input_collector(
+        self, node: fx.Node, scheme: LinearQuantScheme, method: WeightMethod
+    ) -> Any:
+        """`method`'s collector of a linear's inputs; per expert for an expert product."""
+        k = tensor_val(node.args[0]).shape[-1]  # type: ignore[arg-type]
+        if node.target is EXPERT_LINEAR:
+            experts = tensor_val(node.args[1]).shape[0]  # type: ignore[arg-type]
+            return ExpertInputs(experts, lambda: method.input_collector(scheme, k))
+        return method.input_collector(scheme, k)
 
     def make_observer(self, act: TensorQuantSpec) -> Any:
         """The static-range observer the `observer` option names, for activation spec `act`."""
@@ -310,20 +337,26 @@ class LinearQuantEngine(Pass):
         """
         x, w_node = node.args[0], node.args[1]
         assert isinstance(x, fx.Node) and isinstance(w_node, fx.Node)
-        path = node_loc(node) or node.name
+        path = product_path(node) or node.name
         weight = program.weights.get(str(w_node.target))
         if not bool(torch.isfinite(weight).all()):
             raise UserError(f"{self.name}: weight {w_node.target} holds NaN or inf")
-        scheme = self.weight_scheme(program, scheme, weight.shape[1], path)
+        scheme = self.weight_scheme(program, scheme, weight.shape[-1], path)
         spec = scheme.weight
-        qw = method.quantize_linear_weight(self, program, node, weight, spec, collected)
+        if weight.dim() == 3:  # an expert stack [E, N, K]
+            qw = round_expert_stack(self, program, node, weight, spec, collected, method)
+        else:
+            qw = method.quantize_linear_weight(self, program, node, weight, spec, collected)
         origin = str(self)
-        w_dq = dequantized_weight(program, node, qw, spec, weight, path, origin)
+        # constants are named under the linear's module; an expert stack's under `<stack>_quant`
+        prefix = f"{path}_quant" if weight.dim() == 3 else path
+        w_dq = dequantized_weight(program, node, qw, spec, weight, prefix, origin)
         new_x = x
         act = scheme.activation
         if act is not None:
-            new_x = quantized_input(program, node, x, act, static_qparams, path, origin)
+            new_x = quantized_input(program, node, x, act, static_qparams, prefix, origin)
         node.args = (new_x, w_dq, *node.args[2:])
         node.meta[SCHEME_KEY] = scheme
-        self.stat(program, f"quantized linears ({scheme.name})")
+        what = "expert stacks" if weight.dim() == 3 else "linears"
+        self.stat(program, f"quantized {what} ({scheme.name})")
         return qw

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import fx
@@ -25,6 +25,12 @@ class WeightMethod:
     """
 
     reads_inputs: bool = False
+    experts: Literal["own", "float"] = "own"
+    """What the method does with MoE expert stacks [E, N, K]: `own` rounds them (see
+    `slimc.quant.expert_inputs.round_expert_stack`), `float` leaves them out (a method with its
+    own calibration loop over linears)."""
+    min_expert_tokens: int = 1
+    """A method that reads inputs rounds an expert routed fewer calibration tokens to nearest."""
 
     def input_collector(self, scheme: LinearQuantScheme, k: int) -> Any:
         """An object whose `update(x)` sees every calibration input of a linear (or None).
@@ -82,11 +88,18 @@ class Replay(WeightMethod):
         spec: TensorQuantSpec,
         collected: Any,
     ) -> QuantizedWeight:
-        qdata, scale = self.parts["qdata"], self.parts["scale"]
+        qdata, scale, zero_point = (
+            self.parts["qdata"],
+            self.parts["scale"],
+            self.parts["zero_point"],
+        )
         assert qdata is not None and scale is not None
+        if qdata.dim() == 3:  # an expert stack, recorded [E, N, ...]: rounded as [E * N, ...]
+            qdata, scale = qdata.flatten(0, 1), scale.flatten(0, 1)
+            zero_point = None if zero_point is None else zero_point.flatten(0, 1)
         if qdata.shape != weight.shape:
             raise UserError(
                 f"--resume: the recorded weight of {node_loc(node)} is {tuple(qdata.shape)}, "
                 f"the model's is {tuple(weight.shape)}: the work directory is of another run"
             )
-        return QuantizedWeight(qdata, scale, self.parts["zero_point"], spec)
+        return QuantizedWeight(qdata, scale, zero_point, spec)
