@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -112,10 +112,24 @@ def capture(
         UserError: the model cannot be exported (the message gives torch.export's reason).
     """
     hf = is_hf_causal_lm(model)
+    with _capture_implementations(model) if hf else contextlib.nullcontext():
+        program = _capture(model, example_inputs, dynamic_shapes, compute_dtype, hf)
+    if canonicalize:
+        canonical.canonicalize(program)
+    return program
+
+
+def _capture(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None,
+    dynamic_shapes: Any,
+    compute_dtype: torch.dtype | None,
+    hf: bool,
+) -> Program:
+    """`capture` before canonicalization (a Hugging Face model already switched to the
+    implementations capture needs)."""
     prefix = ""
     if hf:
-        _use_sdpa(model)
-        _use_batched_experts(model)
         if example_inputs is None:
             example_inputs = default_example_inputs(model)
         if dynamic_shapes is None:
@@ -152,9 +166,25 @@ def capture(
         rebind_meta_device(program.graph, source_device(source))
         gm.recompile()
     program.metadata.update(model_class=type(model).__name__, hf_causal_lm=hf)
-    if canonicalize:
-        canonical.canonicalize(program)
     return program
+
+
+@contextlib.contextmanager
+def _capture_implementations(model: nn.Module) -> Iterator[None]:
+    """Switch a Hugging Face model to the attention and experts implementations capture needs,
+    and back to the user's afterwards (the captured graph does not depend on them later)."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    get_experts = getattr(model, "get_experts_implementation", None)
+    experts = get_experts() if callable(get_experts) else None
+    _use_sdpa(model)
+    _use_batched_experts(model)
+    try:
+        yield
+    finally:
+        if getattr(model.config, "_attn_implementation", None) != attention and attention:
+            model.set_attn_implementation(attention)  # type: ignore[operator]
+        if experts is not None and model.get_experts_implementation() != experts:  # type: ignore[operator]
+            model.set_experts_implementation(experts)  # type: ignore[operator]
 
 
 def program_from_graph_module(

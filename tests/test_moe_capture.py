@@ -154,3 +154,16 @@ def test_smoothing_a_moe_model_keeps_its_logits(pipeline: str) -> None:
     smoothed = slimc.compile(model, pipeline, calib=calib, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(_logits(smoothed(IDS)), model(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_capture_gives_the_model_back_with_its_own_implementations() -> None:
+    model = tiny_moe("Qwen3Moe")
+    model.set_attn_implementation("eager")
+    experts = model.get_experts_implementation()
+    assert experts == {"": "grouped_mm"}
+    program = capture(model)  # captured through sdpa and batched_mm
+    assert program.graph.find_nodes(
+        op="call_function", target=torch.ops.slimc.expert_linear.default
+    )
+    assert model.config._attn_implementation == "eager"
+    assert model.get_experts_implementation() == experts
