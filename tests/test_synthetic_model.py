@@ -110,3 +110,22 @@ def test_defaults_are_the_engine_benchmark_model_of_about_3_8_gb() -> None:
         for s in synth.layer_tensors(i, args.hidden, args.ffn, args.heads, args.kv_heads)
     ] + synth.outer_tensors(args.hidden, args.vocab)
     assert 3.7e9 < 2 * sum(s.numel for s in specs) < 3.9e9
+
+
+def test_experts_make_a_qwen3_moe_that_transformers_loads_whole(tmp_path, tokenizer_source) -> None:
+    out = tmp_path / "moe"
+    args = [*TINY_ARGS, "--vocab", "128", "--experts", "4", "--experts-per-token", "2"]
+    assert synth.main([*args, "--out", str(out)]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in index["weight_map"]
+    assert "model.layers.0.self_attn.q_norm.weight" in index["weight_map"]
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    experts = model.model.layers[1].mlp.experts
+    assert tuple(experts.gate_up_proj.shape) == (4, 256, 64)  # every expert's weights loaded
+    assert 0.015 < experts.down_proj.float().std().item() < 0.025
+    assert model.config.num_experts_per_tok == 2
+    assert synth.main([*args, "--experts-per-token", "5", "--out", str(tmp_path / "x")]) == 1

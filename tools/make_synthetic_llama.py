@@ -2,6 +2,7 @@
 
 Run: python -m slimc.tools.make_synthetic_llama --out DIR [--hidden 2560 --ffn 6912 --layers 24
      --heads 20 --kv-heads 4 --vocab 49152 --dtype bfloat16 --seed 0] [--tiny] [--overwrite]
+     [--experts E --experts-per-token K]  (a Qwen3-MoE-shaped model, experts of width --ffn)
 
 The defaults are the engine benchmark's model (about 3.8 GB in bf16). Every tensor is written to
 its shard as it is generated, in row chunks, so the peak memory is a chunk plus the interpreter,
@@ -61,21 +62,36 @@ class TensorSpec:
         return n
 
 
-def layer_tensors(i: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> list[TensorSpec]:
-    """The tensors of decoder layer `i` under their transformers names."""
+def layer_tensors(
+    i: int, hidden: int, ffn: int, heads: int, kv_heads: int, experts: int = 0
+) -> list[TensorSpec]:
+    """The tensors of decoder layer `i` under their transformers names: a Llama layer, or with
+    `experts` a Qwen3-MoE one (q / k norms, a router and `experts` MLPs of width `ffn`)."""
     head_dim = hidden // heads
     p = f"model.layers.{i}"
-    return [
+    specs = [
         TensorSpec(f"{p}.input_layernorm.weight", (hidden,), "ones"),
         TensorSpec(f"{p}.self_attn.q_proj.weight", (heads * head_dim, hidden), "normal"),
         TensorSpec(f"{p}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden), "normal"),
         TensorSpec(f"{p}.self_attn.v_proj.weight", (kv_heads * head_dim, hidden), "normal"),
         TensorSpec(f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim), "normal"),
         TensorSpec(f"{p}.post_attention_layernorm.weight", (hidden,), "ones"),
-        TensorSpec(f"{p}.mlp.gate_proj.weight", (ffn, hidden), "normal"),
-        TensorSpec(f"{p}.mlp.up_proj.weight", (ffn, hidden), "normal"),
-        TensorSpec(f"{p}.mlp.down_proj.weight", (hidden, ffn), "normal"),
     ]
+    mlps = [f"{p}.mlp"]
+    if experts:
+        specs += [
+            TensorSpec(f"{p}.self_attn.q_norm.weight", (head_dim,), "ones"),
+            TensorSpec(f"{p}.self_attn.k_norm.weight", (head_dim,), "ones"),
+            TensorSpec(f"{p}.mlp.gate.weight", (experts, hidden), "normal"),
+        ]
+        mlps = [f"{p}.mlp.experts.{e}" for e in range(experts)]
+    for mlp in mlps:
+        specs += [
+            TensorSpec(f"{mlp}.gate_proj.weight", (ffn, hidden), "normal"),
+            TensorSpec(f"{mlp}.up_proj.weight", (ffn, hidden), "normal"),
+            TensorSpec(f"{mlp}.down_proj.weight", (hidden, ffn), "normal"),
+        ]
+    return specs
 
 
 def outer_tensors(hidden: int, vocab: int) -> list[TensorSpec]:
@@ -131,8 +147,9 @@ def write_shard(
 
 
 def llama_config(args: argparse.Namespace, source_config: dict | None) -> dict:
-    """config.json of the synthetic model, from transformers' LlamaConfig (token ids of `source_config`)."""
-    from transformers import LlamaConfig
+    """config.json of the synthetic model, from transformers' LlamaConfig (Qwen3MoeConfig with
+    `--experts`), with the token ids of `source_config`."""
+    from transformers import LlamaConfig, Qwen3MoeConfig
 
     ids = {}
     if source_config is not None:
@@ -141,7 +158,15 @@ def llama_config(args: argparse.Namespace, source_config: dict | None) -> dict:
             for k in ("bos_token_id", "eos_token_id", "pad_token_id")
             if k in source_config
         }
-    config = LlamaConfig(
+    moe = {}
+    if args.experts:
+        moe = dict(
+            num_experts=args.experts,
+            num_experts_per_tok=args.experts_per_token,
+            moe_intermediate_size=args.ffn,
+            norm_topk_prob=True,
+        )
+    config = (Qwen3MoeConfig if args.experts else LlamaConfig)(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.ffn,
@@ -153,9 +178,10 @@ def llama_config(args: argparse.Namespace, source_config: dict | None) -> dict:
         rms_norm_eps=1e-5,
         initializer_range=INIT_STD,
         tie_word_embeddings=False,
+        **moe,
         **ids,
     )
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = ["Qwen3MoeForCausalLM" if args.experts else "LlamaForCausalLM"]
     config.dtype = args.dtype
     generic = ("_name_or_path", "id2label", "label2id")  # PretrainedConfig's, not the model's
     return {k: v for k, v in config.to_dict().items() if k not in generic}
@@ -170,6 +196,8 @@ def check_shape(args: argparse.Namespace) -> None:
         raise UserError(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
     if args.heads % args.kv_heads:
         raise UserError(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    if args.experts < 0 or (args.experts and not 1 <= args.experts_per_token <= args.experts):
+        raise UserError("--experts-per-token must be between 1 and --experts")
 
 
 def tokenizer_source() -> tuple[Path, dict]:
@@ -197,7 +225,7 @@ def make(args: argparse.Namespace) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         shards = [
-            layer_tensors(i, args.hidden, args.ffn, args.heads, args.kv_heads)
+            layer_tensors(i, args.hidden, args.ffn, args.heads, args.kv_heads, args.experts)
             for i in range(args.layers)
         ]
         shards.append(outer_tensors(args.hidden, args.vocab))
@@ -238,6 +266,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, default=20)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument(
+        "--experts",
+        type=int,
+        default=0,
+        help="a Qwen3-MoE model with this many experts per layer, each an MLP of width --ffn "
+        "(default 0: a dense Llama)",
+    )
+    parser.add_argument("--experts-per-token", type=int, default=8, help="with --experts: top-k")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
