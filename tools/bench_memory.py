@@ -68,9 +68,11 @@ def describe_model(model: Path) -> str:
         c = json.loads((model / "config.json").read_text())
         arch = c.get("model_type", "model").capitalize()
         dtype = str(c.get("dtype") or c.get("torch_dtype") or "").replace("bfloat16", "bf16")
+        experts = c.get("num_experts") or c.get("num_local_experts") or c.get("n_routed_experts")
+        moe = f" E{experts} top{c.get('num_experts_per_tok')}" if experts else ""
         return (
-            f"{arch} h{c['hidden_size']} ffn{c['intermediate_size']} L{c['num_hidden_layers']} "
-            f"v{c['vocab_size']} {dtype}".strip()
+            f"{arch} h{c['hidden_size']} ffn{c['intermediate_size']} L{c['num_hidden_layers']}"
+            f"{moe} v{c['vocab_size']} {dtype}".strip()
         )
     except (OSError, KeyError, ValueError):
         return model.name
