@@ -88,7 +88,9 @@ def fake_quant_weights(
         target = str(t.args[1].target)  # type: ignore[union-attr]
         w = program.weights.get(target)
         scaled = (w.double() * s_in).to(w.dtype)
-        out[target] = quantize_weight(scaled, spec).dequantize(w.dtype) / s_in.to(w.dtype)
+        rows = scaled.reshape(-1, w.shape[-1])  # an expert stack [E, N, K]: its E * N rows
+        dq = quantize_weight(rows, spec).dequantize(w.dtype).reshape(w.shape)
+        out[target] = dq / s_in.to(w.dtype)
     return out
 
 

@@ -54,7 +54,8 @@ class IterSmooth(SmoothingPass):
         shifted = False
         for group in groups:
             st = stats[group.input]
-            centre = self.shift and group.kind == "norm-linear"
+            # a MoE block's experts read per-choice copies of the input: no shared bias to shift
+            centre = self.shift and group.kind == "norm-linear" and not group.reads_experts
             scale = smoothquant_scale(
                 (st.max - st.min) / 2 if centre else st.absmax,
                 weight_column_absmax(program, group),

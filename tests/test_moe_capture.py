@@ -12,6 +12,7 @@ import transformers
 
 import slimc
 from slimc.analyses.experts import Experts
+from slimc.analyses.linear_groups import LinearGroups
 from slimc.capture import capture
 from slimc.ir.builder import is_constant
 from slimc.linear_select import moe_routers
@@ -147,13 +148,37 @@ def test_linear_quant_leaves_routers_float() -> None:
     assert 0 < float(err) < 0.1
 
 
-@pytest.mark.parametrize("pipeline", ["smooth-quant", "iter-smooth"])
-def test_smoothing_a_moe_model_keeps_its_logits(pipeline: str) -> None:
-    model = tiny_moe("Qwen3Moe")
+@pytest.mark.parametrize(
+    ("family", "pipeline"),
+    [
+        *[
+            (f, p)
+            for f in ("Qwen3Moe", "GptOss", "DeepseekV3")
+            for p in ("smooth-quant", "iter-smooth")
+        ],
+        ("Qwen2Moe", "iter-smooth{shift=true}"),
+        ("Qwen3Moe", "flex-smooth-quant"),
+        ("Qwen3Moe", "awq"),
+    ],
+)
+def test_smoothing_a_moe_model_folds_into_router_and_experts_exactly(
+    family: str, pipeline: str
+) -> None:
+    model = tiny_moe(family)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
     calib = [IDS[:1], IDS[1:]]
     smoothed = slimc.compile(model, pipeline, calib=calib, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(_logits(smoothed(IDS)), model(IDS).logits, rtol=1e-4, atol=1e-4)
+    groups = LinearGroups.compute(smoothed.slimc_program).groups
+    moe_groups = [g for g in groups if g.reads_experts]
+    layers = Experts.compute(smoothed.slimc_program).layers
+    assert len(moe_groups) == len(layers)  # one group per block: its norm -> router + experts
+    for group, block in zip(moe_groups, layers, strict=True):
+        assert block.router in group.targets and set(block.up) <= set(group.targets)
+    changed = [n for n, p in smoothed.named_parameters() if "experts.gate_up_proj" in n
+               and n in original and not torch.equal(p, original[n])]  # fmt: skip
+    assert changed or pipeline == "awq"  # awq keeps a group unscaled when ratio 0 wins
 
 
 def test_capture_gives_the_model_back_with_its_own_implementations() -> None:

@@ -61,10 +61,17 @@ def _channel_constant(node: object, channels: int) -> tuple[fx.Node, float] | No
 
 
 def norm_linear_group(
-    x: fx.Node, linears: list[fx.Node], result: LinearGroups
+    x: fx.Node,
+    linears: list[fx.Node],
+    result: LinearGroups,
+    fan_out: frozenset[fx.Node] = frozenset(),
 ) -> LinearGroup | None:
-    """A norm (or any per-channel multiply by a constant) whose output only these linears read."""
-    channels = int(tensor_val(linears[0].args[1]).shape[1])
+    """A norm (or any per-channel multiply by a constant) whose output only these linears read.
+
+    `fan_out`: the row-copying views through which the norm's output also reaches the other
+    targets (a MoE block's router reads the tokens, its experts each token once per choice);
+    readers among them are allowed."""
+    channels = int(tensor_val(linears[0].args[1]).shape[-1])
     chain = [x]
     node = x
     while keeps_channels(node):
@@ -84,8 +91,8 @@ def norm_linear_group(
             )
         return None
     targets = set(linears)
-    inner_ok = all(_users_are(n, {chain[i - 1]}) for i, n in enumerate(chain) if i > 0)
-    if not (_users_are(x, targets) and inner_ok):
+    inner_ok = all(_users_are(n, {chain[i - 1], *fan_out}) for i, n in enumerate(chain) if i > 0)
+    if not (_users_are(x, targets | fan_out) and inner_ok):
         others = [u for n in chain for u in n.users if u not in targets and u not in chain]
         result.refused.append(
             Refusal(

@@ -101,7 +101,12 @@ class LinearGroup:
     @property
     def channels(self) -> int:
         """Size of the targets' input channel dimension."""
-        return int(tensor_val(self.targets[0].args[1]).shape[1])
+        return int(tensor_val(self.targets[0].args[1]).shape[-1])
+
+    @property
+    def reads_experts(self) -> bool:
+        """Whether a target is a MoE expert stack (`slimc::expert_linear`, weight [E, N, K])."""
+        return any(tensor_val(t.args[1]).dim() == 3 for t in self.targets)
 
     def source_channels(self) -> int:
         """Number of independent scale entries (producer rows read, or input channels)."""

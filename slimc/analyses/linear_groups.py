@@ -27,6 +27,7 @@ from slimc.analyses.group_types import (
     where,
     where_all,
 )
+from slimc.expert_forms import EXPERT_LINEAR
 from slimc.ir.builder import is_constant, tensor_val
 from slimc.program import Program
 
@@ -74,7 +75,12 @@ class LinearGroups:
                 x = node.args[0]
                 assert isinstance(x, fx.Node)
                 by_input.setdefault(x, []).append(node)
+        moe_blocks = _moe_block_inputs(program, by_input)
         paths: list[LinearGroup] = []
+        for x, (linears, fan_out) in moe_blocks.items():
+            group = norm_linear_group(x, linears, result, fan_out)
+            if group is not None and not _weights_shared(group, result):
+                result.groups.append(group)
         for x, linears in by_input.items():
             group = norm_linear_group(x, linears, result) or path_group(
                 x, linears, by_input, result
@@ -163,7 +169,7 @@ def _weights_shared(group: LinearGroup, result: LinearGroups) -> bool:
                 )
             )
             return True
-        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        bias = bias_of(lin)
         if isinstance(bias, fx.Node) and len(bias.users) > 1:
             readers = [u for u in bias.users if u is not lin]
             result.refused.append(
@@ -175,3 +181,66 @@ def _weights_shared(group: LinearGroup, result: LinearGroups) -> bool:
             )
             return True
     return False
+
+
+def bias_of(linear: fx.Node) -> object:
+    """The bias argument of an `aten.linear` or a `slimc::expert_linear` (None when absent)."""
+    if linear.target is EXPERT_LINEAR:
+        return linear.args[3]
+    return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+
+
+_ROW_COPIES = frozenset(
+    {
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.repeat_interleave.self_int,
+        aten.contiguous.default,
+    }
+)
+"""Ops that regroup or copy whole rows: every channel keeps its values and its position."""
+
+
+def _moe_block_inputs(
+    program: Program, by_input: dict[fx.Node, list[fx.Node]]
+) -> dict[fx.Node, tuple[list[fx.Node], frozenset[fx.Node]]]:
+    """The inputs of MoE blocks, taken out of `by_input`: a value whose row copies reach only
+    linears and expert stacks (the router and shared experts read its tokens, each routed
+    expert stack a copy per chosen expert), as {a linear input: (every reader, the copies)}.
+    One scale folded into the norm before it smooths the router and every expert at once."""
+    experts = [
+        n
+        for n in program.graph.find_nodes(op="call_function", target=EXPERT_LINEAR)
+        if is_constant(n.args[1]) and tensor_val(n.args[1]).is_floating_point()
+    ]
+    blocks: dict[fx.Node, tuple[list[fx.Node], frozenset[fx.Node]]] = {}
+    for product in experts:
+        root = product.args[0]
+        assert isinstance(root, fx.Node)
+        while root.op == "call_function" and root.target in _ROW_COPIES:
+            root = root.args[0]  # type: ignore[assignment]
+        copies, readers, todo, ok = set(), [], [root], True
+        while todo and ok:
+            for user in todo.pop().users:
+                if user.op == "call_function" and user.target in _ROW_COPIES:
+                    copies.add(user)
+                    todo.append(user)
+                elif user.target is EXPERT_LINEAR and user.args[0] is not None:
+                    ok = user in experts and user.args[0] in copies | {root}
+                    readers.append(user)
+                elif user in by_input.get(user.args[0], ()):  # type: ignore[arg-type]
+                    readers.append(user)
+                else:
+                    ok = False
+                if not ok:
+                    break
+        linear_inputs = [r.args[0] for r in readers if r.target is aten.linear.default]
+        if not ok or not linear_inputs or any(x in blocks for x in linear_inputs):
+            continue
+        key = linear_inputs[0]
+        for x in dict.fromkeys(linear_inputs):
+            by_input.pop(x, None)  # type: ignore[arg-type]
+        readers = list(dict.fromkeys(readers))
+        blocks[key] = (readers, frozenset(copies - {key}))  # type: ignore[index]
+    return blocks

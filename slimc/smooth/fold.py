@@ -32,13 +32,18 @@ def _divide_rows(t: torch.Tensor, s: torch.Tensor, rows: torch.Tensor | None) ->
 
 def weight_column_absmax(program: Program, group: LinearGroup) -> torch.Tensor:
     """Per input channel: max |W[:, c]| over every target linear of the group (float64)."""
-    cols = [_weight(program, t.args[1]).detach().double().abs().amax(0) for t in group.targets]
+    cols = [_rows(_weight(program, t.args[1])).double().abs().amax(0) for t in group.targets]
     return torch.stack(cols).amax(0)
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    """A linear's weight [N, K], or an expert stack [E, N, K] as its E * N rows."""
+    return w.detach().reshape(-1, w.shape[-1])
 
 
 def target_weight(program: Program, group: LinearGroup) -> torch.Tensor:
     """The targets' weights stacked along the output dim ([sum N, K], float64)."""
-    return torch.cat([_weight(program, t.args[1]).detach().double() for t in group.targets])
+    return torch.cat([_rows(_weight(program, t.args[1])).double() for t in group.targets])
 
 
 def fold_scale(

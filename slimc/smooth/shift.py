@@ -30,8 +30,8 @@ def fold_shift(
     output). Targets without a bias get one. The group's input becomes the new node, and its
     statistics move with it. Returns the new input node.
     """
-    if group.kind != "norm-linear":
-        raise ValueError(f"a shift can only be folded into a norm ({group.name})")
+    if group.kind != "norm-linear" or group.reads_experts:
+        raise ValueError(f"a shift can only be folded into a norm read by linears ({group.name})")
     x = group.input
     shift = shift.detach().double()
     dtype = x.meta["val"].dtype
