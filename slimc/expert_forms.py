@@ -23,7 +23,7 @@ from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
 from slimc.ir.builder import call, is_constant
-from slimc.linear_forms import TRANSPOSED_WEIGHTS_KEY
+from slimc.linear_forms import TRANSPOSED_WEIGHTS_KEY, transpose_constant
 from slimc.program import Program, node_loc
 
 aten = torch.ops.aten
@@ -134,21 +134,13 @@ def canonicalize_experts(program: Program) -> int:
                 continue
             if not only_products:
                 continue
-            _transpose_constant(program, weight, transposed)
+            transpose_constant(program, weight, transposed)
         for m in found:
             _rewrite(program, m)
             count += 1
     if transposed:
         program.metadata[TRANSPOSED_WEIGHTS_KEY] = transposed
     return count
-
-
-def _transpose_constant(program: Program, weight: fx.Node, transposed: list[str]) -> None:
-    target = str(weight.target)
-    program.weights.set(target, program.weights.get(target).transpose(-2, -1).contiguous())
-    weight.meta["val"] = program.fake(program.weights.get(target))
-    if target not in transposed:
-        transposed.append(target)
 
 
 def _rewrite(program: Program, m: ExpertForm) -> None:

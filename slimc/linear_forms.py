@@ -195,7 +195,7 @@ def canonicalize_linears(program: Program) -> int:
                     ", ".join(node_loc(m.core) or m.core.name for m in forms),
                 )
                 continue
-            _transpose_constant(program, weight, transposed)
+            transpose_constant(program, weight, transposed)
         for m in forms:
             _rewrite(program, m)
             recognized[node_loc(m.core) or m.core.name] = m.form
@@ -207,10 +207,11 @@ def canonicalize_linears(program: Program) -> int:
     return count
 
 
-def _transpose_constant(program: Program, weight: fx.Node, transposed: list[str]) -> None:
+def transpose_constant(program: Program, weight: fx.Node, transposed: list[str]) -> None:
+    """Hold constant `weight` with its last two dims swapped, and list it in `transposed` (the
+    names write-back swaps back into the model's layout)."""
     target = str(weight.target)
-    value = program.weights.get(target)
-    program.weights.set(target, value.t().contiguous())
+    program.weights.set(target, program.weights.get(target).transpose(-2, -1).contiguous())
     weight.meta["val"] = program.fake(program.weights.get(target))
     if target not in transposed:
         transposed.append(target)
