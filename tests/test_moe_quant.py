@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import slimc
+from slimc.errors import UserError
 from slimc.nn import QuantizedExperts
 from slimc.quant.expert_inputs import ExpertInputs
 from slimc.quant.hessian import HessianAccumulator
 from slimc.quant.qparams import quantize_weight
 from slimc.quant.scheme import make_scheme
-from slimc.tools.cli import main
+from slimc.tools.cli import check_ignore_patterns, main
 from slimc.work_dir import WorkDir
 from tests.models import tiny_tokenizer
 from tests.test_moe_capture import FAMILIES, IDS, _logits, tiny_moe
@@ -203,3 +204,10 @@ def test_resumed_gptq_on_experts_replays_the_finished_layer_bitwise(
     assert want.keys() == got.keys()
     for name, value in want.items():
         assert torch.equal(got[name], value), name
+
+
+def test_cli_ignore_globs_may_name_expert_stacks() -> None:
+    model = tiny_moe("Qwen3Moe")
+    check_ignore_patterns(model, ["*.experts.down_proj", "model.layers.1.mlp.experts.*"])
+    with pytest.raises(UserError, match=r"--ignore '\*experts.w2' matches no linear"):
+        check_ignore_patterns(model, ["*experts.w2"])

@@ -114,13 +114,17 @@ def ignore_patterns(args: argparse.Namespace) -> list[str] | None:
 
 
 def _linear_paths(model: Any) -> list[str]:
+    """The names --ignore matches: linear modules, and MoE expert stacks (`...experts.down_proj`)."""
     from torch import nn
 
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-    ]
+    paths = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            paths.append(name)
+        elif hasattr(module, "has_gate"):  # a transformers experts module: stacked weights
+            stacks = ("gate_up_proj", "up_proj", "down_proj")
+            paths.extend(f"{name}.{s}" for s in stacks if s in module._parameters)
+    return paths
 
 
 def check_ignore_patterns(model: Any, patterns: list[str] | None) -> None:
