@@ -141,7 +141,7 @@ class LinearQuantEngine(Pass):
         if routers:
             log.info("%s: leaving %d MoE routers in float", self.name, len(routers))
         keep_experts_float = self.weight_method().experts == "float"
-        chosen = []
+        chosen, left_float = [], []
         for node in float_products(program):
             path = product_path(node)
             if self.only and not matches(path, self.only) and node not in sensitive:
@@ -149,10 +149,18 @@ class LinearQuantEngine(Pass):
             if matches(path, self.ignore) or node in routers:
                 continue
             if node.target is EXPERT_LINEAR and keep_experts_float:
-                log.info("%s: leaving the expert stack %s in float", self.name, path)
-                self.stat(program, "expert stacks left in float")
+                left_float.append(path)
                 continue
             chosen.append(node)
+        if left_float:
+            log.warning(
+                "%s: leaving %d MoE expert stacks in float (%s, ...): this method does not "
+                "round experts yet (gptq and rtn do)",
+                self.name,
+                len(left_float),
+                left_float[0],
+            )
+            self.stat(program, "expert stacks left in float", len(left_float))
         return chosen
 
     def _sensitive_linears(self, program: Program) -> set[fx.Node]:
