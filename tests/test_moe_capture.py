@@ -28,6 +28,7 @@ COMMON = dict(
     max_position_embeddings=128,
 )
 MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+# fmt: off
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "Qwen3Moe": ("Qwen3Moe", dict(moe_intermediate_size=32, num_experts=8, head_dim=16)),
     "Qwen2Moe": (
@@ -41,41 +42,21 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "GraniteMoe": ("GraniteMoe", dict(num_local_experts=8)),
     "Glm4Moe": (
         "Glm4Moe",
-        dict(
-            moe_intermediate_size=32,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            head_dim=16,
-            first_k_dense_replace=1,
-        ),
+        dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, head_dim=16,
+             first_k_dense_replace=1),
     ),  # fmt: skip
     "DeepseekV3": (
         "DeepseekV3",
-        dict(
-            moe_intermediate_size=32,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            q_lora_rank=32,
-            first_k_dense_replace=1,
-            n_group=2,
-            topk_group=1,
-            num_key_value_heads=4,
-            **MLA,
-        ),
+        dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, q_lora_rank=32,
+             first_k_dense_replace=1, n_group=2, topk_group=1, num_key_value_heads=4, **MLA),
     ),  # fmt: skip
     "DeepseekV2": (
         "DeepseekV2",
-        dict(
-            moe_intermediate_size=32,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            q_lora_rank=None,
-            first_k_dense_replace=1,
-            num_key_value_heads=4,
-            **MLA,
-        ),
+        dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, q_lora_rank=None,
+             first_k_dense_replace=1, num_key_value_heads=4, **MLA),
     ),  # fmt: skip
 }
+# fmt: on
 
 
 SHARED = ("Qwen2Moe", "Glm4Moe", "DeepseekV3", "DeepseekV2")
