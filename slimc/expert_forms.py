@@ -28,6 +28,18 @@ from slimc.program import Program, node_loc
 
 aten = torch.ops.aten
 EXPERT_LINEAR = torch.ops.slimc.expert_linear.default
+ROW_COPIES = frozenset(
+    {
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.repeat_interleave.self_int,
+        aten.contiguous.default,
+        aten.clone.default,
+    }
+)
+"""Ops that regroup or copy whole rows (a token's per-choice copies feeding its experts): every
+channel keeps its values and its position."""
 EXPERT_STACK_KEY = "expert_stack"
 """`node.meta` key of an `expert_linear`: the name of its stacked weight in the model
 (`model.layers.0.mlp.experts.down_proj`), kept when a pass replaces the weight argument."""
@@ -44,6 +56,13 @@ class ExpertForm:
     ids: fx.Node
     bias: fx.Node | None
     stored_transposed: bool
+
+
+def source_of(node: fx.Node) -> fx.Node:
+    """`node` before reshapes and the per-expert row copies (`ROW_COPIES`)."""
+    while node.op == "call_function" and node.target in ROW_COPIES:
+        node = node.args[0]  # type: ignore[assignment]
+    return node
 
 
 def _val(node: object) -> torch.Tensor | None:

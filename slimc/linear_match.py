@@ -8,12 +8,12 @@ import torch
 from torch import fx
 
 import slimc.ops  # noqa: F401  (registers slimc:: ops)
-from slimc.ir.builder import is_constant
+from slimc.ir.builder import constant_value, is_constant
 from slimc.ops.fused import bound_args
-from slimc.program import SCHEME_KEY
+from slimc.program import SCHEME_KEY, Program
 from slimc.quant.scheme import LinearQuantScheme
 
-__all__ = ["QdqLinear", "match_qdq_experts", "match_qdq_linear"]
+__all__ = ["QdqLinear", "match_qdq_experts", "match_qdq_linear", "qdq_constants"]
 
 aten = torch.ops.aten
 ops = torch.ops.slimc
@@ -90,3 +90,18 @@ def _match_qdq(node: fx.Node, x: object, w: object, bias: object) -> QdqLinear |
         x_quant=q,
         **pieces,
     )
+
+
+def qdq_constants(program: Program, m: QdqLinear) -> dict[str, torch.Tensor | None]:
+    """The constants of a matched quantized linear, named as `QuantizedLinear.from_codes` takes
+    them: codes, weight scale and zero point, bias, and the input range of static activations."""
+    act = m.scheme.activation
+    static = act is not None and not act.dynamic
+    return {
+        "qweight": constant_value(program, m.qweight),
+        "weight_scale": constant_value(program, m.w_scale),
+        "weight_zero_point": constant_value(program, m.w_zero_point),
+        "bias": constant_value(program, m.bias),
+        "input_scale": constant_value(program, m.x_scale) if static else None,
+        "input_zero_point": constant_value(program, m.x_zero_point) if static else None,
+    }

@@ -26,22 +26,29 @@ def matches(path: str | None, patterns: tuple[str, ...]) -> bool:
 
 def float_linears(program: Program) -> list[fx.Node]:
     """`aten.linear` nodes whose weight is still a float constant."""
-    out = []
-    for node in program.graph.find_nodes(op="call_function", target=aten.linear.default):
-        w = node.args[1]
-        if is_constant(w) and tensor_val(w).is_floating_point() and tensor_val(w).dim() == 2:
-            out.append(node)
-    return out
+    return _with_float_weight(program, aten.linear.default, 2)
 
 
 def float_expert_products(program: Program) -> list[fx.Node]:
     """`slimc::expert_linear` nodes whose stacked weight [E, N, K] is still a float constant."""
+    return _with_float_weight(program, EXPERT_LINEAR, 3)
+
+
+def _with_float_weight(program: Program, target: object, rank: int) -> list[fx.Node]:
+    """The `target` nodes whose weight (argument 1) is a float constant of rank `rank`."""
     out = []
-    for node in program.graph.find_nodes(op="call_function", target=EXPERT_LINEAR):
+    for node in program.graph.find_nodes(op="call_function", target=target):
         w = node.args[1]
-        if is_constant(w) and tensor_val(w).is_floating_point() and tensor_val(w).dim() == 3:
+        if is_constant(w) and tensor_val(w).is_floating_point() and tensor_val(w).dim() == rank:
             out.append(node)
     return out
+
+
+def bias_of(linear: fx.Node) -> object:
+    """The bias argument of an `aten.linear` or a `slimc::expert_linear` (None when absent)."""
+    if linear.target is EXPERT_LINEAR:
+        return linear.args[3]
+    return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
 
 
 def float_products(program: Program) -> list[fx.Node]:

@@ -8,7 +8,7 @@ from torch import nn
 from slimc.kernel import eager_impl
 from slimc.ops.experts import per_expert
 from slimc.ops.fused import LinearArgs, fused_linear_for
-from slimc.ops.packing import unpack_int4
+from slimc.ops.packing import pack_int4, unpack_int4
 from slimc.quant.scheme import LinearQuantScheme
 
 
@@ -51,6 +51,32 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("input_scale", input_scale)
         self.register_buffer("input_zero_point", input_zero_point)
+
+    @classmethod
+    def from_codes(
+        cls,
+        scheme: LinearQuantScheme,
+        qweight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        weight_zero_point: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+        input_zero_point: torch.Tensor | None = None,
+    ) -> QuantizedLinear:
+        """The layer of integer codes `qweight` [N, K] (int4 values unpacked) and their scales;
+        static input ranges of any shape with one element."""
+        n, k = qweight.shape
+        return cls(
+            scheme,
+            k,
+            n,
+            pack_int4(qweight) if scheme.weight.bits == 4 else qweight,
+            weight_scale,
+            weight_zero_point,
+            bias,
+            None if input_scale is None else input_scale.reshape(-1),
+            None if input_zero_point is None else input_zero_point.reshape(-1),
+        )
 
     @property
     def group_size(self) -> int:

@@ -11,7 +11,7 @@ from slimc.errors import UserError
 from slimc.ir.builder import constant_value
 from slimc.kernel import binding_of
 from slimc.linear_forms import RECOGNIZED_LINEARS_KEY, TRANSPOSED_WEIGHTS_KEY
-from slimc.linear_match import match_qdq_linear
+from slimc.linear_match import match_qdq_linear, qdq_constants
 from slimc.nn import (
     HadamardInputRotation,
     HadamardRotation,
@@ -20,7 +20,6 @@ from slimc.nn import (
     QuantizedLinear,
 )
 from slimc.ops.fused import bound_args, fused_linear_kind
-from slimc.ops.packing import pack_int4
 from slimc.program import SCHEME_KEY, Program, node_loc
 from slimc.rotate.online import ONLINE_INPUT_ROTATION_KEY, ONLINE_ROTATION_KEY
 from slimc.smooth.shift import NORM_BIAS_KEY
@@ -64,23 +63,7 @@ def quantized_linear_from_qdq(program: Program, node: fx.Node) -> QuantizedLinea
     m = match_qdq_linear(node)
     if m is None:
         return None
-    qweight = constant_value(program, m.qweight)
-    assert qweight is not None
-    n, k = qweight.shape
-    static = m.scheme.activation is not None and not m.scheme.activation.dynamic
-    x_scale = constant_value(program, m.x_scale) if static else None
-    x_zp = constant_value(program, m.x_zero_point) if static else None
-    return QuantizedLinear(
-        m.scheme,
-        k,
-        n,
-        pack_int4(qweight) if m.scheme.weight.bits == 4 else qweight,
-        constant_value(program, m.w_scale),
-        constant_value(program, m.w_zero_point),
-        constant_value(program, m.bias),
-        None if x_scale is None else x_scale.reshape(-1),
-        None if x_zp is None else x_zp.reshape(-1),
-    )
+    return QuantizedLinear.from_codes(m.scheme, **qdq_constants(program, m))
 
 
 def kernel_linear_from_node(program: Program, node: fx.Node) -> KernelLinear:
@@ -255,9 +238,7 @@ def _check_replaceable(program: Program, path: str | None, old: nn.Module | None
     recognized = program.metadata.get(RECOGNIZED_LINEARS_KEY, {})
     if old is not None and path in recognized:
         return
-    raise UserError(
-        f"cannot write back quantized linear {path!r}: not an nn.Linear in the model"
-    )
+    raise UserError(f"cannot write back quantized linear {path!r}: not an nn.Linear in the model")
 
 
 def _replaced_type(old: nn.Module | None) -> str | None:

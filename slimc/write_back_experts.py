@@ -6,10 +6,8 @@ from torch import nn
 
 from slimc.errors import UserError
 from slimc.expert_forms import EXPERT_STACK_KEY
-from slimc.ir.builder import constant_value
-from slimc.linear_match import QdqLinear, match_qdq_experts
+from slimc.linear_match import QdqLinear, match_qdq_experts, qdq_constants
 from slimc.nn import QuantizedExperts, QuantizedLinear
-from slimc.ops.packing import pack_int4
 from slimc.program import Program, node_loc
 
 _STACKS = ("gate_up_proj", "up_proj", "down_proj")
@@ -31,28 +29,19 @@ def quantized_expert_stacks(program: Program) -> dict[str, dict[str, QdqLinear]]
 
 def per_expert_linears(program: Program, m: QdqLinear) -> list[QuantizedLinear]:
     """One `QuantizedLinear` per expert, sliced from the product's stacked codes and scales."""
-    qweight, scale, zp, bias = (
-        constant_value(program, a) for a in (m.qweight, m.w_scale, m.w_zero_point, m.bias)
-    )
-    assert qweight is not None and scale is not None
-    static = m.scheme.activation is not None and not m.scheme.activation.dynamic
-    x_scale = constant_value(program, m.x_scale) if static else None
-    x_zp = constant_value(program, m.x_zero_point) if static else None
-    experts, n, k = qweight.shape
-    four_bit = m.scheme.weight.bits == 4
+    constants = qdq_constants(program, m)
+    stacked = ("qweight", "weight_scale", "weight_zero_point", "bias")  # [E, ...]; ranges shared
+    qweight = constants["qweight"]
+    assert qweight is not None
     return [
-        QuantizedLinear(
+        QuantizedLinear.from_codes(
             m.scheme,
-            k,
-            n,
-            pack_int4(qweight[e]) if four_bit else qweight[e].clone(),
-            scale[e].clone(),
-            None if zp is None else zp[e].clone(),
-            None if bias is None else bias[e].clone(),
-            None if x_scale is None else x_scale.reshape(-1),
-            None if x_zp is None else x_zp.reshape(-1),
+            **{
+                name: t[e].clone() if name in stacked and t is not None else t
+                for name, t in constants.items()
+            },
         )
-        for e in range(experts)
+        for e in range(qweight.shape[0])
     ]
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
+from slimc.expert_forms import ROW_COPIES, source_of
 from slimc.ir.builder import tensor_val
 from slimc.linear_select import EXPERT_LINEAR, routers_of
 from slimc.program import Program, node_loc
@@ -17,22 +18,6 @@ if TYPE_CHECKING:
     from slimc.analysis import AnalysisManager
 
 aten = torch.ops.aten
-_PASS_THROUGH = (
-    aten.view.default,
-    aten.reshape.default,
-    aten._unsafe_view.default,
-    aten.repeat_interleave.self_int,
-    aten.contiguous.default,
-    aten.clone.default,
-)
-"""Ops that only copy or regroup rows: a token's routed copy is the same input as the token."""
-
-
-def source_of(node: fx.Node) -> fx.Node:
-    """`node` before reshapes and the per-expert row copies (`repeat_interleave`)."""
-    while node.op == "call_function" and node.target in _PASS_THROUGH:
-        node = node.args[0]  # type: ignore[assignment]
-    return node
 
 
 @dataclass
@@ -83,7 +68,7 @@ class Experts:
         result = cls()
         for ids, products in by_routing.items():
             routers = routers_of([ids])
-            router = min(routers, key=lambda n: n.name) if len(routers) == 1 else None
+            router = next(iter(routers)) if len(routers) == 1 else None
             experts = int(tensor_val(products[0].args[1]).shape[0])  # type: ignore[arg-type]
             paths = [node_loc(n) or "" for n in products]
             if router is not None:
@@ -113,7 +98,7 @@ def _top_k(ids: fx.Node) -> int | None:
     """How many experts each token is routed to: the last dim of the [tokens, k] expert-choice
     tensor the flat ids are a reshape of (`aten.topk`'s, or a hand-written router's)."""
     node = ids
-    while node.op == "call_function" and node.target in _PASS_THROUGH:
+    while node.op == "call_function" and node.target in ROW_COPIES:
         node = node.args[0]  # type: ignore[assignment]
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim() == 2 and isinstance(val.shape[-1], int):

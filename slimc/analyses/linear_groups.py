@@ -27,8 +27,9 @@ from slimc.analyses.group_types import (
     where,
     where_all,
 )
-from slimc.expert_forms import EXPERT_LINEAR
-from slimc.ir.builder import is_constant, tensor_val
+from slimc.expert_forms import EXPERT_LINEAR, ROW_COPIES, source_of
+from slimc.ir.builder import tensor_val
+from slimc.linear_select import bias_of, float_expert_products, float_linears
 from slimc.program import Program
 
 if TYPE_CHECKING:
@@ -69,12 +70,10 @@ class LinearGroups:
     def compute(cls, program: Program, am: AnalysisManager | None = None) -> LinearGroups:
         result = cls()
         by_input: dict[fx.Node, list[fx.Node]] = {}
-        for node in program.graph.find_nodes(op="call_function", target=aten.linear.default):
-            w = node.args[1]
-            if is_constant(w) and tensor_val(w).is_floating_point() and tensor_val(w).dim() == 2:
-                x = node.args[0]
-                assert isinstance(x, fx.Node)
-                by_input.setdefault(x, []).append(node)
+        for node in float_linears(program):
+            x = node.args[0]
+            assert isinstance(x, fx.Node)
+            by_input.setdefault(x, []).append(node)
         moe_blocks = _moe_block_inputs(program, by_input)
         paths: list[LinearGroup] = []
         for x, (linears, fan_out) in moe_blocks.items():
@@ -183,25 +182,6 @@ def _weights_shared(group: LinearGroup, result: LinearGroups) -> bool:
     return False
 
 
-def bias_of(linear: fx.Node) -> object:
-    """The bias argument of an `aten.linear` or a `slimc::expert_linear` (None when absent)."""
-    if linear.target is EXPERT_LINEAR:
-        return linear.args[3]
-    return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-
-
-_ROW_COPIES = frozenset(
-    {
-        aten.view.default,
-        aten.reshape.default,
-        aten._unsafe_view.default,
-        aten.repeat_interleave.self_int,
-        aten.contiguous.default,
-    }
-)
-"""Ops that regroup or copy whole rows: every channel keeps its values and its position."""
-
-
 def _moe_block_inputs(
     program: Program, by_input: dict[fx.Node, list[fx.Node]]
 ) -> dict[fx.Node, tuple[list[fx.Node], frozenset[fx.Node]]]:
@@ -209,21 +189,14 @@ def _moe_block_inputs(
     linears and expert stacks (the router and shared experts read its tokens, each routed
     expert stack a copy per chosen expert), as {a linear input: (every reader, the copies)}.
     One scale folded into the norm before it smooths the router and every expert at once."""
-    experts = [
-        n
-        for n in program.graph.find_nodes(op="call_function", target=EXPERT_LINEAR)
-        if is_constant(n.args[1]) and tensor_val(n.args[1]).is_floating_point()
-    ]
+    experts = float_expert_products(program)
     blocks: dict[fx.Node, tuple[list[fx.Node], frozenset[fx.Node]]] = {}
     for product in experts:
-        root = product.args[0]
-        assert isinstance(root, fx.Node)
-        while root.op == "call_function" and root.target in _ROW_COPIES:
-            root = root.args[0]  # type: ignore[assignment]
+        root = source_of(product.args[0])  # type: ignore[arg-type]
         copies, readers, todo, ok = set(), [], [root], True
         while todo and ok:
             for user in todo.pop().users:
-                if user.op == "call_function" and user.target in _ROW_COPIES:
+                if user.op == "call_function" and user.target in ROW_COPIES:
                     copies.add(user)
                     todo.append(user)
                 elif user.target is EXPERT_LINEAR and user.args[0] is not None:

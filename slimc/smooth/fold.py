@@ -7,6 +7,7 @@ from torch import fx
 
 from slimc.analyses.activation_stats import ActivationStats
 from slimc.analyses.linear_groups import LinearGroup
+from slimc.linear_select import bias_of
 from slimc.program import Program
 
 
@@ -16,7 +17,7 @@ def _weight(program: Program, node: object) -> torch.Tensor:
 
 
 def _bias_node(linear: fx.Node) -> fx.Node | None:
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    bias = bias_of(linear)
     return bias if isinstance(bias, fx.Node) else None
 
 
