@@ -70,6 +70,7 @@ class LayerTuning(WeightMethod):
     amp: bool
     reads_inputs: ClassVar[bool] = True
     experts: ClassVar[str] = "float"  # its loop tunes linears; expert stacks are not tuned yet
+    calibrates_across_ranks: ClassVar[bool] = False  # its training loop runs on one rank's data
 
     def training_samples(self, program: Program, name: str) -> list[tuple[Any, ...]]:
         """The calibration samples, packed to `seqlen` tokens when they are token ids."""

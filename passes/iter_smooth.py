@@ -33,6 +33,7 @@ class IterSmooth(SmoothingPass):
     """
 
     name = "iter-smooth"
+    calibrates_across_ranks = True  # reads only ActivationStats, which is all-reduced
     cli_role = "anti-outlier"
 
     alpha: float = option(0.9, "Migration strength: 0 keeps activations, 1 moves all to weights.")

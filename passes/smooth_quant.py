@@ -28,6 +28,7 @@ class SmoothQuant(SmoothingPass):
 
     name = "smooth-quant"
     cli_role = "anti-outlier"
+    calibrates_across_ranks = True  # reads only ActivationStats, which is all-reduced
 
     alpha: float = option(0.5, "Migration strength: 0 keeps activations, 1 moves all to weights.")
     enable_subgraph_type: tuple[SubgraphKind, ...] = option(

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimc import distributed
 from slimc.capture import capture, is_hf_causal_lm
 from slimc.errors import UserError
 from slimc.instrumentation import Instrumentation
@@ -146,6 +147,28 @@ def default_calibration(model: nn.Module) -> list[tuple[Any, ...]]:
     return [(ids,) for ids in calibration_samples(tokenizer)]
 
 
+def check_ranks_supported(pm: PassManager) -> None:
+    """Refuse, in a distributed run, a pipeline with a pass whose calibration is not reduced
+    over the ranks (it would search or train on one rank's samples only).
+
+    Raises:
+        UserError: such a pass, named with what to do instead.
+    """
+    if not distributed.active():
+        return
+    refused = [
+        s.name
+        for s in pm.steps
+        if isinstance(s, Pass) and s.needs_calibration and not s.calibrates_across_ranks
+    ]
+    if refused:
+        raise UserError(
+            f"{', '.join(refused)} cannot calibrate across {distributed.world_size()} ranks: "
+            "its search or training reads one rank's samples only (the sensitivity ranking "
+            "too); run it in one process"
+        )
+
+
 def compile_model(
     model: nn.Module,
     passes: str | Sequence[str | Pass] = "",
@@ -170,7 +193,9 @@ def compile_model(
         passes: a pipeline string (`"w8a8-dynamic"`, `"linear-quant{scheme=w4a16},..."`) or a
             list of pass objects / pipeline strings.
         calib: calibration samples (token-id tensors or input tuples). Optional when no pass needs
-            data; for a causal LM with a local tokenizer the default set is used otherwise.
+            data; for a causal LM with a local tokenizer the default set is used otherwise. In
+            a distributed run (`slimc.distributed`) every rank gives the same samples and
+            calibrates on its share; the statistics are reduced over the ranks.
         example_inputs: inputs to capture with (default for causal LMs: random token ids).
         inplace: modify and return `model` itself instead of a copy.
         instrumentations: hooks the pass manager calls around every pass (timing, IR dumps).
@@ -194,12 +219,15 @@ def compile_model(
     if isinstance(passes, Pass):
         passes = [passes]
     pm = PassManager.parse(passes, instrumentations=instrumentations)
+    check_ranks_supported(pm)
     samples = normalize_calibration(calib)
     check_token_ids(model, samples)
     if samples is None and pm.needs_calibration:
         if not is_hf_causal_lm(model):
             raise UserError("this pipeline needs calibration data: pass calib=...")
         samples = default_calibration(model)
+    if samples is not None and pm.needs_calibration:
+        samples = distributed.shard(samples)  # every rank its share (all of them on one)
     if needs_widening(model, compute_dtype):  # weights are read, never written: no copy
         target = model if inplace else copy_sharing_tensors(model)
     else:
@@ -207,7 +235,8 @@ def compile_model(
     program = capture(target, example_inputs, compute_dtype=compute_dtype)
     program.calibration = samples
     spill = SpillArea(work_dir.path / SPILL) if work_dir is not None else None
-    program.context = RunContext(progress=progress, work_dir=work_dir, spill=spill)
+    shown = progress and distributed.rank() == 0  # one bar, not one per rank
+    program.context = RunContext(progress=shown, work_dir=work_dir, spill=spill)
     pm.run(program)
     write_back(target, program)
     target.slimc_program = program  # type: ignore[assignment]

@@ -100,6 +100,10 @@ class Pass(abc.ABC):
     accepts: ClassVar[frozenset[Stage]] = frozenset({Stage.ATEN})
     produces: ClassVar[Stage | None] = None
     needs_calibration: ClassVar[bool] = False
+    calibrates_across_ranks: ClassVar[bool] = False
+    """Whether what the pass gathers from calibration data is reduced over the ranks of a
+    distributed run (`slimc.distributed`); a pass that needs calibration and says no is refused
+    there, since each rank would search on its own samples only."""
     exact: ClassVar[bool] = True
     cli_role: ClassVar[CliRole | None] = None
     """The command-line choice this pass is (None: pipelines only). `slimc quant` offers every

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from slimc import distributed
 from slimc.errors import UserError
 from slimc.export.shards import ShardUnit, write_sharded_checkpoint
 
@@ -131,6 +132,19 @@ class WorkDir:
             raise UserError(f"cannot create work directory {path}: {exc.strerror}") from exc
         return cls(path, fingerprint, created)
 
+    @staticmethod
+    def remove_stale(path: str | os.PathLike[str], key: str) -> None:
+        """Remove the work directory at `path` if it is one whose fingerprint has `key` (a
+        distributed rank's, which no run resumes); anything else there is left alone."""
+        manifest = Path(path).expanduser() / MANIFEST
+        try:
+            stored = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if isinstance(stored, dict) and key in stored.get("fingerprint", {}):
+            log.info("removing %s, left by a distributed run that failed", manifest.parent)
+            shutil.rmtree(manifest.parent)
+
     def journal(self, pass_name: str) -> LayerJournal:
         """The journal of the next pass named `pass_name` (a second one gets its own)."""
         n = self._sections.get(pass_name, 0) + 1
@@ -155,12 +169,13 @@ class WorkDir:
 @contextlib.contextmanager
 def failure_keeps_records(work_dir: WorkDir | None) -> Iterator[None]:
     """On an error inside, keep `work_dir` when it records finished layers (and say how to
-    resume), else remove it: a failure before any layer finished leaves nothing behind."""
+    resume), else remove it: a failure before any layer finished leaves nothing behind. A
+    distributed run (`slimc.distributed`) does not resume: its work directories are removed."""
     try:
         yield
     except BaseException:
         if work_dir is not None:
-            if work_dir.has_records():
+            if work_dir.has_records() and not distributed.active():
                 log.warning(
                     "kept the work directory %s: the same command with --resume continues "
                     "from the layers it records",

@@ -86,9 +86,12 @@ def calibration_from_args(args: argparse.Namespace, tokenizer: Any) -> list[Any]
     return calibration_samples(tokenizer, n=n, seqlen=args.calib_seq_len)
 
 
-def open_work_dir(args: argparse.Namespace, model_dir: Path, pm: Any, calib: Any) -> Any:
-    """The run's work directory (`--work-dir`, default `<save>.work`): created, or with
-    `--resume` reopened after checking it is this run's. None when nothing is saved.
+def open_work_dir(
+    args: argparse.Namespace, model_dir: Path, pm: Any, calib: Any, suffix: str = ""
+) -> Any:
+    """The run's work directory (`--work-dir`, default `<save>.work`, with `suffix` for a
+    rank other than 0 of a distributed run): created, or with `--resume` reopened after
+    checking it is this run's. None when nothing is saved.
 
     Raises:
         UserError: --resume / --work-dir without --save, or a work directory that is not this
@@ -103,6 +106,7 @@ def open_work_dir(args: argparse.Namespace, model_dir: Path, pm: Any, calib: Any
             raise UserError(f"{flag} needs --save (the work directory belongs to a saved run)")
         return None
     path = Path(args.work_dir) if args.work_dir else Path(f"{Path(args.save).expanduser()}.work")
+    path = path.with_name(path.name + suffix)
     model_files = [p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json")]
     samples = [
         t for sample in calib or () for t in (sample if isinstance(sample, tuple) else (sample,))
@@ -112,4 +116,7 @@ def open_work_dir(args: argparse.Namespace, model_dir: Path, pm: Any, calib: Any
         "pipeline": pm.pipeline_spec(include_defaults=True),
         "calibration": fingerprint_tensors(samples),
     }
+    if suffix:  # a rank > 0 of a distributed run: never resumed, so one a failed run left goes
+        fingerprint["rank"] = suffix
+        WorkDir.remove_stale(path, "rank")
     return WorkDir.open(path, fingerprint, resume=args.resume)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -140,31 +141,44 @@ def check_ignore_patterns(model: Any, patterns: list[str] | None) -> None:
 
 
 def cmd_quant(args: argparse.Namespace) -> int:
-    import torch
-
-    import slimc
-    from slimc.data import eval_token_ids, load_causal_lm, model_directory
+    from slimc import distributed
     from slimc.errors import UserError
-    from slimc.evaluate import count_windows, perplexity
-    from slimc.export import save
-    from slimc.export.atomic import check_target
-    from slimc.model_dir import check_float_checkpoint, load_tokenizer
     from slimc.pass_manager import PassManager
-    from slimc.work_dir import failure_keeps_records
 
     # every argument is checked before the model loads: nothing long runs on a bad input
     pipeline = build_pipeline(args)
     pm = PassManager.parse(pipeline)
     if args.save is None and not args.eval:
         raise UserError("nothing to do: give --save DIR and/or --eval N")
-    if args.save is not None:
+    if distributed.init_from_environment(args.dist_timeout):  # started by torchrun
+        try:
+            return _quant_on_ranks(args, pm)
+        finally:
+            distributed.shutdown()
+    return _quant(args, pm)
+
+
+def _quant(args: argparse.Namespace, pm: Any, work_suffix: str = "", save_here: bool = True) -> int:
+    """Load, evaluate, quantize and save as the flags say (`save_here=False`: a rank other
+    than 0 of a distributed run, which calibrates its share and writes no checkpoint)."""
+    import torch
+
+    import slimc
+    from slimc.data import eval_token_ids, load_causal_lm, model_directory
+    from slimc.evaluate import count_windows, perplexity
+    from slimc.export import save
+    from slimc.export.atomic import check_target
+    from slimc.model_dir import check_float_checkpoint, load_tokenizer
+    from slimc.work_dir import failure_keeps_records
+
+    if args.save is not None and save_here:
         inputs = [args.model] if args.model is not None else []
         check_target(args.save, overwrite=args.overwrite, protected=inputs)
     clock = StageClock()  # load = tokenizer, evaluation and calibration tokens, weights
     model_dir = model_directory(args.model)
     check_float_checkpoint(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    ids = eval_token_ids(tokenizer) if args.eval else None
+    ids = eval_token_ids(tokenizer) if args.eval and save_here else None
     if ids is not None:
         count_windows(ids, args.eval)
     calib = None
@@ -173,7 +187,7 @@ def cmd_quant(args: argparse.Namespace) -> int:
         if not pm.needs_calibration:
             print("note: the pipeline calibrates nothing; --calib-data is unused", file=sys.stderr)
             calib = None
-    work_dir = open_work_dir(args, model_dir, pm, calib)  # before the long part starts
+    work_dir = open_work_dir(args, model_dir, pm, calib, work_suffix)  # before the long part
     with failure_keeps_records(work_dir):
         # in the checkpoint's dtype (a bf16 checkpoint stays memory-mapped); every computation
         # below is float32, widening one layer's weights at a time
@@ -193,6 +207,10 @@ def cmd_quant(args: argparse.Namespace) -> int:
         quantized = slimc.compile(model, pm.steps, calib=calib, inplace=True, work_dir=work_dir)
         seconds = time.perf_counter() - start
         clock.lap("capture+passes")  # capture, calibration, quantization
+        if not save_here:
+            if work_dir is not None:
+                work_dir.remove()
+            return 0
         qppl = ""
         delta = ""
         if ids is not None:
@@ -219,6 +237,32 @@ def cmd_quant(args: argparse.Namespace) -> int:
     print(_table(rows))
     print(clock.summary())
     return 0
+
+
+def _quant_on_ranks(args: argparse.Namespace, pm: Any) -> int:
+    """`cmd_quant` as one of several ranks: the calibration samples are split across them and
+    their statistics reduced (`slimc.distributed`); rank 0 evaluates and saves, and prints the
+    table; every rank reports its peak RSS."""
+    from slimc import distributed
+    from slimc.compiler import check_ranks_supported
+    from slimc.errors import UserError
+
+    check_ranks_supported(pm)
+    if args.resume:
+        raise UserError("--resume runs in one process: restart the distributed run instead")
+
+    def stop(signum: int, frame: Any) -> None:  # torchrun stops the others when a rank fails
+        raise SystemExit(128 + signum)  # unwinds: the work directory is removed
+
+    signal.signal(signal.SIGTERM, stop)
+    rank, size = distributed.rank(), distributed.world_size()
+    if rank == 0:
+        print(f"calibrating on {size} ranks", file=sys.stderr)
+        code = _quant(args, pm, work_suffix="")
+    else:  # calibrates its share; writes nothing but its own work directory
+        code = _quant(args, pm, work_suffix=f".rank{rank}", save_here=False)
+    print(f"rank {rank} of {size}: peak RSS {_peak_rss_mb():.0f} MB", file=sys.stderr)
+    return code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -259,7 +303,9 @@ def make_parser() -> argparse.ArgumentParser:
         "quant",
         help="quantize a model with a plain scheme and save it",
         description="Quantize a Hugging Face causal LM (default: the packaged "
-        "SmolLM2-135M-Instruct) and save it.",
+        "SmolLM2-135M-Instruct) and save it. Started by `torchrun --nproc-per-node N -m "
+        "slimc.tools.cli quant ...`, N processes split the calibration samples and reduce "
+        "their statistics (rtn / gptq / ssz, smooth-quant, iter-smooth); rank 0 saves.",
     )
     q.add_argument("--model", default=None, help="HF model directory (default: packaged SmolLM2)")
     q.add_argument(
@@ -351,6 +397,15 @@ def make_parser() -> argparse.ArgumentParser:
         help="continue the run that was stopped (killed, out of memory) from its work "
         "directory: the finished layers are not calibrated again and the checkpoint is the "
         "one an uninterrupted run writes",
+    )
+    q.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="under torchrun (which splits the calibration samples across its processes): how "
+        "long a rank waits for the others at a reduction before the run stops with an error "
+        "(default 1800; rank 0 evaluates --eval alone while the others wait)",
     )
     q.add_argument(
         "--eval",

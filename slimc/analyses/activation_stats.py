@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import fx
 
+from slimc import distributed
 from slimc.analyses.linear_groups import where
+from slimc.ir.builder import tensor_val
 from slimc.linear_select import float_linears
 from slimc.program import Program, node_loc
 from slimc.runner import LayerwiseRunner, Segment
@@ -68,6 +70,29 @@ class ChannelStats:
         )
         self.token_absmax_max = max(self.token_absmax_max, float(per_token.max()))
         self.tokens = total
+
+    def all_reduce(self) -> None:
+        """Make these the statistics of every calibration rank's tokens (`slimc.distributed`):
+        extremes reduced, means weighted by each rank's tokens. A no-op in one process."""
+        if not distributed.active():
+            return
+        assert self.token_absmax_mean is not None and self.token_absmax_max is not None
+        tokens = distributed.reduce_count(self.tokens, "activation token counts")
+        means = (
+            torch.cat([self.absmean, torch.tensor([self.token_absmax_mean], dtype=torch.float64)])
+            * self.tokens
+        )
+        means = distributed.reduce_sum(means, "activation means") / max(tokens, 1)
+        highs = torch.cat(
+            [self.absmax, self.max, torch.tensor([self.token_absmax_max], dtype=torch.float64)]
+        )
+        highs = distributed.reduce_max(highs, "activation maxima")
+        channels = self.absmax.numel()
+        self.absmean, self.token_absmax_mean = means[:channels], float(means[channels])
+        self.absmax, self.max = highs[:channels], highs[channels : 2 * channels]
+        self.token_absmax_max = float(highs[-1])
+        self.min = distributed.reduce_min(self.min, "activation minima")
+        self.tokens = tokens
 
     def subtract(self, shift: torch.Tensor) -> None:
         """The statistics of `x - shift` (per channel). The mean |x| becomes unknown (NaN)."""
@@ -134,6 +159,11 @@ class ActivationStats:
 
         runner = LayerwiseRunner(program, samples)
         runner.run(visit)
+        for x in inputs.values() if distributed.active() else ():
+            # graph order: every rank runs the same collectives in the same order
+            if x not in result.stats:  # a rank never saw it (it ran no sample through it)
+                result.stats[x] = ChannelStats.empty(tensor_val(x).shape[-1])  # type: ignore[arg-type]
+            result.stats[x].all_reduce()
         log.info("activation-stats: %d linear inputs observed", len(result.stats))
         return result
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, fx
 
+from slimc import distributed
 from slimc.linear_select import product_path
 from slimc.program import Program
 from slimc.quant.qparams import QuantizedWeight, quantize_weight
@@ -47,6 +48,21 @@ class ExpertInputs:
     def of(self, expert: int) -> Any:
         """The collector of `expert`, or None when no row was routed to it."""
         return self._collectors.get(expert)
+
+    def all_reduce(self) -> None:
+        """Fold in the other calibration ranks' rows (`slimc.distributed`): the row counts are
+        summed, and every expert some rank saw gets a collector holding the rows of all ranks
+        (one collective per such expert, in expert order). A no-op in one process."""
+        if not distributed.active():
+            return
+        counts = torch.tensor(self.rows, dtype=torch.int64)
+        self.rows = distributed.reduce_sum(counts, "tokens per expert").tolist()
+        for expert, rows in enumerate(self.rows):
+            if rows == 0:
+                continue
+            if expert not in self._collectors:  # routed rows elsewhere only
+                self._collectors[expert] = self._make()
+            self._collectors[expert].all_reduce()
 
     def summary(self) -> str:
         """`tokens per expert: min 0, median 12, max 40` over the stack's experts."""

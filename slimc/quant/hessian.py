@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slimc import distributed
+
 
 class HessianAccumulator:
     """Running average of `2 x x^T` over every row (token) of the inputs given to `update`.
@@ -55,3 +57,15 @@ class HessianAccumulator:
         self.hessian.mul_(self.rows / total)
         self.hessian.addmm_(rows.t(), rows, alpha=2.0 / total)
         self.rows = total
+
+    def all_reduce(self) -> None:
+        """Make this the average over the rows of every calibration rank (`slimc.distributed`):
+        each rank's average weighted by its rows. A no-op in one process."""
+        if not distributed.active():
+            return
+        total = distributed.reduce_count(self.rows, "Hessian row counts")
+        weighted = self.hessian.double() * self.rows
+        summed = distributed.reduce_sum(weighted, "Hessians")
+        self.hessian = (summed / max(total, 1)).to(torch.float32)
+        self.rows = total
+        self._derived.clear()

@@ -123,6 +123,12 @@ class LinearQuantEngine(Pass):
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.sensitive_fraction > 0 or self.observes_inputs(self.weight_method())
 
+    @property
+    def calibrates_across_ranks(self) -> bool:  # type: ignore[override]
+        """Static ranges and input collectors are all-reduced; the sensitivity ranking and a
+        method with its own loop (AutoRound) are not."""
+        return self.sensitive_fraction == 0 and self.weight_method().calibrates_across_ranks
+
     def observes_inputs(self, method: WeightMethod) -> bool:
         """Whether the rewrite runs calibration data: static activations, or a method reading inputs."""
         act = self.quant_scheme().activation
@@ -277,6 +283,9 @@ class LinearQuantEngine(Pass):
                     raise UserError(f"{self.name}: input of {product_path(node)}: {exc}") from None
 
             runner.forward(seg.nodes, dict.fromkeys(first_reader.values(), hook))
+            for gathered in (*observers.values(), *collectors.values()):
+                if gathered is not None:
+                    gathered.all_reduce()  # over the calibration ranks (slimc.distributed)
             last_reader = {node.args[0]: node for node in here}
             for node in here:
                 x, key = node.args[0], linear_key(node)  # the key: before the rewrite

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from slimc import distributed
 from slimc.quant.qparams import calculate_qparams
 from slimc.quant.scheme import TensorQuantSpec
 
@@ -91,6 +92,30 @@ class MinMaxObserver:
         else:  # running sums; divided by num_batches on read
             self._min = self._min + cur_min
             self._max = self._max + cur_max
+
+    def all_reduce(self) -> None:
+        """Fold in what the other calibration ranks observed (`slimc.distributed`); a no-op in
+        one process."""
+        if not distributed.active():
+            return
+        batches = distributed.reduce_count(self.num_batches, "observer batch counts")
+        if batches == 0:
+            return
+        channels = 0 if self._min is None else self._min.numel()
+        if self.spec.granularity == "channel":  # a rank that saw nothing still knows K
+            channels = int(distributed.reduce_max(torch.tensor(channels), "channel counts"))
+        shape = () if self.spec.granularity == "tensor" else (channels,)
+        if self.aggregation == "max":
+            inf = torch.full(shape, float("inf"))
+            lo = self._min if self._min is not None else inf
+            hi = self._max if self._max is not None else -inf
+            self._min = distributed.reduce_min(lo, "observer minima")
+            self._max = distributed.reduce_max(hi, "observer maxima")
+        else:
+            zero = torch.zeros(shape)
+            self._min = distributed.reduce_sum(self._min if self._min is not None else zero)
+            self._max = distributed.reduce_sum(self._max if self._max is not None else zero)
+        self.num_batches = batches
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:
         """(scale float32, zero_point int32) of the min/max shape ([] or [K])."""
@@ -230,6 +255,25 @@ class HistogramObserver:
             best, start, end = err, new_start, new_end
         logger.debug("histogram clip search: %d evaluations, bins [%d, %d]", evals, start, end)
         return lo + width * start, lo + width * (end + 1)
+
+    def all_reduce(self) -> None:
+        """Fold in the histograms of the other calibration ranks (`slimc.distributed`): each
+        rank re-bins its histogram over the range of all ranks, then the bins are summed. A
+        no-op in one process."""
+        if not distributed.active():
+            return
+        inf = torch.tensor(float("inf"), dtype=torch.float64)
+        lo_here = self.min_val.double() if self.min_val is not None else inf
+        hi_here = self.max_val.double() if self.max_val is not None else -inf
+        lo = float(distributed.reduce_min(lo_here, "histogram minima"))
+        hi = float(distributed.reduce_max(hi_here, "histogram maxima"))
+        if self.min_val is None:
+            self.histogram = torch.zeros(self.bins, dtype=torch.float64)
+        elif lo <= hi and (lo, hi) != (float(self.min_val), float(self.max_val)):
+            self.histogram = self._rebin(lo, hi)
+        self.histogram = distributed.reduce_sum(self.histogram, "histograms")
+        if lo <= hi:  # some rank saw data
+            self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:
         """(scale float32, zero_point int32) as 0-d tensors from the searched clip range."""

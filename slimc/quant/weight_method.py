@@ -30,6 +30,9 @@ class WeightMethod:
     `slimc.quant.expert_inputs.round_expert_stack`), `float` leaves them out (a method with its
     own calibration loop over linears)."""
     min_expert_tokens: int = 1
+    calibrates_across_ranks: bool = True
+    """Whether the method's collectors are reduced over distributed ranks (`all_reduce`); a
+    method with its own calibration loop (AutoRound) says no."""
     """A method that reads inputs rounds an expert routed fewer calibration tokens to nearest."""
 
     def input_collector(self, scheme: LinearQuantScheme, k: int) -> Any:
