@@ -14,10 +14,10 @@ from slimc.analyses.residual_stream import ResidualStream
 from slimc.analysis import AnalysisManager
 from slimc.calibration import evenly_spaced
 from slimc.errors import UserError
-from slimc.linear_select import matches
+from slimc.linear_select import matches, product_path
 from slimc.pass_base import OptionError, PassResult, option
 from slimc.pipeline_spec import OptionValue
-from slimc.program import Program, node_loc
+from slimc.program import Program
 from slimc.quant.scheme import QuantTarget
 from slimc.rotate.adapt import LearnedRotation, learn_rotation, pick_rows, quant_error, spread
 from slimc.rotate.residual import ResidualRotation
@@ -71,8 +71,8 @@ class AdaptRotation(ResidualRotation):
     """Adapt Rotation: QuaRot with its hidden-size Hadamard Q refined by a learned rotation R.
 
     After the norms are fused (the program still computes the float model), the inputs X of the
-    stream-reading linears matching `layer-type` (default up_proj: the post-attention norm's
-    output) are recorded on calibration data layer by layer, at most `max-samples` rows spread
+    stream-reading linears matching `layer-type` (default up_proj and gate_up_proj: the
+    post-attention norm's output, MoE expert stacks matched by their name) are recorded on calibration data layer by layer, at most `max-samples` rows spread
     over layers, samples and tokens; they are collected before the rotation and rotated
     analytically, `A = X Q` (what those linears will read). Then, for up to `steps` steps:
     `B = Q_a(A R)` (symmetric per-token fake quantization to `quant-bits`, scale >= 1e-5),
@@ -96,7 +96,9 @@ class AdaptRotation(ResidualRotation):
         "not one (models needing them are refused; quarot rotates them at run time).",
     )
     layer_type: tuple[str, ...] = option(
-        ("up_proj",), "Module-path globs of the stream-reading linears whose inputs are fitted."
+        ("up_proj", "gate_up_proj"),
+        "Module-path globs of the stream-reading linears (or MoE expert stacks) whose inputs are "
+        "fitted.",
     )
     max_samples: int = option(
         2048, "Most input rows fitted, spread over the matched linears, samples and tokens."
@@ -159,7 +161,7 @@ class AdaptRotation(ResidualRotation):
         return hadamard @ learned.rotation
 
     def _fitted_linears(self, stream: ResidualStream) -> list[fx.Node]:
-        chosen = [n for n in stream.readers if matches(node_loc(n), self.layer_type)]
+        chosen = [n for n in stream.readers if matches(product_path(n), self.layer_type)]
         if not chosen:
             raise UserError(
                 f"{self.name}: no linear reading the residual stream matches layer-type="

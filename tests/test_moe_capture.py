@@ -13,6 +13,7 @@ import transformers
 import slimc
 from slimc.analyses.experts import Experts
 from slimc.analyses.linear_groups import LinearGroups
+from slimc.analyses.residual_stream import ResidualStream
 from slimc.capture import capture
 from slimc.ir.builder import is_constant
 from slimc.linear_select import moe_routers
@@ -173,3 +174,37 @@ def test_capture_gives_the_model_back_with_its_own_implementations() -> None:
     )
     assert model.config._attn_implementation == "eager"
     assert model.get_experts_implementation() == experts
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_quarot_rotates_every_expert_like_an_ffn_exactly(family: str) -> None:
+    model = tiny_moe(family)
+    with torch.no_grad():
+        want = model(IDS).logits
+    rotated = slimc.compile(model, "quarot", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(IDS).logits, want, rtol=1e-4, atol=1e-4)
+    program = rotated.slimc_program
+    stream = ResidualStream.compute(program)
+    stacks = [n for n in program.graph.nodes if n.target is torch.ops.slimc.expert_linear.default]
+    ups = [n for n in stacks if n in stream.readers]  # read the normed stream: columns rotate
+    downs = [n for n in stacks if n in stream.writers]  # add into the stream: rows rotate
+    assert len(ups) == len(downs) == len(stacks) // 2 > 0
+    for name, param in rotated.named_parameters():  # the stacks written back were rotated
+        if param.dim() == 3:
+            assert not torch.equal(param, dict(model.named_parameters())[name]), name
+
+
+@pytest.mark.parametrize("family", ["Qwen3Moe", "GptOss", "DeepseekV3"])
+def test_adapt_rotation_fits_on_expert_stack_inputs_exactly(family: str) -> None:
+    model = tiny_moe(family)
+    with torch.no_grad():
+        want = model(IDS).logits
+    calib = [IDS[:1], IDS[1:]]
+    rotated = slimc.compile(model, "adapt-rotation{steps=3}", calib=calib, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(IDS).logits, want, rtol=1e-4, atol=1e-4)
+    program = rotated.slimc_program
+    fitted = program.statistics["adapt-rotation"]["fitted linears"]  # gate_up_proj by default
+    stacks = [n for n in program.graph.nodes if n.target is torch.ops.slimc.expert_linear.default]
+    assert fitted >= len(stacks) // 2 > 0  # every up stack (and dense up_proj layers)

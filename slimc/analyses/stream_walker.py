@@ -17,6 +17,7 @@ from slimc.analyses.stream_types import (
     StreamRefusal,
 )
 from slimc.ir.builder import is_constant
+from slimc.linear_select import EXPERT_LINEAR
 
 if TYPE_CHECKING:
     from slimc.analyses.residual_stream import ResidualStream
@@ -101,14 +102,16 @@ class StreamWalker:
                 self.refuse(node, f"{_op(node)} moves channels of the stream")
                 return
             self.mark(node, tag)
-        elif t is aten.linear.default and channel_op:
+        elif t in (aten.linear.default, EXPERT_LINEAR) and channel_op:
             if not is_constant(node.args[1]):
                 self.refuse(node, "a linear reading the stream has no constant weight")
                 return
-            self.result.readers.append(node)
+            self.result.readers.append(node)  # an expert stack: every expert reads it
             self.reads_mean(node, x)
             if tag is not None:
                 tag.readers.append(node)
+        elif t is aten.repeat_interleave.self_int and channel_op and _copies_rows(node):
+            self.mark(node, tag)  # each token's copies for its chosen experts (MoE)
         elif tag is not None and self.per_token_scaling(node):
             self.mark(node, tag)  # commutes with the norm scale and with the rotation
         elif tag is not None:
@@ -308,11 +311,18 @@ class StreamWalker:
             ):
                 writers[node] = None
                 continue
-            scalar_factor = t in (aten.mul.Tensor, aten.div.Tensor) and isinstance(
-                node.args[1], (int, float)
-            )
-            if scalar_factor or (t in MOVES and keeps_channels(node)):
+            if t is EXPERT_LINEAR and is_constant(node.args[1]):
+                writers[node] = None  # an MoE expert stack: every expert's rows rotate
+                continue
+            factor = _per_token_factor(node)  # a scalar, or a router weight per row
+            if factor is not None:
                 path[node] = None
+                stack.append(factor)
+            elif t in MOVES and keeps_channels(node):
+                path[node] = None
+                stack.append(node.args[0])  # type: ignore[arg-type]
+            elif t is aten.sum.dim_IntList and _sums_rows(node):
+                path[node] = None  # an MoE block's sum over each token's chosen experts
                 stack.append(node.args[0])  # type: ignore[arg-type]
             elif t in (aten.add.Tensor, aten.add_.Tensor) and self.is_sum_of_values(node):
                 # in place (`mlp_out += attn_out`, Falcon): the leak check below makes sure
@@ -346,6 +356,35 @@ class StreamWalker:
             and v.shape[-1] == self.result.hidden
             for a, v in zip(node.args, vals, strict=True)
         )
+
+
+def _per_token_factor(node: fx.Node) -> fx.Node | None:
+    """The operand that `node` scales, when it is `v * s`, `s * v` or `v / s` with `s` a number
+    or one value per row (an MoE router's weight for each chosen expert); else None."""
+    if node.target not in (aten.mul.Tensor, aten.div.Tensor) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if isinstance(a, fx.Node) and _per_token(b) and not _per_token(a):
+        return a
+    if node.target is aten.mul.Tensor and isinstance(b, fx.Node) and _per_token(a):
+        return None if _per_token(b) else b
+    return None
+
+
+def _copies_rows(node: fx.Node) -> bool:
+    """`repeat_interleave(x, n, dim)` along a dim that is not the channels."""
+    val = _tensor(node.args[0])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    return val is not None and isinstance(dim, int) and dim % val.dim() != val.dim() - 1
+
+
+def _sums_rows(node: fx.Node) -> bool:
+    """`sum(v, dims)` over dims that are not the channels (each channel summed alone)."""
+    val = _tensor(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else None
+    if val is None or not isinstance(dims, (list, tuple)) or not dims:
+        return False
+    return all(isinstance(d, int) and d % val.dim() != val.dim() - 1 for d in dims)
 
 
 def _reads_value(user: fx.Node, node: fx.Node) -> bool:

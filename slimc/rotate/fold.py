@@ -12,6 +12,7 @@ from torch import fx
 from slimc.analyses.linear_groups import MOVES, SPLITS, LinearGroup
 from slimc.analyses.residual_stream import NormScale
 from slimc.ir.builder import constant_arg
+from slimc.linear_select import EXPERT_LINEAR
 from slimc.program import Program, node_loc
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,11 @@ aten = torch.ops.aten
 
 WEIGHT, BIAS = 1, 2
 """Argument positions of `aten.linear`'s weight and bias."""
+
+
+def bias_index(linear: fx.Node) -> int:
+    """The bias's argument position: `aten.linear`'s, or `slimc::expert_linear`'s (after ids)."""
+    return 3 if linear.target is EXPERT_LINEAR else BIAS
 
 
 # -- constants -------------------------------------------------------------------------------------
@@ -106,19 +112,20 @@ def _fuse_bias(program: Program, norm: NormScale, scale: torch.Tensor) -> bool:
     bias = stored.detach().double().reshape(-1)
     if not bool(bias.any()):
         return False
-    all_biased = all(constant_arg(r, BIAS) is not None for r in norm.readers)
+    all_biased = all(constant_arg(r, bias_index(r)) is not None for r in norm.readers)
     if all_biased or bool((bias[scale == 0]).any()):
         for reader in norm.readers:
             weight = constant_arg(reader, WEIGHT)
             assert weight is not None
             stored_w = _get(program, weight)
             w = stored_w.detach().double()
-            const = constant_arg(reader, BIAS)
+            const = constant_arg(reader, bias_index(reader))
             if const is None:
                 loc = node_loc(reader) or reader.name
-                zeros = torch.zeros(w.shape[0], dtype=stored_w.dtype)
+                zeros = torch.zeros(w.shape[:-1], dtype=stored_w.dtype)  # [E, N]: a stack
                 const = program.constant_node(program.unique_target(f"{loc}.bias"), zeros, reader)
-                reader.args = (*reader.args[:BIAS], const, *reader.args[BIAS + 1 :])
+                at = bias_index(reader)
+                reader.args = (*reader.args[:at], const, *reader.args[at + 1 :])
                 log.info("%s: given a bias (the LayerNorm bias before it)", loc)
             _update(program, const, lambda c, w=w: c + w @ bias)
         _set(program, norm.carrier.bias, torch.zeros_like(bias).reshape(stored.shape), stored)
@@ -145,7 +152,7 @@ def rotate_output(program: Program, linear: fx.Node, q: torch.Tensor) -> None:
     const = constant_arg(linear, WEIGHT)
     assert const is not None
     _update(program, const, lambda w: q.T @ w)
-    bias = constant_arg(linear, BIAS)
+    bias = constant_arg(linear, bias_index(linear))
     if bias is not None:
         _update(program, bias, lambda b: b @ q)
 

@@ -10,11 +10,9 @@ from torch import fx
 from slimc.analyses.residual_stream import ResidualStream
 from slimc.ir.builder import constant_arg
 from slimc.program import Program
+from slimc.rotate.fold import WEIGHT, bias_index
 
 log = logging.getLogger(__name__)
-
-WEIGHT, BIAS = 1, 2
-"""Argument positions of `aten.linear`'s weight and bias."""
 
 
 def _center(program: Program, const: fx.Node, dim: int) -> None:
@@ -44,11 +42,11 @@ def bake_means(program: Program, stream: ResidualStream) -> int:
     for linear in stream.writers:
         weight = constant_arg(linear, WEIGHT)
         assert weight is not None
-        _center(program, weight, 0)
+        _center(program, weight, -2)  # the output channels ([E, N, K] for an expert stack)
         changed += 1
-        bias = constant_arg(linear, BIAS)
+        bias = constant_arg(linear, bias_index(linear))
         if bias is not None:
-            _center(program, bias, 0)
+            _center(program, bias, -1)
             changed += 1
     log.debug("mean-baked %d constants writing the residual stream", changed)
     return changed

@@ -245,8 +245,8 @@ class ResidualRotation(Pass):
         uses: list[tuple[fx.Node, int]] = [(e, 0) for e in stream.embeddings]
         uses += [(linear, fold.WEIGHT) for linear in inputs]
         uses += [(linear, fold.WEIGHT) for linear in (*stream.readers, *stream.writers)]
-        uses += [(linear, fold.BIAS) for linear in stream.writers]
-        uses += [(linear, fold.BIAS) for norm in stream.norms for linear in norm.readers]
+        uses += [(linear, fold.bias_index(linear)) for linear in stream.writers]
+        uses += [(lin, fold.bias_index(lin)) for norm in stream.norms for lin in norm.readers]
         for head in heads:
             assert head.group.producer is not None
             uses += [(head.group.producer, fold.WEIGHT), (head.group.producer, fold.BIAS)]
