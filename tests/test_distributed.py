@@ -191,3 +191,29 @@ def test_a_lost_rank_stops_the_others_with_an_error_and_nothing_written(
     left = sorted(p.name for p in tmp_path.iterdir())
     # a rank that is killed cannot clean up: the next distributed run removes its directory
     assert left in (["model"], ["model", "out.work.rank1"]), left
+
+
+@pytest.mark.slow
+def test_two_ranks_count_each_experts_tokens_over_both(tmp_path: Path) -> None:
+    from tests.models import tiny_tokenizer
+    from tests.test_moe_capture import tiny_moe
+
+    model = tmp_path / "moe"
+    tiny_moe("Qwen3Moe").save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    gptq = ("--quant-type", "w4a16", "--group-size", "16", "--weight-method", "gptq")
+    gptq += ("--format", "pt2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one_argv = ["-m", "slimc.tools.cli", "-v", *_quant_argv(model, tmp_path / "one", *gptq)]
+    one = subprocess.run(
+        [sys.executable, *one_argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    two = _torchrun("-m", "slimc.tools.cli", "-v", *_quant_argv(model, tmp_path / "two", *gptq))
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+
+    def counts(stderr: str) -> list[str]:
+        lines = stderr.splitlines()
+        return [line.split("INFO ")[-1] for line in lines if "tokens per expert" in line]
+
+    assert counts(one.stderr) and counts(two.stderr) == counts(one.stderr)  # rank 0 logs, summed
+    assert (tmp_path / "two" / "model.pt2").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import resource
 import signal
 import sys
@@ -256,6 +257,8 @@ def _quant_on_ranks(args: argparse.Namespace, pm: Any) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     rank, size = distributed.rank(), distributed.world_size()
+    if rank > 0:  # rank 0 logs the run; the others only what goes wrong
+        logging.getLogger("slimc").setLevel(logging.WARNING)
     if rank == 0:
         print(f"calibrating on {size} ranks", file=sys.stderr)
         code = _quant(args, pm, work_suffix="")
