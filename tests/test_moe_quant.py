@@ -11,7 +11,9 @@ import torch
 
 import slimc
 from slimc.errors import UserError
+from slimc.linear_select import product_path
 from slimc.nn import QuantizedExperts
+from slimc.quant import linear_engine
 from slimc.quant.expert_inputs import ExpertInputs
 from slimc.quant.hessian import HessianAccumulator
 from slimc.quant.qparams import quantize_weight
@@ -215,3 +217,49 @@ def test_cli_ignore_globs_may_name_expert_stacks() -> None:
     check_ignore_patterns(model, ["*.experts.down_proj", "model.layers.1.mlp.experts.*"])
     with pytest.raises(UserError, match=r"--ignore '\*experts.w2' matches no linear"):
         check_ignore_patterns(model, ["*experts.w2"])
+
+
+def test_calibrate_all_experts_gives_every_expert_every_tokens_inputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = tiny_moe("Qwen3Moe")
+    collected: dict[str, ExpertInputs] = {}
+    round_stack = linear_engine.round_expert_stack
+
+    def spy(quant, program, node, weight, spec, inputs, method):  # type: ignore[no-untyped-def]
+        collected[product_path(node)] = inputs
+        return round_stack(quant, program, node, weight, spec, inputs, method)
+
+    monkeypatch.setattr(linear_engine, "round_expert_stack", spy)
+    normed: list[torch.Tensor] = []  # layer 0's MoE input, every token
+    norm = model.model.layers[0].post_attention_layernorm
+    handle = norm.register_forward_hook(lambda m, i, o: normed.append(o.reshape(-1, o.shape[-1])))
+    with torch.no_grad():
+        for ids in CALIB:
+            model(ids)
+    handle.remove()
+    tokens = torch.cat(normed)
+    experts = model.model.layers[0].mlp.experts
+    pipeline = "gptq{scheme=w4a16 group-size=16 calibrate-all-experts=true}"
+    slimc.compile(model, pipeline, calib=CALIB, progress=False)
+    up = collected["model.layers.0.mlp.experts.gate_up_proj"]
+    down = collected["model.layers.0.mlp.experts.down_proj"]
+    assert up.rows == down.rows == [tokens.shape[0]] * experts.num_experts
+    for e in range(experts.num_experts):
+        gate, lin = (tokens @ experts.gate_up_proj[e].detach().T).chunk(2, dim=-1)
+        activations = torch.nn.functional.silu(gate) * lin
+        for inputs, rows in ((up, tokens), (down, activations)):
+            want = HessianAccumulator(rows.shape[-1])
+            want.update(rows)
+            torch.testing.assert_close(inputs.of(e).hessian, want.hessian, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_calibrate_all_experts_reaches_the_weight_method() -> None:
+    from slimc.pass_manager import PassManager
+    from slimc.tools.cli import build_pipeline, make_parser
+
+    argv = ["quant", "--quant-type", "w4a16", "--weight-method", "gptq", "--save", "x"]
+    for extra, want in (([], False), (["--calibrate-all-experts"], True)):
+        args = make_parser().parse_args([*argv, *extra])
+        gptq = PassManager.parse(build_pipeline(args)).steps[0]
+        assert gptq.name == "gptq" and gptq.calibrate_all_experts is want  # type: ignore[attr-defined]

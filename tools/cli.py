@@ -53,6 +53,8 @@ def build_pipeline(args: argparse.Namespace) -> str:
     extra: dict[str, OptionValue] = {}
     if args.observer != "histogram":
         extra["observer"] = (args.observer,)
+    if args.calibrate_all_experts:
+        extra["calibrate-all-experts"] = ("true",)
     ignore = ignore_patterns(args)
     if ignore is not None:
         extra["ignore"] = tuple(ignore) or ("",)
@@ -354,6 +356,13 @@ def make_parser() -> argparse.ArgumentParser:
         default="histogram",
         help="static activation range observer for w8a8 (default histogram: 2048-bin L2 clip "
         "search; minmax: the full observed range)",
+    )
+    q.add_argument(
+        "--calibrate-all-experts",
+        action="store_true",
+        help="MoE models: every expert sees every calibration token for its static ranges and "
+        "gptq / ssz inputs, not only the tokens routed to it (the forward keeps its routing); "
+        "no expert then falls back to round to nearest for lack of tokens",
     )
     ignored = q.add_mutually_exclusive_group()
     ignored.add_argument(

@@ -32,6 +32,7 @@ from slimc.linear_select import (
 from slimc.pass_base import GROUP_SIZE, OptionError, Pass, PassResult, option
 from slimc.pipeline_spec import OptionValue
 from slimc.program import SCHEME_KEY, Program, layer_of, node_loc
+from slimc.quant.all_experts import plan_all_experts
 from slimc.quant.expert_inputs import ExpertInputs, round_expert_stack
 from slimc.quant.observers import HistogramObserver, MinMaxObserver
 from slimc.quant.qdq_rewrite import dequantized_weight, quantized_input
@@ -92,6 +93,11 @@ class LinearQuantEngine(Pass):
     )
     sensitive_probe: SchemeName = option(
         "w4a4", "Scheme (round to nearest) the sensitivity ranking quantizes with."
+    )
+    calibrate_all_experts: bool = option(
+        False,
+        "MoE: give every expert every calibration token for its static ranges and GPTQ / SSZ "
+        "inputs, not only the tokens routed to it (the forward keeps its routing).",
     )
 
     @abc.abstractmethod
@@ -247,6 +253,9 @@ class LinearQuantEngine(Pass):
         act = scheme.activation
         static = act is not None and not act.dynamic
         journal = open_journal(program, self.name, wanted)
+        experts = [n for n in targets if n.target is EXPERT_LINEAR]
+        feeds = plan_all_experts(program, experts) if self.calibrate_all_experts else []
+        fed = {p: feed for feed in feeds for p in feed.products}  # observed through the feed
 
         def visit(seg: Segment, runner: LayerwiseRunner) -> None:
             here = [n for n in seg.nodes if n in wanted]
@@ -270,19 +279,32 @@ class LinearQuantEngine(Pass):
                 if method.reads_inputs and x not in collectors:
                     collectors[x] = self.input_collector(node, scheme, method)
 
-            def hook(node: fx.Node, args: tuple[Any, ...]) -> None:
+            def observe(node: fx.Node, x_rows: torch.Tensor, ids: torch.Tensor | None) -> None:
                 x = node.args[0]
                 try:
                     if (observer := observers.get(x)) is not None:
-                        observer.update(args[0])
+                        observer.update(x_rows)
                     if isinstance(collector := collectors.get(x), ExpertInputs):
-                        collector.update(args[0], args[2])  # each expert its routed rows
+                        collector.update(x_rows, ids)  # each expert its rows
                     elif collector is not None:
-                        collector.update(args[0])
+                        collector.update(x_rows)
                 except ValueError as exc:
                     raise UserError(f"{self.name}: input of {product_path(node)}: {exc}") from None
 
-            runner.forward(seg.nodes, dict.fromkeys(first_reader.values(), hook))
+            def hook(node: fx.Node, args: tuple[Any, ...]) -> None:
+                feed = fed.get(node)
+                if feed is None:
+                    observe(node, args[0], args[2] if node.target is EXPERT_LINEAR else None)
+                elif node is feed.trigger:  # the block's products, each reading every token
+                    feed.feed(args[0], program, observe_first)
+
+            def observe_first(node: fx.Node, x_rows: torch.Tensor, ids: torch.Tensor) -> None:
+                if first_reader.get(node.args[0]) is node:  # gate and up share one input
+                    observe(node, x_rows, ids)
+
+            hooks = dict.fromkeys(first_reader.values(), hook)
+            hooks.update((f.trigger, hook) for f in feeds if f.trigger in seg.nodes)
+            runner.forward(seg.nodes, hooks)
             for gathered in (*observers.values(), *collectors.values()):
                 if gathered is not None:
                     gathered.all_reduce()  # over the calibration ranks (slimc.distributed)
