@@ -6,13 +6,15 @@ Both runs quantize the same model with the same arguments, calibration set and s
 checkpoint and the float model are then measured with `slimc eval` on the wiki windows of the
 evaluation protocol and on held-out text (Python's reference topics, which no calibration set
 uses). The section "Calibration across processes" of docs/benchmarks.md is rewritten between its
-markers; the machine's load before and after is written beside the times.
+markers from a JSON cache (`--cache`), one table per set of `slimc quant` arguments; the
+machine's load before and after is written beside the times.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import shlex
@@ -98,45 +100,50 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def render(args: argparse.Namespace, result: dict[str, Any]) -> str:
-    """The markdown section, markers included."""
-    ppl = result["ppl"]
-    n = args.ranks
+def render_one(result: dict[str, Any]) -> list[str]:
+    """One configuration's lines: the command, the machine and the table."""
+    ppl, n = result["ppl"], result["ranks_count"]
 
-    def delta(label: str, text: str) -> str:
-        return f"{100 * (ppl[label][text] / ppl['one'][text] - 1):+.3f}%"
+    def delta(text: str) -> str:
+        return f"{100 * (ppl['many'][text] / ppl['one'][text] - 1):+.3f}%"
 
     rank_rss = ", ".join(f"rank {r} {mb} MB" for r, mb in sorted(result["ranks"].items()))
-    rows = [
+    return [
+        f"### `{result['command']}`",
+        "",
+        f"{result['date']}, {result['machine']}; machine {result['idle']}. Model: "
+        f"{result['model']}. Held-out text: Python's reference topics "
+        f"({result['held_out_windows']} windows of 512 tokens).",
+        "",
         "| run | wiki PPL (40 windows) | held-out PPL | vs one process | wall s | peak RSS |",
         "|---|---|---|---|---|---|",
         f"| fp32 | {ppl['fp32']['wiki']:.3f} | {ppl['fp32']['held_out']:.3f} | | | |",
         f"| one process | {ppl['one']['wiki']:.3f} | {ppl['one']['held_out']:.3f} | | "
         f"{result['one']['wall_s']:.1f} | {result['one']['peak_rss_kib'] / 1024:.0f} MB |",
         f"| torchrun, {n} ranks | {ppl['many']['wiki']:.3f} | {ppl['many']['held_out']:.3f} | "
-        f"wiki {delta('many', 'wiki')}, held-out {delta('many', 'held_out')} | "
+        f"wiki {delta('wiki')}, held-out {delta('held_out')} | "
         f"{result['many']['wall_s']:.1f} | {rank_rss} |",
+        "",
     ]
-    command = "python -m slimc.tools.bench_distributed " + shlex.join(
-        [*(["--model", args.model] if args.model else []), "--ranks", str(n), "--"]
-        + args.quant_args
-    )
-    return "\n".join(
-        [
-            BEGIN,
-            "## Calibration across processes (torchrun, gloo on CPU)",
-            "",
-            f"`{command}` on {result['date']}, {result['machine']}; machine {result['idle']}.",
-            f"Model: {args.model or 'packaged SmolLM2-135M-Instruct'}. Held-out text: Python's "
-            f"reference topics ({args.held_out_windows} windows of 512 tokens), which no "
-            "calibration set uses. Each rank calibrates on every "
-            f"{n}-th sample. The wall time of the torchrun row is that of {n} processes "
-            "sharing the same cores.",
-            "",
-            *rows,
-            END,
-        ]
-    )
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    """The markdown section, markers included."""
+    lines = [
+        BEGIN,
+        "## Calibration across processes (torchrun, gloo on CPU)",
+        "",
+        "The same `slimc quant` run in one process and on N torchrun ranks (each calibrating on "
+        "every N-th sample, statistics reduced over the ranks). The torchrun wall time is that "
+        "of N processes sharing the same cores. With `--observer minmax` the reductions are "
+        "exact and the checkpoints identical; the histogram observer re-bins its histogram as "
+        "the range widens, so its result depends on the order in which it sees the samples, "
+        "in one process as across ranks (see docs/cli.md).",
+        "",
+    ]
+    for result in results:
+        lines += render_one(result)
+    return "\n".join([*lines[:-1], END])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,13 +153,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=40, help="wiki windows (protocol: 40)")
     parser.add_argument("--held-out-windows", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--cache", type=Path, default=Path("out/bench_distributed.json"))
+    parser.add_argument("--render-only", action="store_true", help="only rewrite the section")
     parser.add_argument("quant_args", nargs="*", help="slimc quant arguments (after --)")
     args = parser.parse_args(argv)
     if not args.quant_args:
         args.quant_args = ["--quant-type", "w8a8"]
-    with tempfile.TemporaryDirectory(prefix="slimc-bench-dist-") as tmp:
-        result = measure(args, Path(tmp))
-    write_section(args.out, render(args, result), BEGIN, END)
+    cache = json.loads(args.cache.read_text()) if args.cache.exists() else {}
+    if not args.render_only:
+        with tempfile.TemporaryDirectory(prefix="slimc-bench-dist-") as tmp:
+            result = measure(args, Path(tmp))
+        command = "python -m slimc.tools.bench_distributed " + shlex.join(
+            [*(["--model", args.model] if args.model else []), "--ranks", str(args.ranks), "--"]
+            + args.quant_args
+        )
+        result.update(
+            command=command,
+            ranks_count=args.ranks,
+            model=args.model or "packaged SmolLM2-135M-Instruct",
+            held_out_windows=args.held_out_windows,
+        )
+        cache[command] = result
+        args.cache.parent.mkdir(parents=True, exist_ok=True)
+        args.cache.write_text(json.dumps(cache, indent=1))
+    write_section(args.out, render(list(cache.values())), BEGIN, END)
     print(f"wrote {args.out}")
     return 0
 
