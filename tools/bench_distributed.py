@@ -43,12 +43,13 @@ def held_out_text(path: Path) -> Path:
 
 
 def timed(command: list[str]) -> tuple[dict[str, Any], str]:
-    """Run `command` under `/usr/bin/time -v`: (its report, its stderr).
+    """Run `command` under `/usr/bin/time -v`: (its report, its stderr). The one process uses
+    every core (torch's default threads); torchrun gives each rank one thread.
 
     Raises:
         RuntimeError: the command failed (its stderr's tail is in the message).
     """
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     run = subprocess.run([TIME, "-v", *command], env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{run.stderr[-3000:]}")
@@ -134,8 +135,8 @@ def render(results: list[dict[str, Any]]) -> str:
         "## Calibration across processes (torchrun, gloo on CPU)",
         "",
         "The same `slimc quant` run in one process and on N torchrun ranks (each calibrating on "
-        "every N-th sample, statistics reduced over the ranks). The torchrun wall time is that "
-        "of N processes sharing the same cores. With `--observer minmax` the reductions are "
+        "every N-th sample, statistics reduced over the ranks). The one process uses every "
+        "core (torch's default threads); torchrun gives each of its N ranks one thread. With `--observer minmax` the reductions are "
         "exact and the checkpoints identical; the histogram observer re-bins its histogram as "
         "the range widens, so its result depends on the order in which it sees the samples, "
         "in one process as across ranks (see docs/cli.md).",
