@@ -118,7 +118,7 @@ def test_print_pipeline_shows_defaults_without_input(slimc_opt) -> None:
     assert res.out == (
         "linear-quant{scheme=w4a16 group-size=64 symmetric=none observer=histogram ignore=lm_head "
         'only="" on-bad-group=fallback sensitive-fraction=0.0 sensitive-modules=*mlp* '
-        "sensitive-probe=w4a4},fuse-quantized-linear\n"
+        "sensitive-probe=w4a4 calibrate-all-experts=false},fuse-quantized-linear\n"
     )
 
 
