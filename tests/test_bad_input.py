@@ -357,7 +357,7 @@ def test_summary_peak_rss_is_taken_after_the_save(model_dir, tmp_path, monkeypat
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(slimc.export, "save", save)
-    monkeypatch.setattr(cli, "_peak_rss_mb", lambda: 2000.0 if saved else 1000.0)
+    monkeypatch.setattr(cli, "peak_rss_mb", lambda: 2000.0 if saved else 1000.0)
     assert main(quant(model_dir, "--save", str(tmp_path / "q"))) == 0
     row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("w8a16"))
     assert row.split()[-1] == "2000"

@@ -1,4 +1,4 @@
-"""Arguments shared by slimc's CLIs: numbers checked at parse time, calibration flags."""
+"""Arguments shared by slimc's CLIs: numbers checked at parse time, calibration flags, --ignore checks."""
 
 from __future__ import annotations
 
@@ -120,3 +120,38 @@ def open_work_dir(
         fingerprint["rank"] = suffix
         WorkDir.remove_stale(path, "rank")
     return WorkDir.open(path, fingerprint, resume=args.resume)
+
+
+def ignore_patterns(args: argparse.Namespace) -> list[str] | None:
+    """The globs `--ignore` / `--no-ignore` ask for: None = the pass default (lm_head)."""
+    if args.no_ignore:
+        return []
+    if args.ignore is None:
+        return None
+    return [g for g in args.ignore if g.strip()]  # `--ignore ''` ignores nothing
+
+
+def _linear_paths(model: Any) -> list[str]:
+    """The names --ignore matches: linear modules, and MoE expert stacks (`...experts.down_proj`)."""
+    from torch import nn
+
+    paths = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            paths.append(name)
+        elif hasattr(module, "has_gate"):  # a transformers experts module: stacked weights
+            stacks = ("gate_up_proj", "up_proj", "down_proj")
+            paths.extend(f"{name}.{s}" for s in stacks if s in module._parameters)
+    return paths
+
+
+def check_ignore_patterns(model: Any, patterns: list[str] | None) -> None:
+    """Refuse an --ignore glob that matches no linear (a typo would quantize lm_head silently)."""
+    from slimc.errors import UserError
+    from slimc.linear_select import matches  # imports torch: not at `slimc --help` time
+
+    linears = _linear_paths(model)
+    for pattern in patterns or ():
+        if not any(matches(path, (pattern,)) for path in linears):
+            example = f" (linears are named like {linears[-1]!r})" if linears else ""
+            raise UserError(f"--ignore {pattern!r} matches no linear of the model{example}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import signal
 import sys
 import time
@@ -18,11 +17,14 @@ from slimc.registry import passes_with_role
 from slimc.tools._cli_args import (
     add_calibration_arguments,
     calibration_from_args,
+    check_ignore_patterns,
     group_size,
+    ignore_patterns,
     int_at_least,
     open_work_dir,
 )
 from slimc.tools._cli_common import run_guarded, setup_logging
+from slimc.tools._cli_report import StageClock, peak_rss_mb, table
 
 FORMATS = ("auto", "compressed-tensors", "ascend-v1", "pt2")
 
@@ -76,71 +78,6 @@ def choose_format(model: Any, requested: str) -> str:
         print(f"saving as pt2: {reason}", file=sys.stderr)
         return "pt2"
     return "compressed-tensors"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-class StageClock:
-    """Wall time per stage of a run, for the summary: `lap(name)` adds the time since the last lap."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
-        self._last = now
-
-    def summary(self) -> str:
-        """`time per stage: load 1.2 s, ...` and a line with the process's peak RSS."""
-        stages = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        return f"time per stage: {stages}\npeak RSS: {kib / 1024:.0f} MB ({kib} KiB)"
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def ignore_patterns(args: argparse.Namespace) -> list[str] | None:
-    """The globs `--ignore` / `--no-ignore` ask for: None = the pass default (lm_head)."""
-    if args.no_ignore:
-        return []
-    if args.ignore is None:
-        return None
-    return [g for g in args.ignore if g.strip()]  # `--ignore ''` ignores nothing
-
-
-def _linear_paths(model: Any) -> list[str]:
-    """The names --ignore matches: linear modules, and MoE expert stacks (`...experts.down_proj`)."""
-    from torch import nn
-
-    paths = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-            paths.append(name)
-        elif hasattr(module, "has_gate"):  # a transformers experts module: stacked weights
-            stacks = ("gate_up_proj", "up_proj", "down_proj")
-            paths.extend(f"{name}.{s}" for s in stacks if s in module._parameters)
-    return paths
-
-
-def check_ignore_patterns(model: Any, patterns: list[str] | None) -> None:
-    """Refuse an --ignore glob that matches no linear (a typo would quantize lm_head silently)."""
-    from slimc.errors import UserError
-    from slimc.linear_select import matches  # imports torch: not at `slimc --help` time
-
-    linears = _linear_paths(model)
-    for pattern in patterns or ():
-        if not any(matches(path, (pattern,)) for path in linears):
-            example = f" (linears are named like {linears[-1]!r})" if linears else ""
-            raise UserError(f"--ignore {pattern!r} matches no linear of the model{example}")
 
 
 def cmd_quant(args: argparse.Namespace) -> int:
@@ -204,7 +141,7 @@ def _quant(args: argparse.Namespace, pm: Any, work_suffix: str = "", save_here: 
             fp32 = perplexity(model, ids, windows=args.eval, compute_dtype=torch.float32)
             fp32_ppl = fp32.ppl
             clock.lap("eval")
-            rows.append(("fp32", f"{fp32.ppl:.3f}", "", "", f"{_peak_rss_mb():.0f}"))
+            rows.append(("fp32", f"{fp32.ppl:.3f}", "", "", f"{peak_rss_mb():.0f}"))
         start = time.perf_counter()
         # the float model is not used again: quantizing it in place saves a full copy of it
         quantized = slimc.compile(model, pm.steps, calib=calib, inplace=True, work_dir=work_dir)
@@ -234,10 +171,10 @@ def _quant(args: argparse.Namespace, pm: Any, work_suffix: str = "", save_here: 
         + ([args.weight_method] if args.weight_method != "rtn" else [])
     )
     # the whole run's peak: quantization, the quantized evaluation and the save included
-    rows.append((label, qppl, delta, f"{seconds:.1f}", f"{_peak_rss_mb():.0f}"))
+    rows.append((label, qppl, delta, f"{seconds:.1f}", f"{peak_rss_mb():.0f}"))
     if ids is not None:
         print(f"\nPPL on {args.eval} windows of 512 tokens (wiki):")
-    print(_table(rows))
+    print(table(rows))
     print(clock.summary())
     return 0
 
@@ -266,7 +203,7 @@ def _quant_on_ranks(args: argparse.Namespace, pm: Any) -> int:
         code = _quant(args, pm, work_suffix="")
     else:  # calibrates its share; writes nothing but its own work directory
         code = _quant(args, pm, work_suffix=f".rank{rank}", save_here=False)
-    print(f"rank {rank} of {size}: peak RSS {_peak_rss_mb():.0f} MB", file=sys.stderr)
+    print(f"rank {rank} of {size}: peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
     return code
 
 
