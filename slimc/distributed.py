@@ -27,9 +27,6 @@ from slimc.errors import UserError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT_S = 600.0
-"""How long a rank waits in a collective for the others before it gives up (seconds)."""
-
 
 class RankLost(UserError):
     """A collective failed: another rank stopped, crashed or did not arrive within the timeout."""
@@ -61,9 +58,10 @@ def backend() -> str:
     return ",".join(backends)
 
 
-def init_from_environment(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+def init_from_environment(timeout_s: float) -> bool:
     """Join the process group the launcher describes (`torchrun` sets `WORLD_SIZE`, `RANK`,
     `MASTER_ADDR`, `MASTER_PORT`); False, and nothing done, when `WORLD_SIZE` is unset or 1.
+    A rank waits `timeout_s` seconds in a reduction for the others before it gives up.
 
     Raises:
         UserError: `timeout_s` is not positive, or the group cannot be formed.
@@ -146,9 +144,3 @@ def reduce_count(count: int, what: str = "a count") -> int:
     if not active():
         return count
     return int(reduce_sum(torch.tensor(count, dtype=torch.int64), what))
-
-
-def barrier(what: str) -> None:
-    """Wait until every rank reaches this point."""
-    if active():
-        _collective(what, dist.barrier)

@@ -44,11 +44,15 @@ def _with_float_weight(program: Program, target: object, rank: int) -> list[fx.N
     return out
 
 
+def bias_index(linear: fx.Node) -> int:
+    """The bias's argument position: `aten.linear`'s, or `slimc::expert_linear`'s (after ids)."""
+    return 3 if linear.target is EXPERT_LINEAR else 2
+
+
 def bias_of(linear: fx.Node) -> object:
     """The bias argument of an `aten.linear` or a `slimc::expert_linear` (None when absent)."""
-    if linear.target is EXPERT_LINEAR:
-        return linear.args[3]
-    return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    at = bias_index(linear)
+    return linear.args[at] if len(linear.args) > at else linear.kwargs.get("bias")
 
 
 def float_products(program: Program) -> list[fx.Node]:

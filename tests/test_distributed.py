@@ -45,7 +45,7 @@ def test_one_process_is_one_rank_and_reductions_are_identities() -> None:
     assert distributed.reduce_sum(t) is t
     assert distributed.reduce_count(5) == 5
     assert distributed.shard([1, 2, 3]) == [1, 2, 3]
-    assert not distributed.init_from_environment()  # WORLD_SIZE unset: nothing joined
+    assert not distributed.init_from_environment(timeout_s=60)  # WORLD_SIZE unset: nothing joined
 
 
 def test_each_rank_takes_every_nth_sample_and_needs_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from torch import fx
 from slimc.analyses.linear_groups import MOVES, SPLITS, LinearGroup
 from slimc.analyses.residual_stream import NormScale
 from slimc.ir.builder import constant_arg
-from slimc.linear_select import EXPERT_LINEAR
+from slimc.linear_select import bias_index
 from slimc.program import Program, node_loc
 
 log = logging.getLogger(__name__)
@@ -20,11 +20,6 @@ aten = torch.ops.aten
 
 WEIGHT, BIAS = 1, 2
 """Argument positions of `aten.linear`'s weight and bias."""
-
-
-def bias_index(linear: fx.Node) -> int:
-    """The bias's argument position: `aten.linear`'s, or `slimc::expert_linear`'s (after ids)."""
-    return 3 if linear.target is EXPERT_LINEAR else BIAS
 
 
 # -- constants -------------------------------------------------------------------------------------

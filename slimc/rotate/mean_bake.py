@@ -9,8 +9,9 @@ from torch import fx
 
 from slimc.analyses.residual_stream import ResidualStream
 from slimc.ir.builder import constant_arg
+from slimc.linear_select import bias_index
 from slimc.program import Program
-from slimc.rotate.fold import WEIGHT, bias_index
+from slimc.rotate.fold import WEIGHT
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from slimc.analyses.linear_groups import LinearGroup, LinearGroups
 from slimc.analyses.residual_stream import ResidualStream
 from slimc.analysis import AnalysisManager
 from slimc.errors import UserError
-from slimc.linear_select import float_linears, matches
+from slimc.linear_select import bias_index, float_linears, matches
 from slimc.pass_base import OptionError, Pass, PassResult, option
 from slimc.pipeline_spec import OptionValue
 from slimc.program import Program, node_loc
@@ -245,8 +245,8 @@ class ResidualRotation(Pass):
         uses: list[tuple[fx.Node, int]] = [(e, 0) for e in stream.embeddings]
         uses += [(linear, fold.WEIGHT) for linear in inputs]
         uses += [(linear, fold.WEIGHT) for linear in (*stream.readers, *stream.writers)]
-        uses += [(linear, fold.bias_index(linear)) for linear in stream.writers]
-        uses += [(lin, fold.bias_index(lin)) for norm in stream.norms for lin in norm.readers]
+        uses += [(linear, bias_index(linear)) for linear in stream.writers]
+        uses += [(lin, bias_index(lin)) for norm in stream.norms for lin in norm.readers]
         for head in heads:
             assert head.group.producer is not None
             uses += [(head.group.producer, fold.WEIGHT), (head.group.producer, fold.BIAS)]
