@@ -136,10 +136,9 @@ def render(results: list[dict[str, Any]]) -> str:
         "",
         "The same `slimc quant` run in one process and on N torchrun ranks (each calibrating on "
         "every N-th sample, statistics reduced over the ranks). The one process uses every "
-        "core (torch's default threads); torchrun gives each of its N ranks one thread. With `--observer minmax` the reductions are "
-        "exact and the checkpoints identical; the histogram observer re-bins its histogram as "
-        "the range widens, so its result depends on the order in which it sees the samples, "
-        "in one process as across ranks (see docs/cli.md).",
+        "core (torch's default threads); torchrun gives each of its N ranks one thread. Both "
+        "observers reduce exactly (extremes; histograms on one power-of-two grid, whose bins "
+        "merge exactly), so the checkpoints are identical.",
         "",
     ]
     for result in results:

@@ -291,8 +291,9 @@ def make_parser() -> argparse.ArgumentParser:
         "--observer",
         choices=("minmax", "histogram"),
         default="histogram",
-        help="static activation range observer for w8a8 (default histogram: 2048-bin L2 clip "
-        "search; minmax: the full observed range)",
+        help="static activation range observer for w8a8 (default histogram: L2 clip search "
+        "over a histogram of up to 4096 bins, independent of sample order; minmax: the full "
+        "observed range)",
     )
     q.add_argument(
         "--calibrate-all-experts",

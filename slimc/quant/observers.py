@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 from typing import Literal
 
 import torch
@@ -129,74 +130,92 @@ class MinMaxObserver:
 class HistogramObserver:
     """Per-tensor running histogram plus an L2-error clip search (after torch.ao / msModelSlim).
 
-    The histogram covers [min_val, max_val] with `bins` equal bins. When a batch widens the range,
-    the old histogram is re-binned by splitting each bin into `upsample_rate` uniform sub-bins and
-    dropping their mass into the new bins. `calculate_qparams` searches a clip range [lo, hi] that
+    Bins lie on a fixed grid: bin i covers [i * w, (i + 1) * w) with w a power of two, at most
+    `bins` bins between the smallest and largest value seen. When a batch widens the range past
+    `bins` bins, w doubles and neighbouring bins merge pairwise, which is exact: the histogram
+    is the one binning every value at the final w would give, whatever the order of the batches
+    or the ranks they were split over. `calculate_qparams` searches a clip range [lo, hi] that
     minimises the histogram-estimated quantization noise (rounding inside + clipping outside).
     """
 
     STEP = 1e-5  # probability mass moved per search step
+    CHUNK = 1 << 22  # values binned at a time (bounds the int64 index buffer)
+    FINEST = 40  # the grid is never finer than max|x| * 2**-FINEST (constant inputs)
+    MIN_EXPONENT = -100  # nor finer than 2**-100 (2**100 still scales float32 exactly)
 
-    def __init__(self, spec: TensorQuantSpec, bins: int = 2048, upsample_rate: int = 16) -> None:
+    def __init__(self, spec: TensorQuantSpec, bins: int = 4096) -> None:
         if spec.granularity != "tensor":
             raise ValueError(
                 f"HistogramObserver is per tensor only, got granularity {spec.granularity!r}"
             )
-        if bins < 1 or upsample_rate < 1:
-            raise ValueError(
-                f"bins and upsample_rate must be positive, got {bins}, {upsample_rate}"
-            )
+        if bins < 2:
+            raise ValueError(f"bins must be at least 2, got {bins}")
         self.spec = spec
         self.bins = bins
-        self.upsample_rate = upsample_rate
-        self.histogram = torch.zeros(bins, dtype=torch.float64)
-        self._edge_index = torch.arange(bins + 1, dtype=torch.float64)
+        self.exponent = 0  # bin width 2**exponent
+        self.first = 0  # grid index of histogram[0]
+        self.histogram = torch.zeros(0, dtype=torch.float64)
         self.min_val: Tensor | None = None
         self.max_val: Tensor | None = None
 
     # ------------------------------------------------------------------ accumulation
 
-    def _histc(self, x: Tensor, lo: float, hi: float) -> Tensor:
-        if hi <= lo:  # degenerate (constant) range: all mass in bin 0
-            hist = torch.zeros(self.bins, dtype=torch.float64)
-            hist[0] = x.numel()
-            return hist
-        return torch.histc(x, self.bins, min=lo, max=hi).to(torch.float64)
+    @property
+    def width(self) -> float:
+        """The bin width, 2**exponent."""
+        return math.ldexp(1.0, self.exponent)
 
-    def _rebin(self, lo: float, hi: float) -> Tensor:
-        """The current histogram, re-expressed over the wider range [lo, hi]."""
-        old_lo, old_hi = float(self.min_val), float(self.max_val)  # type: ignore[arg-type]
-        new_width = (hi - lo) / self.bins
-        if old_hi <= old_lo:
-            idx = min(int((old_lo - lo) / new_width), self.bins - 1)
-            out = torch.zeros(self.bins, dtype=torch.float64)
-            out[idx] = self.histogram.sum()
-            return out
-        rate = self.upsample_rate
-        fine = self.histogram.repeat_interleave(rate) / rate
-        fine_width = (old_hi - old_lo) / (self.bins * rate)
-        mids = old_lo + (torch.arange(self.bins * rate, dtype=torch.float64) + 0.5) * fine_width
-        idx = torch.clamp(torch.floor((mids - lo) / new_width), 0, self.bins - 1).to(torch.long)
-        return torch.bincount(idx, weights=fine, minlength=self.bins)
+    def _grid_exponent(self, lo: float, hi: float) -> int:
+        """The smallest exponent whose grid spans [lo, hi] in at most `bins` bins (and no
+        finer than FINEST bits below max |x|, nor than 2**MIN_EXPONENT): a function of lo and
+        hi only, and never smaller for a wider range."""
+        magnitude = max(abs(lo), abs(hi))
+        e = max(math.frexp(magnitude)[1] - self.FINEST, self.MIN_EXPONENT)
+        if hi > lo:
+            e = max(e, math.frexp((hi - lo) / self.bins)[1] - 1)
+        while math.floor(math.ldexp(hi, -e)) - math.floor(math.ldexp(lo, -e)) + 1 > self.bins:
+            e += 1
+        return e
+
+    def _regrid(self, lo: float, hi: float) -> None:
+        """Re-express the histogram on the grid of [lo, hi] (a range that contains the current
+        one, so its bin width is the same or a power of two coarser and bins merge exactly)."""
+        exponent = self._grid_exponent(lo, hi)
+        first = math.floor(math.ldexp(lo, -exponent))
+        span = math.floor(math.ldexp(hi, -exponent)) - first + 1
+        old = torch.arange(self.histogram.numel(), dtype=torch.long) + self.first
+        shift = min(exponent - self.exponent, 62)  # grid indices stay below 2**(FINEST + 1)
+        index = torch.div(old, 1 << shift, rounding_mode="floor") - first
+        self.histogram = torch.bincount(index, weights=self.histogram, minlength=span)
+        self.exponent, self.first = exponent, first
+        self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
+
+    def _bin(self, x: Tensor) -> Tensor:
+        """Counts of x's float32 values per bin of the current grid (x within [min_val,
+        max_val]). Exact in float32: scaling by a power of two is exact, floor(v) and `first`
+        are integers float32 holds, and their difference (< bins) is rounded to itself."""
+        span = self.histogram.numel()
+        counts = torch.zeros(span, dtype=torch.float64)
+        inv, first = math.ldexp(1.0, -self.exponent), float(self.first)
+        for chunk in x.split(self.CHUNK):
+            index = (chunk * inv).floor_().sub_(first).to(torch.int32)
+            counts += torch.bincount(index, minlength=span).to(torch.float64)
+        return counts
 
     def update(self, x: Tensor) -> None:
-        """Add one batch to the histogram, widening (and re-binning) the range if needed."""
+        """Add one batch to the histogram, widening the grid when the range needs it."""
         xf = _float32(x).flatten()
         if xf.numel() == 0:
             return
         batch_min, batch_max = torch.aminmax(xf)
         _check_finite(batch_min, batch_max, "HistogramObserver.update")
-        x_min, x_max = float(batch_min), float(batch_max)
+        lo, hi = float(batch_min), float(batch_max)
         if self.min_val is None or self.max_val is None:
-            self.min_val, self.max_val = torch.tensor(x_min), torch.tensor(x_max)
-            self.histogram = self._histc(xf, x_min, x_max)
-            return
-        old_lo, old_hi = float(self.min_val), float(self.max_val)
-        lo, hi = min(old_lo, x_min), max(old_hi, x_max)
-        if (lo, hi) != (old_lo, old_hi):
-            self.histogram = self._rebin(lo, hi)
-            self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
-        self.histogram = self.histogram + self._histc(xf, lo, hi)
+            self.exponent = self._grid_exponent(lo, hi)
+        else:
+            lo, hi = min(lo, float(self.min_val)), max(hi, float(self.max_val))
+        self._regrid(lo, hi)
+        self.histogram = self.histogram + self._bin(xf)
 
     # ------------------------------------------------------------------ clip search
 
@@ -208,13 +227,12 @@ class HistogramObserver:
         outermost level beyond the range). Per source bin, assuming uniform density,
         error = density * (F(end) - F(begin)); F has a closed form per level.
         """
-        lo, hi = float(self.min_val), float(self.max_val)  # type: ignore[arg-type]
-        width = (hi - lo) / self.bins
+        width = self.width
         nlevels = self.spec.qmax - self.spec.qmin + 1
         d = width * (end_bin - start_bin + 1) / nlevels
         if d == 0.0:
             return 0.0
-        edges = (self._edge_index - start_bin) * width
+        edges = (torch.arange(self.histogram.numel() + 1, dtype=torch.float64) - start_bin) * width
         k = torch.clamp(torch.floor(edges / d), 0, nlevels - 1)
         u = edges - k * d - d / 2
         f = k * (d**3 / 12) + (u**3 + (d / 2) ** 3) / 3
@@ -222,17 +240,17 @@ class HistogramObserver:
         return float((density * (f[1:] - f[:-1])).sum())
 
     def clip_range(self) -> tuple[float, float]:
-        """(clip_min, clip_max) minimising the estimated L2 quantization error."""
+        """(clip_min, clip_max) minimising the estimated L2 quantization error, within
+        [min_val, max_val]."""
         if self.min_val is None or self.max_val is None:
             raise ValueError("HistogramObserver: no data observed; call update() first")
         lo, hi = float(self.min_val), float(self.max_val)
         if hi <= lo:
             return lo, hi
-        width = (hi - lo) / self.bins
         csum = torch.cumsum(self.histogram, 0).tolist()
         total = csum[-1]
         alpha, beta = 0.0, 1.0
-        start, end = 0, self.bins - 1
+        start, end = 0, len(csum) - 1
         best = float("inf")
         evals = 0
         while alpha < beta:
@@ -254,12 +272,14 @@ class HistogramObserver:
                 break
             best, start, end = err, new_start, new_end
         logger.debug("histogram clip search: %d evaluations, bins [%d, %d]", evals, start, end)
-        return lo + width * start, lo + width * (end + 1)
+        width = self.width
+        return max(lo, (self.first + start) * width), min(hi, (self.first + end + 1) * width)
 
     def all_reduce(self) -> None:
         """Fold in the histograms of the other calibration ranks (`slimc.distributed`): each
-        rank re-bins its histogram over the range of all ranks, then the bins are summed. A
-        no-op in one process."""
+        rank moves its histogram to the grid of all ranks' range (bins merge exactly), then the
+        bins are summed, so the result equals one process that saw every batch. A no-op in one
+        process."""
         if not distributed.active():
             return
         inf = torch.tensor(float("inf"), dtype=torch.float64)
@@ -267,13 +287,12 @@ class HistogramObserver:
         hi_here = self.max_val.double() if self.max_val is not None else -inf
         lo = float(distributed.reduce_min(lo_here, "histogram minima"))
         hi = float(distributed.reduce_max(hi_here, "histogram maxima"))
+        if lo > hi:  # no rank saw data
+            return
         if self.min_val is None:
-            self.histogram = torch.zeros(self.bins, dtype=torch.float64)
-        elif lo <= hi and (lo, hi) != (float(self.min_val), float(self.max_val)):
-            self.histogram = self._rebin(lo, hi)
+            self.exponent = self._grid_exponent(lo, hi)
+        self._regrid(lo, hi)
         self.histogram = distributed.reduce_sum(self.histogram, "histograms")
-        if lo <= hi:  # some rank saw data
-            self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:
         """(scale float32, zero_point int32) as 0-d tensors from the searched clip range."""

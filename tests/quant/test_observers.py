@@ -99,25 +99,58 @@ def test_histogram_clips_outliers():
 
 
 def test_histogram_matches_torch_ao_search():
+    """One batch (torch.ao re-bins nothing): both searches land on the same clip range within
+    two of torch.ao's bins."""
     from torch.ao.quantization.observer import HistogramObserver as TorchHistogram
 
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(3000), torch.randn(5000) * 2 + 1, torch.rand(200) * 12])
     ours = HistogramObserver(PER_TENSOR_ASYM)
     ref = TorchHistogram(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-    for x in (torch.randn(3000), torch.randn(5000) * 2 + 1, torch.rand(200) * 12):
-        ours.update(x)
-        ref(x)
-    # re-binning differs only where a sub-bin midpoint sits on a bin edge (float32 vs float64)
-    assert float(ours.histogram.sum()) == pytest.approx(float(ref.histogram.sum()))
-    assert float((ours.histogram - ref.histogram.double()).abs().sum()) < 2.0
+    ours.update(x)
+    ref(x)
+    assert float(ours.histogram.sum()) == float(ref.histogram.sum()) == x.numel()
     ref_min, ref_max = ref._non_linear_param_search()
     clip_min, clip_max = ours.clip_range()
-    bin_width = float(ours.max_val - ours.min_val) / ours.bins
-    assert clip_min == pytest.approx(float(ref_min), abs=2 * bin_width)
-    assert clip_max == pytest.approx(float(ref_max), abs=2 * bin_width)
+    ref_width = float(ref.max_val - ref.min_val) / ref.bins
+    assert clip_min == pytest.approx(float(ref_min), abs=2 * ref_width)
+    assert clip_max == pytest.approx(float(ref_max), abs=2 * ref_width)
     assert clip_max - clip_min < float(ours.max_val - ours.min_val)
 
 
-@pytest.mark.parametrize("value", [0.0, 3.5, -2.0])
+def _histogram_of(batches):
+    obs = HistogramObserver(PER_TENSOR_ASYM, bins=256)
+    for batch in batches:
+        obs.update(batch)
+    return obs
+
+
+def test_histogram_is_independent_of_batch_order():
+    """The grid is a function of the overall range, and coarsening merges bins exactly, so any
+    order of the batches gives the same histogram and clip range, bit for bit."""
+    torch.manual_seed(1)
+    batches = [
+        torch.full((7,), 0.25),  # constant first: the finest grid
+        torch.randn(500) * 1e-3,
+        torch.randn(2000),
+        torch.randn(300) * 40 + 5,  # widens past the grid several times
+        torch.rand(100) * -90,
+    ]
+    want = _histogram_of(batches)
+    whole = _histogram_of([torch.cat(batches)])
+    for order in ([4, 3, 2, 1, 0], [2, 0, 4, 1, 3], [1, 3, 0, 2, 4]):
+        got = _histogram_of([batches[i] for i in order])
+        assert torch.equal(got.histogram, want.histogram)
+        assert (got.exponent, got.first) == (want.exponent, want.first)
+        assert got.clip_range() == want.clip_range()
+    assert torch.equal(whole.histogram, want.histogram)
+    assert float(want.histogram.sum()) == sum(b.numel() for b in batches)
+    assert want.bins // 2 < want.histogram.numel() <= want.bins  # the grid is as fine as fits
+    lo, hi = want.clip_range()
+    assert float(want.min_val) <= lo < hi <= float(want.max_val)
+
+
+@pytest.mark.parametrize("value", [0.0, 3.5, -2.0, 1e-35, 1e30])
 def test_histogram_constant_input(value):
     for spec in (PER_TENSOR_ASYM, PER_TENSOR_SYM):
         obs = HistogramObserver(spec)
