@@ -99,6 +99,21 @@ def moe_routers(program: Program) -> set[fx.Node]:
     return routers_of(seeds)
 
 
+def moe_gates(program: Program) -> set[fx.Node]:
+    """The linears of a MoE model that choose or weigh experts rather than compute features: its
+    routers, and single-output linears such as Qwen2-MoE's `shared_expert_gate` (a sigmoid
+    weight on the shared expert; serving engines keep it unquantized). Empty for dense models."""
+    routers = moe_routers(program)
+    if not routers:
+        return routers
+    single = {
+        node
+        for node in program.graph.find_nodes(op="call_function", target=aten.linear.default)
+        if is_constant(node.args[1]) and tensor_val(node.args[1]).shape[0] == 1
+    }
+    return routers | single
+
+
 def routers_of(seeds: list[fx.Node]) -> set[fx.Node]:
     """The linears `seeds` are computed from without passing through another projection."""
     seeds = list(seeds)

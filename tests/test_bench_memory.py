@@ -85,9 +85,13 @@ def test_uncapped_run_writes_a_tool_check_row_between_the_markers(tmp_path, caps
     doc.write_text(f"# Benchmarks\n\n{bench_memory.BEGIN}\nold\n{bench_memory.END}\n\ntail\n")
     cache = tmp_path / "cache.json"
     argv = ["--model", str(model), "--preset", "w8a8-dynamic", "--tool-check", "--threads", "1"]
-    assert bench_memory.main([*argv, "--out", str(doc), "--cache", str(cache)]) == 0, (
-        capsys.readouterr().err
-    )
+    argv += ["--out", str(doc), "--cache", str(cache)]
+    before = doc.read_text()
+    with pytest.raises(SystemExit, match="is missing"):  # the section's rows would be lost
+        bench_memory.main(argv)
+    assert doc.read_text() == before
+    cache.write_text("{}")
+    assert bench_memory.main(argv) == 0, capsys.readouterr().err
     (row,) = json.loads(cache.read_text()).values()
     assert row["exit_status"] == 0 and row["peak_rss_kib"] > 50_000
     assert 0 < row["peak_anon_kib"] <= row["peak_rss_kib"]

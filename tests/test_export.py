@@ -312,7 +312,7 @@ def test_existing_directory(compiled, tmp_path, monkeypatch):
     from slimc.export import compressed_tensors as ct
 
     with monkeypatch.context() as m:
-        m.setattr(ct, "_finish_config", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        m.setattr(ct, "_finish_config", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
         with pytest.raises(RuntimeError):
             slimc.save(q, target, overwrite=True)
     assert (target / "marker").exists()

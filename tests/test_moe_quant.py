@@ -3,6 +3,7 @@ rows, and the written-back model (QuantizedExperts) computes what the program co
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -167,25 +168,21 @@ def test_ignore_matches_expert_stacks_by_name() -> None:
         assert module.module.down_proj.dtype == torch.float32  # left float, still in place
 
 
-def test_cli_saves_a_quantized_moe_model_as_pt2_and_refuses_other_formats(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_cli_saves_a_quantized_moe_model_as_pt2_by_default_and_as_ascend_v1_on_request(
+    tmp_path: Path,
 ) -> None:
     model_dir = tmp_path / "moe"
     tiny_moe("Qwen3Moe").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     args = ["quant", "--model", str(model_dir), "--quant-type", "w8a8-dynamic", "--save"]
     assert main([*args, str(tmp_path / "auto")]) == 0
-    err = capsys.readouterr().err
-    assert "saving as pt2: the quantized MoE experts of model.layers.0.mlp.experts" in err
     assert (tmp_path / "auto" / "model.pt2").is_file()
     loaded = slimc.load(tmp_path / "auto")
     with torch.no_grad():
         assert _logits(loaded(IDS)).shape == (2, 12, 128)
-    for fmt in ("compressed-tensors", "ascend-v1"):
-        assert main([*args, str(tmp_path / fmt), "--format", fmt]) != 0
-        lines = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
-        assert len(lines) == 1 and "quantized MoE experts" in lines[0] and "pt2" in lines[0]
-        assert not (tmp_path / fmt).exists()
+    assert main([*args, str(tmp_path / "ascend"), "--format", "ascend-v1"]) == 0
+    description = json.loads((tmp_path / "ascend" / "quant_model_description.json").read_text())
+    assert description["model.layers.1.mlp.experts.7.down_proj.weight"] == "W8A8_DYNAMIC"
 
 
 def test_resumed_gptq_on_experts_replays_the_finished_layer_bitwise(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimc.tools.bench_linear_quant import machine, write_section
+from slimc.tools.bench_linear_quant import load_cache, machine, write_section
 
 QUANT_PASSES = ("canonicalize", "linear-quant", "fuse-quantized-linear")
 """Passes counted as quantization (the rest of a pipeline's time is its search / transform)."""
@@ -133,7 +133,7 @@ class Suite:
             row = run_one(args.pipeline, args.windows, args.calib_samples)
             args.json.write_text(json.dumps(row))
             return 0
-        cache: dict[str, Row] = json.loads(args.cache.read_text()) if args.cache.exists() else {}
+        cache: dict[str, Row] = load_cache(args.cache, args.out, self.begin, self.end)
         if not args.render_only:
             self._measure(args, cache, argv)
         write_section(args.out, self.render(cache, args.peer_results), self.begin, self.end)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from slimc.tools.bench_linear_quant import write_section
+from slimc.tools.bench_linear_quant import load_cache, write_section
 from slimc.tools.bench_memory import TIME, cpu_model, idle_note, load_average, parse_time_v
 
 BEGIN = "<!-- bench_distributed:begin -->"
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.quant_args:
         args.quant_args = ["--quant-type", "w8a8"]
-    cache = json.loads(args.cache.read_text()) if args.cache.exists() else {}
+    cache = load_cache(args.cache, args.out, BEGIN, END)
     if not args.render_only:
         with tempfile.TemporaryDirectory(prefix="slimc-bench-dist-") as tmp:
             result = measure(args, Path(tmp))

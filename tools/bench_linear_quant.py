@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 CONFIGS: dict[str, str] = {
     "fp32": "",
@@ -122,6 +123,21 @@ def render_peers(results_dir: Path) -> list[str]:
             f"{r.get('quant_s', 0.0):.1f} | {r.get('peak_rss_mb', 0.0):.0f} |"
         )
     return lines
+
+
+def load_cache(cache: Path, doc: Path, begin: str, end: str) -> dict[str, Any]:
+    """The rows cached in `cache`; an error when it is missing while `doc` already has the
+    section: rendering from an empty cache would drop the rows measured before."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+    text = doc.read_text() if doc.exists() else ""
+    if begin in text and end in text:
+        raise SystemExit(
+            f"error: {cache} is missing, and {doc} already holds the section it renders; "
+            "running now would drop the rows measured before. Restore the cache (an earlier "
+            "run wrote it) or remove the section from the document first."
+        )
+    return {}
 
 
 def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:

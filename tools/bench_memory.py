@@ -30,7 +30,7 @@ from slimc.errors import UserError
 from slimc.tools._anon_sampler import AnonSampler
 from slimc.tools._cli_common import run_guarded, setup_logging
 from slimc.tools._memory_cap import require_memory_cap
-from slimc.tools.bench_linear_quant import write_section
+from slimc.tools.bench_linear_quant import load_cache, write_section
 
 BEGIN = "<!-- bench_memory:begin -->"
 END = "<!-- bench_memory:end -->"
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def body() -> int:
-        cache: dict[str, Row] = json.loads(args.cache.read_text()) if args.cache.exists() else {}
+        cache: dict[str, Row] = load_cache(args.cache, args.out, BEGIN, END)
         status = 0
         if not args.render_only:
             row = run(args)

@@ -65,19 +65,16 @@ def build_pipeline(args: argparse.Namespace) -> str:
 
 
 def choose_format(model: Any, requested: str) -> str:
-    """`--format auto`: compressed-tensors when it can hold the model, else slimc's pt2."""
+    """`--format auto`: compressed-tensors when it can hold the model and transformers can load
+    it back, else slimc's pt2 (the reason is printed)."""
     if requested != "auto":
         return requested
-    from slimc.errors import UserError
-    from slimc.export.compressed_tensors import check_expressible
+    from slimc.export import auto_format
 
-    try:
-        check_expressible(model)
-    except UserError as exc:
-        reason = str(exc).split(";")[0]
+    chosen, reason = auto_format(model)
+    if reason is not None:
         print(f"saving as pt2: {reason}", file=sys.stderr)
-        return "pt2"
-    return "compressed-tensors"
+    return chosen
 
 
 def cmd_quant(args: argparse.Namespace) -> int:
@@ -323,7 +320,9 @@ def make_parser() -> argparse.ArgumentParser:
         default="auto",
         help="output format: auto (default) = compressed-tensors, loadable by transformers, "
         "when it can express the model, else pt2 (read by slimc eval and slimc.load); "
-        "ascend-v1 = msModelSlim's AscendV1 for MindIE / vLLM-Ascend",
+        "compressed-tensors also writes quantized MoE experts, one linear per expert as vLLM "
+        "reads them (transformers cannot load those); ascend-v1 = msModelSlim's AscendV1 for "
+        "MindIE / vLLM-Ascend",
     )
     q.add_argument("--save", default=None, metavar="DIR", help="output directory")
     q.add_argument(

@@ -12,23 +12,36 @@ from slimc.errors import UserError, first_line
 from slimc.export import ascend_v1, compressed_tensors, pt2
 from slimc.export.atomic import atomic_directory, check_target
 
-__all__ = ["FORMATS", "load", "resolve_format", "save"]
+__all__ = ["FORMATS", "auto_format", "load", "resolve_format", "save"]
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors", "ascend-v1", "pt2", "auto")
 
 
-def resolve_format(model: Any, format: str) -> str:  # noqa: A002 - the user-facing option name
-    """``auto``: compressed-tensors when it can hold `model`, else pt2 (the reason is logged)."""
-    if format != "auto":
-        return format
+def auto_format(model: Any) -> tuple[str, str | None]:
+    """The format ``auto`` picks for `model`, and why it is pt2 (None for compressed-tensors):
+    compressed-tensors when it can hold the model and transformers can load it back."""
+    if compressed_tensors.has_quantized_experts(model):
+        return "pt2", (
+            "transformers cannot load compressed-tensors checkpoints of quantized MoE experts "
+            "(vLLM reads them: format compressed-tensors writes one)"
+        )
     try:
         compressed_tensors.check_expressible(model)
     except UserError as exc:
-        log.info("saving as pt2: %s", str(exc).split(";")[0])
-        return "pt2"
-    return "compressed-tensors"
+        return "pt2", str(exc).split(";")[0]
+    return "compressed-tensors", None
+
+
+def resolve_format(model: Any, format: str) -> str:  # noqa: A002 - the user-facing option name
+    """``auto``: `auto_format` (the reason for pt2 is logged); any other format as given."""
+    if format != "auto":
+        return format
+    chosen, reason = auto_format(model)
+    if reason is not None:
+        log.info("saving as pt2: %s", reason)
+    return chosen
 
 
 def save(

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimc.errors import UserError
+from slimc.export import ct_experts
 from slimc.export.ascend_v1_tensors import (
     PT2_HINT,
     ascend_mode,
@@ -132,12 +133,6 @@ def _check_model(model: nn.Module) -> dict[str, QuantizedLinear]:
             f"{extra[0]} (and {len(extra) - 1} more) adds run-time work (a norm bias or an online "
             f"rotation) that AscendV1 cannot describe; {PT2_HINT}"
         )
-    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
-    if experts:
-        raise UserError(
-            f"the quantized MoE experts of {experts[0]} (and {len(experts) - 1} more) have no "
-            f"AscendV1 layout in slimc yet; {PT2_HINT}"
-        )
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     not_linear = [(n, q.replaced_type) for n, q in quantized.items() if q.replaced_type]
     if not_linear:
@@ -218,6 +213,20 @@ def _units(
     return units
 
 
+def _expert_units(
+    layout: ct_experts.ExpertLayout, dtype: torch.dtype, modes: dict[str, str]
+) -> list[ShardUnit]:
+    """A model with quantized experts in its original checkpoint's names and layout: one
+    linear per expert and projection (`ct_experts.expert_layout`), float tensors as `FLOAT`."""
+    modes.update(dict.fromkeys(layout.floats, "FLOAT"))
+    units = [
+        ShardUnit(t.numel() * t.element_size(), lambda key=key, t=t: [(key, t)], [key])
+        for key, t in layout.floats.items()
+    ]
+    units += [_linear_unit(name, q, dtype, modes) for name, q in layout.linears.items()]
+    return units
+
+
 def _group_size(quantized: dict[str, QuantizedLinear]) -> int:
     sizes = {q.scheme.weight.group_size for q in quantized.values()}
     sizes.discard(-1)
@@ -239,9 +248,13 @@ def save_ascend_v1(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[s
     Returns:
         The description written to `quant_model_description.json`.
 
+    Quantized MoE experts are written one linear per expert and projection, under the names of
+    the original checkpoint (as `--format compressed-tensors` writes them).
+
     Raises:
         UserError: no quantized layers, lowered or run-time-rotated layers, mixed group sizes,
-            a scheme AscendV1 has no mode for, or a full disk.
+            a scheme AscendV1 has no mode for, experts whose checkpoints keep them fused, or a
+            full disk.
     """
     quantized = _check_model(model)
     dtype = _model_dtype(model)
@@ -249,7 +262,16 @@ def save_ascend_v1(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[s
     for q in quantized.values():
         ascend_mode(q.scheme)  # a scheme without a mode is refused before anything is written
     modes: dict[str, str] = {}
-    write_sharded_checkpoint(out, _units(model, quantized, dtype, modes), single_file=WEIGHTS_NAME)
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    if experts:  # one linear per expert, named as the original checkpoint names it
+        inside = tuple(f"{n}." for n in experts)
+        plain = {n: q for n, q in quantized.items() if not n.startswith(inside)}
+        layout = ct_experts.expert_layout(model, plain)
+        quantized = layout.linears
+        units = _expert_units(layout, dtype, modes)
+    else:
+        units = _units(model, quantized, dtype, modes)
+    write_sharded_checkpoint(out, units, single_file=WEIGHTS_NAME)
     present = set(modes.values())
     description: dict[str, Any] = {
         "model_quant_type": max(present, key=MODE_PRIORITY.index),

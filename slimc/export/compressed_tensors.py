@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from slimc.errors import UserError, first_line
-from slimc.export import ct_stream
+from slimc.export import ct_experts, ct_stream
 from slimc.export.ct_layers import compressed_linear, generation_config, model_copy
 from slimc.export.shards import DEFAULT_MAX_SHARD_BYTES
 from slimc.nn import (
@@ -91,14 +91,30 @@ def _group_schemes(quantized: dict[str, QuantizedLinear]) -> dict[LinearQuantSch
     return groups
 
 
+def has_quantized_experts(model: Any) -> bool:
+    """Whether `model` holds MoE experts that slimc quantized (`QuantizedExperts`)."""
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    return any(isinstance(m, QuantizedExperts) for m in modules)
+
+
+def _experts_and_plain(
+    model: nn.Module, quantized: dict[str, QuantizedLinear]
+) -> tuple[list[str], dict[str, QuantizedLinear]]:
+    """The quantized experts modules, and the quantized linears outside them."""
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    inside = tuple(f"{n}." for n in experts)
+    return experts, {n: q for n, q in quantized.items() if not n.startswith(inside)}
+
+
 def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
     """The model's quantized linears, if compressed-tensors can hold the model.
 
     Raises:
         UserError: not a Hugging Face model, run-time pieces a plain HF model cannot load
             (norm output biases, online rotations), quantized layers that were not Linear
-            modules (GPT-2's Conv1D), no quantized layers, or a scheme that compressed-tensors
-            cannot express; the message names the reason and points to pt2.
+            modules (GPT-2's Conv1D), quantized experts whose checkpoint keeps them fused,
+            no quantized layers, or a scheme that compressed-tensors cannot express; the
+            message names the reason and points to pt2.
     """
     from transformers import PreTrainedModel
 
@@ -124,12 +140,6 @@ def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
             f"quarot rotates the {what} of {name} (and {len(rotated) - 1} more) at run "
             f"time, which a Hugging Face model of this class cannot load; {PT2_HINT}"
         )
-    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
-    if experts:
-        raise UserError(
-            f"the quantized MoE experts of {experts[0]} (and {len(experts) - 1} more) have no "
-            f"compressed-tensors layout in slimc yet; {PT2_HINT}"
-        )
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     not_linear = [(n, q.replaced_type) for n, q in quantized.items() if q.replaced_type]
     if not_linear:
@@ -145,6 +155,9 @@ def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
         )
     for scheme in _group_schemes(quantized):
         quantization_scheme(scheme, ["Linear"])
+    experts, plain = _experts_and_plain(model, quantized)
+    if experts:  # one linear per expert on disk, where the checkpoint format has them
+        ct_experts.expert_layout(model, plain)
     return quantized
 
 
@@ -162,8 +175,10 @@ def save_compressed_tensors(
     `quantization_config`); float linears go to its `ignore` list. The checkpoint is streamed:
     float tensors are read straight from `model` and each quantized linear is compressed when
     its turn comes and released once written, in safetensors shards of at most
-    `max_shard_bytes` (index last). Models whose names on disk differ from their module names
-    (transformers' weight conversions) are saved through a full model copy instead.
+    `max_shard_bytes` (index last). Quantized MoE experts are written one linear per expert
+    under the names of the original checkpoint (`ct_experts`). Other models whose names on disk
+    differ from their module names (transformers' weight conversions) are saved through a full
+    model copy.
 
     Returns:
         The `quantization_config` written to config.json.
@@ -178,21 +193,31 @@ def save_compressed_tensors(
     ct_schemes = {
         s: quantization_scheme(s, ["Linear"] if single else names) for s, names in groups.items()
     }
-    _loadable_formats(list(ct_schemes.values()))
+    experts, plain = _experts_and_plain(model, quantized)
+    if not experts:  # transformers cannot load those anyway: keep the formats vLLM wants
+        _loadable_formats(list(ct_schemes.values()))
     dtype = _float_dtype(model)
     if dtype != torch.float32:
         log.warning(
             "model dtype is %s: scales are stored in %s (rounded from float32)", dtype, dtype
         )
     blocker = ct_stream.streaming_blocker(model)
-    if blocker is None:
+    if experts:
+        log.warning(
+            "quantized MoE experts are written one linear per expert, the layout vLLM reads; "
+            "transformers cannot load such a checkpoint back (use pt2 for slimc.load)"
+        )
+        qconfig = ct_experts.save_with_experts(
+            model, out, plain, ct_schemes, dtype, max_shard_bytes
+        )
+    elif blocker is None:
         qconfig = ct_stream.save_streaming(
             model, out, quantized, ct_schemes, dtype, max_shard_bytes
         )
     else:
         log.info("saving through a full model copy: %s", blocker)
         qconfig = _save_from_model_copy(model, out, quantized, ct_schemes, dtype)
-    quant_cfg = _finish_config(out, qconfig)
+    quant_cfg = _finish_config(out, qconfig, for_transformers=not experts)
     save_tokenizer(model, tokenizer, out)
     log.info(
         "compressed-tensors: %d quantized linears, format %s, ignore %s",
@@ -253,7 +278,7 @@ def _loadable_formats(ct_schemes: list[Any]) -> None:
     )
 
 
-def _finish_config(out: Path, qconfig: Any) -> dict[str, Any]:
+def _finish_config(out: Path, qconfig: Any, *, for_transformers: bool) -> dict[str, Any]:
     """Post-process config.json's quantization_config; return it.
 
     transformers 5 with compressed-tensors 0.20 cannot load an asymmetric `pack-quantized`
@@ -267,7 +292,7 @@ def _finish_config(out: Path, qconfig: Any) -> dict[str, Any]:
     data = json.loads(path.read_text(encoding="utf-8"))
     qc = data["quantization_config"]
     asym_packed = [g for g in qconfig.config_groups.values() if _is_asym_packed(g)]
-    if asym_packed:
+    if asym_packed and for_transformers:
         if len(qconfig.config_groups) > 1 or any(
             g.input_activations is not None for g in asym_packed
         ):

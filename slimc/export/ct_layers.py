@@ -95,10 +95,17 @@ def _output_embedding_name(model: nn.Module) -> str | None:
     return None
 
 
-def model_copy(model: nn.Module, quantized: dict[str, QuantizedLinear], swap: Any) -> nn.Module:
-    """A copy of `model` sharing its tensors, with each quantized linear `q` replaced by swap(q)."""
+def model_copy(
+    model: nn.Module,
+    quantized: dict[str, QuantizedLinear],
+    swap: Any,
+    extra_memo: dict[int, Any] | None = None,
+) -> nn.Module:
+    """A copy of `model` sharing its tensors, with each quantized linear `q` replaced by swap(q)
+    (and each object whose id `extra_memo` holds by what it maps to)."""
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     memo.update({id(q): swap(q) for q in quantized.values()})
+    memo.update(extra_memo or {})
     program = getattr(model, "slimc_program", None)
     if program is not None:
         memo[id(program)] = None

@@ -16,7 +16,7 @@ from slimc.export.shards import ShardUnit, write_sharded_checkpoint
 from slimc.nn import QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme
 
-__all__ = ["save_streaming", "streaming_blocker"]
+__all__ = ["placeholder", "quantized_unit", "save_streaming", "streaming_blocker"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def streaming_blocker(model: nn.Module) -> str | None:
     return None
 
 
-def _placeholder(q: QuantizedLinear, ct_scheme: Any, dtype: torch.dtype) -> nn.Linear:
+def placeholder(q: QuantizedLinear, ct_scheme: Any, dtype: torch.dtype) -> nn.Linear:
     """A weightless (meta) `nn.Linear` carrying the compressed-tensors scheme of `q`.
 
     It stands in for the compressed linear where compressed-tensors reads the module tree to
@@ -65,7 +65,7 @@ def _placeholder(q: QuantizedLinear, ct_scheme: Any, dtype: torch.dtype) -> nn.L
     return lin
 
 
-def _quantized_unit(
+def quantized_unit(
     name: str, q: QuantizedLinear, ct_scheme: Any, dtype: torch.dtype, counts: dict[str, int]
 ) -> ShardUnit:
     def tensors() -> Iterable[tuple[str, torch.Tensor]]:
@@ -108,7 +108,7 @@ def _units(
             if owner not in done:
                 done.add(owner)
                 q = quantized[owner]
-                units.append(_quantized_unit(owner, q, ct_schemes[q.scheme], dtype, counts))
+                units.append(quantized_unit(owner, q, ct_schemes[q.scheme], dtype, counts))
         elif key in floats:
             units.append(_float_unit(key, floats[key]))
     return units
@@ -130,7 +130,7 @@ def save_streaming(
     """
     from compressed_tensors.compressors import ModelCompressor
 
-    skeleton = model_copy(model, quantized, lambda q: _placeholder(q, ct_schemes[q.scheme], dtype))
+    skeleton = model_copy(model, quantized, lambda q: placeholder(q, ct_schemes[q.scheme], dtype))
     compressor = ModelCompressor.from_pretrained_model(skeleton)
     counts: dict[str, int] = {}
     units = _units(skeleton, quantized, ct_schemes, dtype, counts)

@@ -26,7 +26,7 @@ from slimc.linear_select import (
     float_linears,
     float_products,
     matches,
-    moe_routers,
+    moe_gates,
     product_path,
 )
 from slimc.pass_base import GROUP_SIZE, OptionError, Pass, PassResult, option
@@ -149,9 +149,9 @@ class LinearQuantEngine(Pass):
         layers) minus `ignore` and MoE routers; expert products are matched by their stacked
         weight's name (`*.experts.down_proj`)."""
         sensitive = self._sensitive_linears(program) if self.only else set()
-        routers = moe_routers(program)  # float: their rounding would change which experts run
+        routers = moe_gates(program)  # float: their rounding would change which experts run
         if routers:
-            log.info("%s: leaving %d MoE routers in float", self.name, len(routers))
+            log.info("%s: leaving %d MoE routers and gates in float", self.name, len(routers))
         keep_experts_float = self.weight_method().experts == "float"
         chosen, left_float = [], []
         for node in float_products(program):
