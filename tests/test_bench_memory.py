@@ -45,6 +45,9 @@ def test_preset_and_arguments_after_double_dash() -> None:
     ]
     args = parse(["--model", "m", "--", "quant", "--quant-type", "w8a16"])
     assert bench_memory.quant_arguments(args) == ["--quant-type", "w8a16"]
+    args = parse(["--model", "m", "--preset", "w8a8-dynamic", "--", "--format", "pt2"])
+    label = bench_memory._scheme_label(args, bench_memory.quant_arguments(args))
+    assert label == "w8a8-dynamic --format pt2"  # a row of its own beside the bare preset's
     with pytest.raises(UserError, match="--save after --"):
         bench_memory.quant_arguments(parse(["--model", "m", "--", "--save", "x"]))
     with pytest.raises(UserError, match="give --preset"):

@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> Row:
     shown = ["slimc", "quant", "--model", args.model_label or str(args.model), *quant_args]
     return {
         "model": describe_model(model),
-        "scheme": args.preset or " ".join(quant_args),
+        "scheme": _scheme_label(args, quant_args),
         "command": " ".join(shown),
         "bench_command": args.invocation,
         "model_source": args.model_source,
@@ -220,6 +220,12 @@ def run(args: argparse.Namespace) -> Row:
 def code(text: str) -> str:
     """`text` as a markdown code span, fenced with two backticks when it holds one."""
     return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _scheme_label(args: argparse.Namespace, quant_args: list[str]) -> str:
+    """The preset's name plus any arguments given after it (so two runs differ in their key)."""
+    extra = quant_args[len(PRESETS.get(args.preset, [])) :] if args.preset else quant_args
+    return " ".join([args.preset, *extra] if args.preset else extra)
 
 
 def _row_key(row: Row) -> str:
