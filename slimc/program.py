@@ -112,11 +112,14 @@ class WeightStore:
         mod.register_buffer(leaf, value.detach())
 
     def delete(self, target: str) -> None:
+        """Remove constant `target` from the program, and the source's reference to it."""
         *parents, leaf = target.split(".")
         mod: Any = self._gm
         for part in parents:
             mod = getattr(mod, part)
         delattr(mod, leaf)
+        if self._source is not None:
+            self._source.forget(target)
 
     def names(self) -> list[str]:
         """The constants the graph reads, in graph order."""

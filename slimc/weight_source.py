@@ -39,6 +39,11 @@ class WeightSource:
         """A new tensor holding the weight `name` converted to `dtype` (exact for a widening)."""
         return self._tensors[name].to(dtype=dtype, copy=True)
 
+    def forget(self, name: str) -> None:
+        """Drop the reference to weight `name` (the program no longer reads it), so a tensor
+        nothing else holds (a MoE stack transformers fused while loading) is freed."""
+        self._tensors.pop(name, None)
+
     def stored(self, name: str) -> torch.Tensor:
         """The weight `name` as stored (the model's tensor itself: read it, never write it)."""
         return self._tensors[name]

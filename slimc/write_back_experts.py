@@ -28,7 +28,11 @@ def quantized_expert_stacks(program: Program) -> dict[str, dict[str, QdqLinear]]
 
 
 def per_expert_linears(program: Program, m: QdqLinear) -> list[QuantizedLinear]:
-    """One `QuantizedLinear` per expert, sliced from the product's stacked codes and scales."""
+    """One `QuantizedLinear` per expert, sliced from the product's stacked codes and scales.
+
+    Each expert's tensors are views of the program's stacked constants, not copies: the codes
+    of a MoE model are most of its size, and the program keeps the stacks (int4 codes are
+    packed into new tensors, the program holding them one per byte)."""
     constants = qdq_constants(program, m)
     stacked = ("qweight", "weight_scale", "weight_zero_point", "bias")  # [E, ...]; ranges shared
     qweight = constants["qweight"]
@@ -37,7 +41,7 @@ def per_expert_linears(program: Program, m: QdqLinear) -> list[QuantizedLinear]:
         QuantizedLinear.from_codes(
             m.scheme,
             **{
-                name: t[e].clone() if name in stacked and t is not None else t
+                name: t[e] if name in stacked and t is not None else t
                 for name, t in constants.items()
             },
         )

@@ -260,3 +260,20 @@ def test_cli_calibrate_all_experts_reaches_the_weight_method() -> None:
         args = make_parser().parse_args([*argv, *extra])
         gptq = PassManager.parse(build_pipeline(args)).steps[0]
         assert gptq.name == "gptq" and gptq.calibrate_all_experts is want  # type: ignore[attr-defined]
+
+
+def test_an_inplace_compile_frees_the_float_stacks_and_shares_the_codes() -> None:
+    """A MoE checkpoint's stacks are fused by transformers in anonymous memory: once quantized,
+    nothing may keep them (the program's weight source forgets replaced weights), and each
+    expert's int8 codes are views of the program's stacked codes, not copies."""
+    model = tiny_moe("Qwen3Moe").to(torch.bfloat16)
+    stacks = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 3)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    quantized = slimc.compile(model, "w8a8-dynamic", progress=False, inplace=True)
+    program = quantized.slimc_program
+    assert program.weight_source is not None
+    assert 0 < program.weight_source.nbytes() <= total - stacks
+    codes = {t.untyped_storage().data_ptr() for _, t in program.weights.items()}
+    experts = _stacks(quantized)["model.layers.0.mlp.experts"]
+    for linear in experts.quantized["gate_up_proj"]:
+        assert linear.qweight.untyped_storage().data_ptr() in codes
