@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimc.errors import UserError
-from slimc.export import ct_experts
+from slimc.export import ct_experts, ct_stream
 from slimc.export.ascend_v1_tensors import (
     PT2_HINT,
     ascend_mode,
@@ -219,10 +219,7 @@ def _expert_units(
     """A model with quantized experts in its original checkpoint's names and layout: one
     linear per expert and projection (`ct_experts.expert_layout`), float tensors as `FLOAT`."""
     modes.update(dict.fromkeys(layout.floats, "FLOAT"))
-    units = [
-        ShardUnit(t.numel() * t.element_size(), lambda key=key, t=t: [(key, t)], [key])
-        for key, t in layout.floats.items()
-    ]
+    units = [ct_stream.float_unit(key, t) for key, t in layout.floats.items()]
     units += [_linear_unit(name, q, dtype, modes) for name, q in layout.linears.items()]
     return units
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from slimc.errors import UserError
-from slimc.export.ct_layers import generation_config, model_copy
-from slimc.export.shards import ShardUnit, write_sharded_checkpoint
+from slimc.export.ct_layers import model_copy
+from slimc.export.shards import write_sharded_checkpoint
 from slimc.nn import QuantizedExperts, QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme
 
@@ -44,6 +44,7 @@ class ExpertLayout:
     linears: dict[str, QuantizedLinear]
     floats: dict[str, torch.Tensor]
     ignore: list[str]
+    skeleton: nn.Module  # the model with float experts modules, sharing its tensors
 
 
 @dataclass
@@ -141,7 +142,7 @@ def expert_layout(model: nn.Module, quantized: dict[str, QuantizedLinear]) -> Ex
         floats[key] = value
         if key.endswith(".weight") and value.dim() == 2 and value.data_ptr() not in embeddings:
             ignore.append(key.removesuffix(".weight"))
-    return ExpertLayout(linears, floats, ignore)
+    return ExpertLayout(linears, floats, ignore, skeleton)
 
 
 def _quantized_experts(model: nn.Module) -> Iterable[tuple[str, QuantizedExperts]]:
@@ -233,17 +234,14 @@ def save_with_experts(
     linears (routers, lm_head) are listed in `ignore` by their names on disk."""
     from compressed_tensors.compressors import ModelCompressor
 
-    from slimc.export.ct_stream import quantized_unit
+    from slimc.export.ct_stream import float_unit, quantized_unit, write_configs
 
     layout = expert_layout(model, quantized)
     compressor = ModelCompressor.from_pretrained_model(_config_tree(layout, ct_schemes, dtype))
     qconfig = compressor.quantization_config
     qconfig.ignore = sorted(layout.ignore)
     counts = {"total_parameters": sum(v.numel() for v in layout.floats.values())}
-    units = [
-        ShardUnit(v.numel() * v.element_size(), lambda k=k, v=v: [(k, v)], [k])
-        for k, v in layout.floats.items()
-    ]
+    units = [float_unit(k, v) for k, v in layout.floats.items()]
     units += [
         quantized_unit(name, q, ct_schemes[q.scheme], dtype, counts)
         for name, q in layout.linears.items()
@@ -256,11 +254,5 @@ def save_with_experts(
         len(layout.linears),
         len(shards),
     )
-    skeleton = _skeleton(model, quantized)
-    config = skeleton.config
-    config.dtype = str(skeleton.dtype).split(".")[1]
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(out)
-    generation_config(skeleton).save_pretrained(out)
-    compressor.update_config(str(out))
+    write_configs(model, layout.skeleton, compressor, out)
     return qconfig

@@ -16,7 +16,14 @@ from slimc.export.shards import ShardUnit, write_sharded_checkpoint
 from slimc.nn import QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme
 
-__all__ = ["placeholder", "quantized_unit", "save_streaming", "streaming_blocker"]
+__all__ = [
+    "float_unit",
+    "placeholder",
+    "quantized_unit",
+    "save_streaming",
+    "streaming_blocker",
+    "write_configs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,8 @@ def quantized_unit(
     return ShardUnit(nbytes, tensors, [name], max_tensors=_MAX_TENSORS_PER_LINEAR)
 
 
-def _float_unit(key: str, tensor: torch.Tensor) -> ShardUnit:
+def float_unit(key: str, tensor: torch.Tensor) -> ShardUnit:
+    """One float tensor, written as it is."""
     return ShardUnit(tensor.numel() * tensor.element_size(), lambda: [(key, tensor)], [key])
 
 
@@ -110,7 +118,7 @@ def _units(
                 q = quantized[owner]
                 units.append(quantized_unit(owner, q, ct_schemes[q.scheme], dtype, counts))
         elif key in floats:
-            units.append(_float_unit(key, floats[key]))
+            units.append(float_unit(key, floats[key]))
     return units
 
 
@@ -138,10 +146,16 @@ def save_streaming(
         out, units, max_shard_bytes=max_shard_bytes, index_metadata=counts
     )
     log.info("wrote %d tensor groups in %d shard(s)", len(units), len(shards))
-    config = skeleton.config  # a copy, edited as save_pretrained edits it
+    write_configs(model, skeleton, compressor, out)
+    return compressor.quantization_config
+
+
+def write_configs(model: nn.Module, skeleton: nn.Module, compressor: Any, out: Path) -> None:
+    """config.json (with the compressor's quantization_config) and generation_config.json,
+    from the skeleton's config copy, edited as `save_pretrained` edits it."""
+    config = skeleton.config
     config.dtype = str(skeleton.dtype).split(".")[1]
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
     config.save_pretrained(out)
     generation_config(skeleton).save_pretrained(out)
     compressor.update_config(str(out))
-    return compressor.quantization_config
