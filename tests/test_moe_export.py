@@ -124,7 +124,7 @@ def test_experts_kept_fused_on_disk_are_refused_and_auto_saves_pt2(
     assert slimc.export.resolve_format(quantized, "auto") == "pt2"
 
 
-def test_cli_writes_the_per_expert_layout_when_asked_and_pt2_by_default(
+def test_cli_saves_pt2_by_default_and_the_per_expert_layouts_when_asked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     model_dir = tmp_path / "moe"
@@ -134,10 +134,18 @@ def test_cli_writes_the_per_expert_layout_when_asked_and_pt2_by_default(
     assert main([*args, str(tmp_path / "auto")]) == 0
     assert "saving as pt2: transformers cannot load" in capsys.readouterr().err
     assert (tmp_path / "auto" / "model.pt2").is_file()
+    with torch.no_grad():  # pt2 runs again through slimc.load
+        assert _logits(slimc.load(tmp_path / "auto")(IDS)).shape == (2, 12, 128)
+    assert main([*args, str(tmp_path / "ascend"), "--format", "ascend-v1"]) == 0
+    description = json.loads((tmp_path / "ascend" / DESCRIPTION_NAME).read_text())
+    assert description["model.layers.1.mlp.experts.7.down_proj.weight"] == "W8A8_DYNAMIC"
     assert main([*args, str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 0
     assert "one linear per expert, the layout vLLM reads" in caplog.text
     names = set(_tensors(tmp_path / "ct"))
     assert "model.layers.1.mlp.experts.7.down_proj.weight_scale" in names
+    with pytest.raises(UserError, match="one linear per expert .* --format pt2"):
+        slimc.load(tmp_path / "ct")  # a clear refusal, not transformers' conversion report
+    assert main(["eval", "--model", str(tmp_path / "ct"), "--windows", "1"]) != 0
     assert (tmp_path / "ct" / "tokenizer_config.json").is_file()
 
 

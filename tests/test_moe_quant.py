@@ -3,7 +3,6 @@ rows, and the written-back model (QuantizedExperts) computes what the program co
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,9 +18,8 @@ from slimc.quant.expert_inputs import ExpertInputs
 from slimc.quant.hessian import HessianAccumulator
 from slimc.quant.qparams import quantize_weight
 from slimc.quant.scheme import make_scheme
-from slimc.tools.cli import check_ignore_patterns, main
+from slimc.tools.cli import check_ignore_patterns
 from slimc.work_dir import WorkDir
-from tests.models import tiny_tokenizer
 from tests.test_moe_capture import FAMILIES, IDS, _logits, tiny_moe
 from tests.test_resume import FINGERPRINT, _quantized_state
 
@@ -166,23 +164,6 @@ def test_ignore_matches_expert_stacks_by_name() -> None:
     for module in _stacks(quantized).values():
         assert set(module.quantized) == {"gate_up_proj"}
         assert module.module.down_proj.dtype == torch.float32  # left float, still in place
-
-
-def test_cli_saves_a_quantized_moe_model_as_pt2_by_default_and_as_ascend_v1_on_request(
-    tmp_path: Path,
-) -> None:
-    model_dir = tmp_path / "moe"
-    tiny_moe("Qwen3Moe").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    args = ["quant", "--model", str(model_dir), "--quant-type", "w8a8-dynamic", "--save"]
-    assert main([*args, str(tmp_path / "auto")]) == 0
-    assert (tmp_path / "auto" / "model.pt2").is_file()
-    loaded = slimc.load(tmp_path / "auto")
-    with torch.no_grad():
-        assert _logits(loaded(IDS)).shape == (2, 12, 128)
-    assert main([*args, str(tmp_path / "ascend"), "--format", "ascend-v1"]) == 0
-    description = json.loads((tmp_path / "ascend" / "quant_model_description.json").read_text())
-    assert description["model.layers.1.mlp.experts.7.down_proj.weight"] == "W8A8_DYNAMIC"
 
 
 def test_resumed_gptq_on_experts_replays_the_finished_layer_bitwise(

@@ -218,11 +218,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bos = tokenizer.bos_token_id if args.bos_per_window else None
     if args.bos_per_window and bos is None:
         raise UserError(f"--bos-per-window: the tokenizer of {model_dir} has no BOS token")
-    if pt2:
-        from slimc.export import load
+    from slimc.export import check_transformers_loadable, load
 
+    if pt2:
         model = load(model_dir)
     else:
+        check_transformers_loadable(model_dir)
         model = load_causal_lm(model_dir)
     result = perplexity(model, ids, windows=args.windows, bos_token_id=bos)
     print(

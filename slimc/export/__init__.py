@@ -9,10 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from slimc.errors import UserError, first_line
-from slimc.export import ascend_v1, compressed_tensors, pt2
+from slimc.export import ascend_v1, compressed_tensors, ct_experts, pt2
 from slimc.export.atomic import atomic_directory, check_target
 
-__all__ = ["FORMATS", "auto_format", "load", "resolve_format", "save"]
+__all__ = [
+    "FORMATS",
+    "auto_format",
+    "check_transformers_loadable",
+    "load",
+    "resolve_format",
+    "save",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +142,17 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     raise UserError(f"{p} holds neither {pt2.PT2_NAME} nor a Hugging Face config.json")
 
 
+def check_transformers_loadable(directory: Path) -> None:
+    """UserError for a checkpoint slimc writes that transformers cannot load (quantized MoE
+    experts one linear per expert), before transformers fails with a conversion report."""
+    if ct_experts.has_per_expert_quantized(directory):
+        raise UserError(
+            f"cannot load {directory}: it holds quantized MoE experts one linear per expert "
+            "(the layout vLLM reads), which transformers cannot load; serve it with vLLM, or "
+            "save with --format pt2 to run it with slimc"
+        )
+
+
 def load(path: str | os.PathLike[str]) -> Any:
     """Load a directory written by `save` and return something runnable.
 
@@ -150,6 +168,7 @@ def load(path: str | os.PathLike[str]) -> Any:
     p = Path(path).expanduser()
     if fmt == "pt2":
         return pt2.load_pt2(p)
+    check_transformers_loadable(p)
     # transformers takes seconds to import: loaded on first use
     from transformers import AutoModelForCausalLM
 

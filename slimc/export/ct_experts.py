@@ -14,8 +14,10 @@ refused.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from slimc.export.shards import write_sharded_checkpoint
 from slimc.nn import QuantizedExperts, QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme
 
-__all__ = ["ExpertLayout", "expert_layout", "save_with_experts"]
+__all__ = ["ExpertLayout", "expert_layout", "has_per_expert_quantized", "save_with_experts"]
 
 log = logging.getLogger(__name__)
 
@@ -256,3 +258,22 @@ def save_with_experts(
     )
     write_configs(model, layout.skeleton, compressor, out)
     return qconfig
+
+
+_PER_EXPERT_QUANTIZED = re.compile(r"\.experts\.\d+\.[^.]+\.weight_scale$")
+
+
+def has_per_expert_quantized(directory: Path) -> bool:
+    """Whether the safetensors checkpoint in `directory` holds quantized linears of single
+    experts (`...experts.<e>.<proj>.weight_scale`): the layout `save_with_experts` writes."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names: Iterable[str] = json.loads(index.read_text()).get("weight_map", {})
+    else:
+        names = []
+        for shard in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                names = [*names, *f.keys()]
+    return any(_PER_EXPERT_QUANTIZED.search(name) for name in names)
