@@ -8,13 +8,21 @@ import torch
 from torch import fx
 
 from slimc.analyses.group_discovery import keeps_channels, scale_carrier
-from slimc.analyses.group_types import CASTS, MOVES, module_of
+from slimc.analyses.group_types import CASTS, MOVES, module_of, op_name
 from slimc.analyses.stream_types import (
     CHANNEL_SUMS,
     SHAPE_ONLY,
     NormScale,
     OnlinePoint,
     StreamRefusal,
+    copies_rows,
+    is_l2_over_channels,
+    is_last_dim,
+    per_token,
+    per_token_factor,
+    reads_value,
+    sums_rows,
+    tensor_of,
 )
 from slimc.ir.builder import is_constant
 from slimc.linear_select import EXPERT_LINEAR
@@ -23,23 +31,6 @@ if TYPE_CHECKING:
     from slimc.analyses.residual_stream import ResidualStream
 
 aten = torch.ops.aten
-
-
-def _tensor(value: object) -> torch.Tensor | None:
-    val = value.meta.get("val") if isinstance(value, fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
-
-
-def _per_token(value: object) -> bool:
-    """A Python number, or a tensor that is one value across the channel dim (0-d or `[..., 1]`)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return True
-    val = _tensor(value)
-    return val is not None and (val.dim() == 0 or val.shape[-1] == 1)
-
-
-def _is_last_dim(dims: object, rank: int) -> bool:
-    return isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] % rank == rank - 1
 
 
 class StreamWalker:
@@ -99,7 +90,7 @@ class StreamWalker:
         channel_op = x in self.rot and not any(a in self.rot for a in others)
         if t in MOVES and channel_op:
             if t is not aten.type_as.default and not keeps_channels(node):
-                self.refuse(node, f"{_op(node)} moves channels of the stream")
+                self.refuse(node, f"{op_name(node)} moves channels of the stream")
                 return
             self.mark(node, tag)
         elif t in (aten.linear.default, EXPERT_LINEAR) and channel_op:
@@ -110,7 +101,7 @@ class StreamWalker:
             self.reads_mean(node, x)
             if tag is not None:
                 tag.readers.append(node)
-        elif t is aten.repeat_interleave.self_int and channel_op and _copies_rows(node):
+        elif t is aten.repeat_interleave.self_int and channel_op and copies_rows(node):
             self.mark(node, tag)  # each token's copies for its chosen experts (MoE)
         elif tag is not None and self.per_token_scaling(node):
             self.mark(node, tag)  # commutes with the norm scale and with the rotation
@@ -120,7 +111,7 @@ class StreamWalker:
         elif t is aten.pow.Tensor_Scalar and node.args[1] == 2:
             self.squares.add(node)
             self.reads_mean(node, x)
-        elif t is aten.linalg_vector_norm.default and _is_l2_over_channels(node):
+        elif t is aten.linalg_vector_norm.default and is_l2_over_channels(node):
             self.reads_mean(node, x)  # |x| per token: unchanged by the rotation
         elif t in (aten.mul.Tensor, aten.div.Tensor):
             self.visit_product(node)
@@ -134,9 +125,11 @@ class StreamWalker:
         elif t in CHANNEL_SUMS and channel_op and self.channel_mean(node):
             return
         elif t in CHANNEL_SUMS:
-            self.refuse(node, f"{_op(node)} of the stream's channels is not rotation-invariant")
+            self.refuse(node, f"{op_name(node)} of the stream's channels is not rotation-invariant")
         else:
-            self.refuse(node, f"{_op(node)} reads the stream; a rotation through it is not exact")
+            self.refuse(
+                node, f"{op_name(node)} reads the stream; a rotation through it is not exact"
+            )
 
     def mark(self, node: fx.Node, tag: NormScale | None, centered: bool | None = None) -> None:
         """Add `node` to the stream (with the norm scale it carries); it is centered when told,
@@ -171,8 +164,8 @@ class StreamWalker:
         fixing the all-ones direction keeps. Whether its users only center `x` decides whether
         mean-baking (which makes it zero) is exact."""
         x = node.args[0]
-        val = _tensor(x)
-        if val is None or not _is_last_dim(node.args[1], val.dim()):
+        val = tensor_of(x)
+        if val is None or not is_last_dim(node.args[1], val.dim()):
             return False
         assert isinstance(x, fx.Node)
         self.result.mean_readers.append(node)
@@ -208,14 +201,10 @@ class StreamWalker:
         if node.target in CASTS and square in self.squares:
             self.squares.add(node)
             return
-        val = _tensor(square)
-        if (
-            node.target in CHANNEL_SUMS
-            and val is not None
-            and _is_last_dim(node.args[1], val.dim())
-        ):
+        val = tensor_of(square)
+        if node.target in CHANNEL_SUMS and val is not None and is_last_dim(node.args[1], val.dim()):
             return  # |x|^2 per token: unchanged by the rotation
-        self.refuse(node, f"{_op(node)} reads the square of the stream, not only a channel sum")
+        self.refuse(node, f"{op_name(node)} reads the square of the stream, not only a channel sum")
 
     def per_token_scaling(self, node: fx.Node) -> bool:
         """`x * s` or `x / s` of a stream tensor x by a per-token (or scalar) s."""
@@ -223,9 +212,9 @@ class StreamWalker:
             return False
         a, b = node.args[0], node.args[1]
         if a in self.rot and b not in self.rot:
-            return _per_token(b)
+            return per_token(b)
         return (
-            node.target is aten.mul.Tensor and b in self.rot and a not in self.rot and _per_token(a)
+            node.target is aten.mul.Tensor and b in self.rot and a not in self.rot and per_token(a)
         )
 
     def visit_product(self, node: fx.Node) -> None:
@@ -256,14 +245,14 @@ class StreamWalker:
     def visit_sum(self, node: fx.Node) -> None:
         a, b = node.args[0], node.args[1]
         if "alpha" in node.kwargs or len(node.args) > 2:
-            self.refuse(node, f"{_op(node)} with alpha is not supported")
+            self.refuse(node, f"{op_name(node)} with alpha is not supported")
             return
         if a in self.rot and b in self.rot:
             self.mark(node, None)
             return
         other = b if a in self.rot else a
-        val = _tensor(other)
-        if a in self.rot and isinstance(other, fx.Node) and _per_token(other):
+        val = tensor_of(other)
+        if a in self.rot and isinstance(other, fx.Node) and per_token(other):
             # x - s: a per-token shift along the all-ones direction (x - mean(x) centers x)
             self.result.mean_readers.append(node)
             centers = node.target is aten.sub.Tensor and self.means.get(other) is a
@@ -314,14 +303,14 @@ class StreamWalker:
             if t is EXPERT_LINEAR and is_constant(node.args[1]):
                 writers[node] = None  # an MoE expert stack: every expert's rows rotate
                 continue
-            factor = _per_token_factor(node)  # a scalar, or a router weight per row
+            factor = per_token_factor(node)  # a scalar, or a router weight per row
             if factor is not None:
                 path[node] = None
                 stack.append(factor)
             elif t in MOVES and keeps_channels(node):
                 path[node] = None
                 stack.append(node.args[0])  # type: ignore[arg-type]
-            elif t is aten.sum.dim_IntList and _sums_rows(node):
+            elif t is aten.sum.dim_IntList and sums_rows(node):
                 path[node] = None  # an MoE block's sum over each token's chosen experts
                 stack.append(node.args[0])  # type: ignore[arg-type]
             elif t in (aten.add.Tensor, aten.add_.Tensor) and self.is_sum_of_values(node):
@@ -330,13 +319,13 @@ class StreamWalker:
                 path[node] = None
                 stack.extend(node.args)  # type: ignore[arg-type]
             else:
-                return [], [], f"{_op(node)} at {module_of(node)} is not a linear, cast or move"
+                return [], [], f"{op_name(node)} at {module_of(node)} is not a linear, cast or move"
         allowed = {add, *path}
         leaks = sorted(
             u.name
             for n in (*writers, *path)
             for u in n.users
-            if u not in allowed and _reads_value(u, n)
+            if u not in allowed and reads_value(u, n)
         )
         if leaks:
             first = next(iter(writers))
@@ -347,7 +336,7 @@ class StreamWalker:
         """`a + b` of two hidden-size tensors that are not stream tensors."""
         if len(node.args) != 2 or node.kwargs:
             return False
-        vals = [_tensor(a) for a in node.args]
+        vals = [tensor_of(a) for a in node.args]
         return all(
             isinstance(a, fx.Node)
             and a not in self.rot
@@ -356,55 +345,3 @@ class StreamWalker:
             and v.shape[-1] == self.result.hidden
             for a, v in zip(node.args, vals, strict=True)
         )
-
-
-def _per_token_factor(node: fx.Node) -> fx.Node | None:
-    """The operand that `node` scales, when it is `v * s`, `s * v` or `v / s` with `s` a number
-    or one value per row (an MoE router's weight for each chosen expert); else None."""
-    if node.target not in (aten.mul.Tensor, aten.div.Tensor) or len(node.args) != 2:
-        return None
-    a, b = node.args
-    if isinstance(a, fx.Node) and _per_token(b) and not _per_token(a):
-        return a
-    if node.target is aten.mul.Tensor and isinstance(b, fx.Node) and _per_token(a):
-        return None if _per_token(b) else b
-    return None
-
-
-def _copies_rows(node: fx.Node) -> bool:
-    """`repeat_interleave(x, n, dim)` along a dim that is not the channels."""
-    val = _tensor(node.args[0])
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-    return val is not None and isinstance(dim, int) and dim % val.dim() != val.dim() - 1
-
-
-def _sums_rows(node: fx.Node) -> bool:
-    """`sum(v, dims)` over dims that are not the channels (each channel summed alone)."""
-    val = _tensor(node.args[0])
-    dims = node.args[1] if len(node.args) > 1 else None
-    if val is None or not isinstance(dims, (list, tuple)) or not dims:
-        return False
-    return all(isinstance(d, int) and d % val.dim() != val.dim() - 1 for d in dims)
-
-
-def _reads_value(user: fx.Node, node: fx.Node) -> bool:
-    """Whether `user` depends on `node`'s values (not only on its shape or dtype)."""
-    if user.target in SHAPE_ONLY:
-        return False
-    return not (user.target is aten.type_as.default and user.args[0] is not node)
-
-
-def _is_l2_over_channels(node: fx.Node) -> bool:
-    val = _tensor(node.args[0])
-    ord_ = node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)
-    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-    return val is not None and ord_ == 2 and _is_last_dim(dims, val.dim())
-
-
-def _op(node: fx.Node) -> str:
-    t = node.target
-    name = getattr(t, "__name__", str(t))
-    if isinstance(t, torch._ops.OpOverload):
-        pkt = t.overloadpacket.__name__
-        name = f"{t.namespace}.{pkt}"
-    return name
