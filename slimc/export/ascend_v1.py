@@ -53,7 +53,6 @@ from slimc.nn import (
     HadamardRotation,
     KernelLinear,
     OutputBias,
-    QuantizedExperts,
     QuantizedLinear,
 )
 
@@ -259,10 +258,8 @@ def save_ascend_v1(model: nn.Module, out: Path, tokenizer: Any = None) -> dict[s
     for q in quantized.values():
         ascend_mode(q.scheme)  # a scheme without a mode is refused before anything is written
     modes: dict[str, str] = {}
-    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    experts, plain = ct_experts.split_experts(model, quantized)
     if experts:  # one linear per expert, named as the original checkpoint names it
-        inside = tuple(f"{n}." for n in experts)
-        plain = {n: q for n, q in quantized.items() if not n.startswith(inside)}
         layout = ct_experts.expert_layout(model, plain)
         quantized = layout.linears
         units = _expert_units(layout, dtype, modes)

@@ -97,15 +97,6 @@ def has_quantized_experts(model: Any) -> bool:
     return any(isinstance(m, QuantizedExperts) for m in modules)
 
 
-def _experts_and_plain(
-    model: nn.Module, quantized: dict[str, QuantizedLinear]
-) -> tuple[list[str], dict[str, QuantizedLinear]]:
-    """The quantized experts modules, and the quantized linears outside them."""
-    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
-    inside = tuple(f"{n}." for n in experts)
-    return experts, {n: q for n, q in quantized.items() if not n.startswith(inside)}
-
-
 def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
     """The model's quantized linears, if compressed-tensors can hold the model.
 
@@ -116,6 +107,14 @@ def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
             no quantized layers, or a scheme that compressed-tensors cannot express; the
             message names the reason and points to pt2.
     """
+    return _expressible(model)[0]
+
+
+def _expressible(
+    model: nn.Module,
+) -> tuple[dict[str, QuantizedLinear], ct_experts.ExpertLayout | None]:
+    """`check_expressible`, plus the per-expert layout of quantized MoE experts (None when the
+    model has none), which that check has to compute anyway."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -155,10 +154,11 @@ def check_expressible(model: nn.Module) -> dict[str, QuantizedLinear]:
         )
     for scheme in _group_schemes(quantized):
         quantization_scheme(scheme, ["Linear"])
-    experts, plain = _experts_and_plain(model, quantized)
-    if experts:  # one linear per expert on disk, where the checkpoint format has them
-        ct_experts.expert_layout(model, plain)
-    return quantized
+    experts, plain = ct_experts.split_experts(model, quantized)
+    if not experts:
+        return quantized, None
+    # one linear per expert on disk, where the checkpoint format has them
+    return quantized, ct_experts.expert_layout(model, plain)
 
 
 def save_compressed_tensors(
@@ -187,14 +187,13 @@ def save_compressed_tensors(
         UserError: not a Hugging Face model, no quantized layers, a scheme compressed-tensors
             cannot express, or a full disk.
     """
-    quantized = check_expressible(model)
+    quantized, layout = _expressible(model)
     groups = _group_schemes(quantized)
     single = len(groups) == 1
     ct_schemes = {
         s: quantization_scheme(s, ["Linear"] if single else names) for s, names in groups.items()
     }
-    experts, plain = _experts_and_plain(model, quantized)
-    if not experts:  # transformers cannot load those anyway: keep the formats vLLM wants
+    if layout is None:  # transformers cannot load experts anyway: keep the formats vLLM wants
         _loadable_formats(list(ct_schemes.values()))
     dtype = _float_dtype(model)
     if dtype != torch.float32:
@@ -202,13 +201,13 @@ def save_compressed_tensors(
             "model dtype is %s: scales are stored in %s (rounded from float32)", dtype, dtype
         )
     blocker = ct_stream.streaming_blocker(model)
-    if experts:
+    if layout is not None:
         log.warning(
             "quantized MoE experts are written one linear per expert, the layout vLLM reads; "
             "transformers cannot load such a checkpoint back (use pt2 for slimc.load)"
         )
         qconfig = ct_experts.save_with_experts(
-            model, out, plain, ct_schemes, dtype, max_shard_bytes
+            model, out, layout, ct_schemes, dtype, max_shard_bytes
         )
     elif blocker is None:
         qconfig = ct_stream.save_streaming(
@@ -217,7 +216,7 @@ def save_compressed_tensors(
     else:
         log.info("saving through a full model copy: %s", blocker)
         qconfig = _save_from_model_copy(model, out, quantized, ct_schemes, dtype)
-    quant_cfg = _finish_config(out, qconfig, for_transformers=not experts)
+    quant_cfg = _finish_config(out, qconfig, for_transformers=layout is None)
     save_tokenizer(model, tokenizer, out)
     log.info(
         "compressed-tensors: %d quantized linears, format %s, ignore %s",

@@ -32,7 +32,13 @@ from slimc.export.shards import write_sharded_checkpoint
 from slimc.nn import QuantizedExperts, QuantizedLinear
 from slimc.quant.scheme import LinearQuantScheme
 
-__all__ = ["ExpertLayout", "expert_layout", "has_per_expert_quantized", "save_with_experts"]
+__all__ = [
+    "ExpertLayout",
+    "expert_layout",
+    "has_per_expert_quantized",
+    "save_with_experts",
+    "split_experts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,16 @@ def _rows_of(q: QuantizedLinear, rows: torch.Tensor) -> QuantizedLinear:
     )
 
 
+def split_experts(
+    model: nn.Module, quantized: dict[str, QuantizedLinear]
+) -> tuple[list[str], dict[str, QuantizedLinear]]:
+    """The model's `QuantizedExperts` modules, and the quantized linears outside them (the
+    per-expert linears inside are written from their stacks)."""
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    inside = tuple(f"{n}." for n in experts)
+    return experts, {n: q for n, q in quantized.items() if not n.startswith(inside)}
+
+
 def _skeleton(model: nn.Module, quantized: dict[str, QuantizedLinear]) -> nn.Module:
     """A copy of `model` sharing its tensors, each QuantizedExperts replaced by the float experts
     module it wraps (its quantized stacks removed) and each quantized linear by a weightless one."""
@@ -132,6 +148,7 @@ def expert_layout(model: nn.Module, quantized: dict[str, QuantizedLinear]) -> Ex
             marker = _Stack(path, list(linears))  # type: ignore[arg-type]
             state[f"{path}.{stack}"] = _row_numbers(owners, marker, (len(linears), marker.rows))
     reverted = revert_weight_conversion(skeleton, state)
+    starts = [start for start, _, _ in owners]
     embeddings = _embedding_tensors(model)
     linears: dict[str, QuantizedLinear] = {}
     floats: dict[str, torch.Tensor] = {}
@@ -139,7 +156,7 @@ def expert_layout(model: nn.Module, quantized: dict[str, QuantizedLinear]) -> Ex
     for key, value in reverted.items():
         if value.dtype == torch.int64 and value.numel() and int(value.min()) >= _ROW_BASE:
             name = _linear_name(key, value)
-            linears[name] = _linear_of(key, value, owners)
+            linears[name] = _linear_of(key, value, owners, starts)
             continue
         floats[key] = value
         if key.endswith(".weight") and value.dim() == 2 and value.data_ptr() not in embeddings:
@@ -177,10 +194,12 @@ def _linear_name(key: str, value: torch.Tensor) -> str:
     return key.removesuffix(".weight")
 
 
-def _linear_of(key: str, value: torch.Tensor, owners: list[_Owner]) -> QuantizedLinear:
-    """The quantized linear whose rows the row numbers `value` [n, 1] name."""
+def _linear_of(
+    key: str, value: torch.Tensor, owners: list[_Owner], starts: list[int]
+) -> QuantizedLinear:
+    """The quantized linear whose rows the row numbers `value` [n, 1] name (`starts`: each
+    owner's first row number, ascending)."""
     ids = value.reshape(-1)
-    starts = [start for start, _, _ in owners]
     start, owner, _ = owners[bisect.bisect_right(starts, int(ids[0])) - 1]
     local = ids - start
     if isinstance(owner, _Stack):
@@ -226,19 +245,19 @@ def _config_tree(
 def save_with_experts(
     model: nn.Module,
     out: Path,
-    quantized: dict[str, QuantizedLinear],
+    layout: ExpertLayout,
     ct_schemes: dict[LinearQuantScheme, Any],
     dtype: torch.dtype,
     max_shard_bytes: int,
 ) -> Any:
-    """Write `model`'s checkpoint (one linear per expert) and configs into `out`; return the
-    qconfig. Each linear is compressed when its turn comes and released once written; the float
-    linears (routers, lm_head) are listed in `ignore` by their names on disk."""
+    """Write `model`'s checkpoint as `layout` (`expert_layout`: one linear per expert) and its
+    configs into `out`; return the qconfig. Each linear is compressed when its turn comes and
+    released once written; the float linears (routers, lm_head) are listed in `ignore` by their
+    names on disk."""
     from compressed_tensors.compressors import ModelCompressor
 
     from slimc.export.ct_stream import float_unit, quantized_unit, write_configs
 
-    layout = expert_layout(model, quantized)
     compressor = ModelCompressor.from_pretrained_model(_config_tree(layout, ct_schemes, dtype))
     qconfig = compressor.quantization_config
     qconfig.ignore = sorted(layout.ignore)
@@ -270,10 +289,10 @@ def has_per_expert_quantized(directory: Path) -> bool:
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        names: Iterable[str] = json.loads(index.read_text()).get("weight_map", {})
+        names: list[str] = list(json.loads(index.read_text()).get("weight_map", {}))
     else:
         names = []
         for shard in sorted(directory.glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
-                names = [*names, *f.keys()]
+                names.extend(f.keys())
     return any(_PER_EXPERT_QUANTIZED.search(name) for name in names)
